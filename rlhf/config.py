@@ -1,0 +1,224 @@
+"""Typed configuration tree; mirrors the YAML recipes in configs/ one section per dataclass.
+
+The dataclasses below are the contract every role reads. Loading, overrides, includes and
+validation live in `rlhf.config_loader`; `load_config` is re-exported here for convenience.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class ModelConfig:
+    # HF hub id (online users), a local directory, or a built-in name ("smollm2-135m-instruct").
+    path: str = "smollm2-135m-instruct"
+    # "auto": bfloat16 on GPU, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    # Where built-in models are materialised (None: $RLHF_CACHE or ~/.cache/rlhf).
+    cache_dir: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # "builtin:arithmetic", "builtin:countdown", a local .jsonl/.parquet/.arrow file or dir, or a hub dataset name.
+    source: str = "builtin:arithmetic"
+    split: str = "train"
+    # Keyword arguments of the built-in task generator (e.g. {"difficulty": 1}).
+    task_args: dict[str, Any] = field(default_factory=dict)
+    input_key: str = "prompt"
+    label_key: str = "answer"
+    apply_chat_template: bool = True
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 256
+    # Built-in generators: how many training prompts to generate.
+    num_train: int = 20000
+    # Held-out prompts used for evaluation (taken from a disjoint seed / split).
+    num_eval: int = 64
+    seed: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 4  # samples per prompt (the group size for GRPO/RLOO)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Greedy evaluation on held-out prompts.
+    eval_temperature: float = 0.0
+    tensor_parallel: int = 1
+    # On GPU: fraction of GPU memory; on CPU: fraction of host RAM used for the KV cache.
+    gpu_memory_utilization: float | None = None  # None: 0.85 on GPU (0.45 colocated), 0.1 on CPU
+    max_model_len: int = 1024
+    enforce_eager: bool | None = None  # None: True on CPU
+    enable_prefix_caching: bool = True
+    # Release weights and KV cache while learners train (colocated GPU mode).
+    sleep_between_steps: bool | None = None  # None: True when colocated on GPU
+    load_format: str = "auto"  # "dummy" for throughput benchmarks
+    seed: int = 0
+
+
+@dataclass
+class RewardSourceConfig:
+    # rule:     a built-in rule ("task" = the data task's checker, "format") or a function "pkg.mod:fn"
+    # model:    a reward-model actor (AutoModelForSequenceClassification at `path`)
+    # http:     POST to `url`
+    kind: Literal["rule", "model", "http"] = "rule"
+    name: str = "task"
+    weight: float = 1.0
+    path: str | None = None
+    url: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    sources: list[RewardSourceConfig] = field(default_factory=lambda: [RewardSourceConfig()])
+    # What to do when a reward function raises or returns NaN: fail the step with a clear error,
+    # or score the sample 0 and count it in the `reward/errors` metric.
+    on_error: Literal["raise", "zero"] = "raise"
+    batch_size: int = 32  # reward-model batch size
+
+
+@dataclass
+class AlgorithmConfig:
+    # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae (PPO with critic)
+    advantage: str = "grpo"
+    # PPO clip range; clip_high > clip_low gives DAPO's decoupled clip ("clip-higher").
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    # Importance ratio per token (PPO/GRPO) or per sequence (GSPO).
+    ratio_level: Literal["token", "sequence"] = "token"
+    # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    loss_agg: str = "token_mean"
+    loss_agg_constant: float | None = None  # the constant for seq_mean_token_sum_norm (None: max_new_tokens)
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    entropy_coef: float = 0.0
+    # Recompute old logprobs with the learner before the update; then truncated importance sampling
+    # corrects the rollout/train mismatch with weight min(exp(old - rollout), tis_cap).
+    recompute_old_logprobs: bool = False
+    tis_cap: float | None = None
+    ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per rollout batch (per epoch)
+    # GAE (advantage: gae)
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2
+    # DAPO dynamic sampling: drop groups whose rewards are all equal, oversample until the batch is full.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    # DAPO overlong handling
+    overlong_filter: bool = False  # mask truncated responses out of the loss
+    overlong_buffer: int = 0  # soft penalty over the last `overlong_buffer` tokens before max_new_tokens
+    overlong_penalty: float = 1.0
+    # Global reward normalisation for REINFORCE++ etc. uses this epsilon everywhere.
+    eps: float = 1e-6
+
+
+@dataclass
+class CriticConfig:
+    enabled: bool = False
+    path: str | None = None  # None: initialise from the policy (value head on the policy architecture)
+    lr: float = 5e-6
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    lr: float = 1e-6
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    # Micro-batches are packed by token budget (prompt + response tokens per rank).
+    micro_batch_tokens: int = 4096
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+
+@dataclass
+class RolePlacement:
+    replicas: int = 1
+    gpus: float = 0.0  # per replica (fractions allowed when colocated)
+    cpus: float = 1.0  # per replica
+    accelerator_type: str | None = None  # Ray accelerator type, e.g. "H100", "L4"
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+@dataclass
+class PlacementConfig:
+    device: Device = "auto"
+    rollout: RolePlacement = field(default_factory=RolePlacement)
+    learner: RolePlacement = field(default_factory=RolePlacement)
+    reference: RolePlacement = field(default_factory=RolePlacement)
+    critic: RolePlacement = field(default_factory=RolePlacement)
+    reward_model: RolePlacement = field(default_factory=RolePlacement)
+    # Groups of roles that share the same GPUs, e.g. [["rollout", "learner", "reference"]].
+    colocate: list[list[str]] = field(default_factory=list)
+    # A YAML file describing the cluster (nodes, GPUs, types) for `rlhf plan` without a live cluster.
+    inventory: str | None = None
+
+
+@dataclass
+class SyncConfig:
+    # auto: cuda_ipc when colocated on a GPU, broadcast (NCCL) across GPUs, object_store on CPU.
+    transport: Literal["auto", "object_store", "broadcast", "cuda_ipc"] = "auto"
+    bucket_mb: int = 256
+    audit: bool = True  # compare engine and learner logprobs on a probe batch after each sync
+    audit_samples: int = 4
+    audit_tolerance: float | None = None  # warn above this mean |diff| (None: 1e-3 fp32, 5e-2 bf16)
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "rlhf"
+    run_name: str | None = None  # None: <config stem>-<timestamp>
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY
+    output_dir: str = "runs"
+    log_every: int = 1
+    plot: bool = True  # reward curve PNG in the run directory
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    save_optimizer: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    steps: int = 10
+    eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    seed: int = 0
+    resume: str | None = None  # a run directory to continue
+    # Filled by the loader: the file the config came from (for messages and run names).
+    source_file: str | None = None
