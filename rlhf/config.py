@@ -222,3 +222,10 @@ class RunConfig:
     resume: str | None = None  # a run directory to continue
     # Filled by the loader: the file the config came from (for messages and run names).
     source_file: str | None = None
+
+
+def load_config(path, overrides=()) -> RunConfig:
+    """Load, merge and validate a YAML recipe (see `rlhf.config_loader`)."""
+    from rlhf.config_loader import load_config as _load
+
+    return _load(path, overrides)

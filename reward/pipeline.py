@@ -1,0 +1,226 @@
+"""RewardPipeline: every configured source scores every sample; the reward is their weighted sum.
+
+Reward-model actors and HTTP services are started first and work while the cheap rule functions run
+inline in the driver; then their results are collected. Each sample keeps the unweighted score of
+every source in `Sample.reward_parts[name]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from reward.http import HttpReward
+from reward.model import RewardModelActor
+from reward.rules import RewardError, RuleReward, score_each
+from rlhf.config import RewardConfig, RewardSourceConfig
+from rlhf.types import Sample
+
+log = logging.getLogger(__name__)
+
+# The name a model/http source gets when the config leaves it at the dataclass default ("task").
+_DEFAULT_NAMES = {"model": "rm", "http": "http"}
+
+
+def _fail_all(
+    source: str, exc: BaseException, samples: list[Sample], on_error: str
+) -> tuple[list[float], int]:
+    """A whole-batch failure (service down, actor died): raise, or score every sample 0."""
+    message = f"{source} failed on all {len(samples)} samples: {type(exc).__name__}: {exc}"
+    if on_error != "zero":
+        raise RewardError(message) from exc
+    log.warning("%s (scored 0; reward.on_error=zero)", message)
+    return [0.0] * len(samples), len(samples)
+
+
+class _RuleSource:
+    def __init__(self, label: str, rule: RuleReward):
+        self.label, self.rule = label, rule
+
+    def submit(self, samples: list[Sample]) -> None:
+        return None
+
+    def collect(self, pending: None, samples: list[Sample], on_error: str) -> tuple[list[float], int]:
+        return self.rule.score(samples, self.label, on_error)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _ModelSource:
+    """One reward model, replicated over `actor_options`; a batch is split evenly across replicas."""
+
+    def __init__(self, label: str, cfg: RewardSourceConfig, device: str, batch_size: int, actor_options):
+        import ray
+
+        self.label = label
+        args = dict(cfg.args)
+        unknown = set(args) - {"max_length"}
+        if unknown:
+            raise RewardError(
+                f"{label}: unknown args {sorted(unknown)} for a model source (known: max_length)"
+            )
+        default = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
+        remote_cls = ray.remote(RewardModelActor)
+        self.actors = [
+            remote_cls.options(**opts).remote(cfg.path, device, batch_size, args.get("max_length"))
+            for opts in (actor_options or [default])
+        ]
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except Exception as exc:
+            self.shutdown()
+            raise RewardError(f"{label}: could not load reward model {cfg.path!r}: {exc}") from exc
+
+    def submit(self, samples: list[Sample]):
+        prompts = [s.prompt.text for s in samples]
+        responses = [s.response_text for s in samples]
+        per_actor = math.ceil(len(samples) / len(self.actors)) or 1
+        return [
+            actor.score.remote(prompts[start : start + per_actor], responses[start : start + per_actor])
+            for actor, start in zip(self.actors, range(0, len(samples), per_actor))
+        ]
+
+    def collect(self, pending, samples: list[Sample], on_error: str) -> tuple[list[float], int]:
+        import ray
+
+        try:
+            values = [v for chunk in ray.get(pending) for v in chunk]
+        except Exception as exc:
+            return _fail_all(self.label, exc, samples, on_error)
+        return score_each(self.label, samples, lambda i, _: values[i], on_error)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+class _HttpSource:
+    def __init__(self, label: str, cfg: RewardSourceConfig, pool: ThreadPoolExecutor):
+        self.label, self.pool = label, pool
+        try:
+            self.client = HttpReward(cfg.url, args=cfg.args)
+        except ValueError as exc:
+            raise RewardError(f"{label}: {exc}") from exc
+
+    def submit(self, samples: list[Sample]) -> Future:
+        return self.pool.submit(
+            self.client.score,
+            [s.prompt.text for s in samples],
+            [s.response_text for s in samples],
+            [s.prompt.label for s in samples],
+        )
+
+    def collect(self, pending: Future, samples: list[Sample], on_error: str) -> tuple[list[float], int]:
+        try:
+            values = pending.result()
+        except Exception as exc:
+            return _fail_all(self.label, exc, samples, on_error)
+        return score_each(self.label, samples, lambda i, _: values[i], on_error)
+
+    def shutdown(self) -> None:
+        self.client.close()
+
+
+class RewardPipeline:
+    """Scores samples with every source of `cfg.sources` and combines them by weight.
+
+    `task` is the data task (its `check` backs the "task" rule); `actor_options` holds one
+    `ray.remote(...).options(**)` dict per reward-model replica (from the placement plan).
+    """
+
+    def __init__(
+        self,
+        cfg: RewardConfig,
+        task=None,
+        device: str = "cpu",
+        actor_options: list[dict[str, Any]] | None = None,
+    ):
+        if not cfg.sources:
+            raise RewardError("reward.sources is empty: configure at least one reward source")
+        if cfg.on_error not in ("raise", "zero"):
+            raise RewardError(f"reward.on_error must be 'raise' or 'zero', got {cfg.on_error!r}")
+        self.cfg = cfg
+        self._pool: ThreadPoolExecutor | None = None
+        self._stats: dict[str, float] = {}
+        self.names: list[str] = []
+        self.weights: list[float] = []
+        self.sources: list[Any] = []
+        try:
+            for i, src in enumerate(cfg.sources):
+                self._add_source(i, src, task, device, actor_options)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _add_source(self, i: int, src: RewardSourceConfig, task, device: str, actor_options) -> None:
+        where = f"reward.sources[{i}]"
+        name = _DEFAULT_NAMES.get(src.kind, src.name) if src.name == "task" else src.name
+        if name in self.names:
+            raise RewardError(
+                f"{where}: name {name!r} is already used by another source; give each a unique name"
+            )
+        if not isinstance(src.weight, int | float) or not math.isfinite(src.weight):
+            raise RewardError(f"{where} ({name}): weight must be a finite number, got {src.weight!r}")
+        label = f"{where} ({name})"
+        if src.kind == "rule":
+            try:
+                source = _RuleSource(label, RuleReward.from_config(src.name, src.args, task))
+            except RewardError as exc:
+                raise RewardError(f"{where}: {exc}") from exc
+        elif src.kind == "model":
+            if not src.path:
+                raise RewardError(f"{where} ({name}): kind 'model' needs `path` (a reward model directory)")
+            source = _ModelSource(label, src, device, self.cfg.batch_size, actor_options)
+        elif src.kind == "http":
+            if not src.url:
+                raise RewardError(f"{where} ({name}): kind 'http' needs `url`")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward-http")
+            source = _HttpSource(label, src, self._pool)
+        else:
+            raise RewardError(f"{where}: unknown kind {src.kind!r} (expected rule, model or http)")
+        self.names.append(name)
+        self.weights.append(float(src.weight))
+        self.sources.append(source)
+
+    def score(self, samples: list[Sample]) -> list[float]:
+        """Fill `reward_parts` and `reward` of every sample; return the rewards."""
+        if not samples:
+            self._stats = {"reward/errors": 0.0}
+            return []
+        # Remote work first, so it overlaps with the inline rules.
+        pending = [src.submit(samples) for src in self.sources]
+        order = sorted(range(len(self.sources)), key=lambda k: not isinstance(self.sources[k], _RuleSource))
+        parts: dict[int, list[float]] = {}
+        errors = 0
+        for k in order:
+            parts[k], n_errors = self.sources[k].collect(pending[k], samples, self.cfg.on_error)
+            errors += n_errors
+        rewards = []
+        for j, sample in enumerate(samples):
+            sample.reward_parts = {self.names[k]: parts[k][j] for k in range(len(self.sources))}
+            sample.reward = sum(self.weights[k] * parts[k][j] for k in range(len(self.sources)))
+            rewards.append(sample.reward)
+        self._stats = {
+            f"reward/{self.names[k]}_mean": sum(parts[k]) / len(samples) for k in range(len(self.sources))
+        }
+        self._stats["reward/errors"] = float(errors)
+        return rewards
+
+    def last_stats(self) -> dict[str, float]:
+        """Per-source mean of the last `score` call (unweighted) and its error count."""
+        return dict(self._stats)
+
+    def shutdown(self) -> None:
+        """Kill reward-model actors and close HTTP sessions."""
+        for source in self.sources:
+            source.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

@@ -1,0 +1,142 @@
+"""Rule rewards: plain Python functions run inline in the driver (they are cheap).
+
+Every rule, built-in or user-written, has one signature:
+
+    fn(prompt: str, response: str, label, **args) -> float
+
+`prompt` is the prompt text as the policy saw it (after the chat template), `response` the sampled
+text, `label` the dataset's answer column (`Prompt.label`), and `args` the source's `args` from the
+config. Also home of `RewardError` and the checks every reward source shares.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rlhf.types import Sample
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[..., float]
+
+
+class RewardError(RuntimeError):
+    """A reward source failed or returned something that is not a finite number."""
+
+
+def describe_sample(sample: Sample) -> str:
+    """Enough to find the sample again: its group, its prompt's dataset index, the response start."""
+    return (
+        f"sample (group {sample.group}, prompt {sample.prompt.index}, response {sample.response_text[:80]!r})"
+    )
+
+
+def check_reward(value: Any) -> float:
+    """A finite float, or ValueError: a NaN reward would silently poison the advantages."""
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        raise ValueError(f"returned {value}, expected a finite number")
+    raise ValueError(f"returned {value!r} of type {type(value).__name__}, expected a float")
+
+
+def score_each(
+    source: str, samples: Sequence[Sample], value_of: Callable[[int, Sample], Any], on_error: str
+) -> tuple[list[float], int]:
+    """Check `value_of(i, sample)` for every sample under the `on_error` policy: (scores, errors).
+
+    `source` names the config entry in messages, e.g. "reward.sources[0] (my_pkg.rewards:score)".
+    """
+    scores, errors = [], 0
+    for i, sample in enumerate(samples):
+        try:
+            scores.append(check_reward(value_of(i, sample)))
+        except Exception as exc:
+            message = f"{source} failed on {describe_sample(sample)}: {type(exc).__name__}: {exc}"
+            if on_error != "zero":
+                raise RewardError(message) from exc
+            if errors == 0:
+                log.warning("%s (scored 0; reward.on_error=zero)", message)
+            scores.append(0.0)
+            errors += 1
+    return scores, errors
+
+
+def load_reward_function(path: str) -> RewardFn:
+    """Import a user reward function from "pkg.module:fn"."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(f"reward function {path!r}: expected 'pkg.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RewardError(f"reward function {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    fn = module
+    for part in attr.split("."):  # allows "pkg.mod:Class.method"
+        if not hasattr(fn, part):
+            raise RewardError(f"reward function {path!r}: module {module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise RewardError(f"reward function {path!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _task_rule(task) -> RewardFn:
+    def task_reward(prompt: str, response: str, label: Any) -> float:
+        return task.check(response, label)
+
+    return task_reward
+
+
+def _format_rule(prompt: str, response: str, label: Any, pattern: str | None = None) -> float:
+    from rlhf.tasks import format_reward
+
+    return format_reward(response, pattern)
+
+
+class RuleReward:
+    """One rule source: `fn(prompt, response, label, **args)` applied to every sample."""
+
+    def __init__(self, name: str, fn: RewardFn, args: dict[str, Any] | None = None):
+        self.name = name
+        self.fn = fn
+        self.args = dict(args or {})
+
+    @classmethod
+    def from_config(cls, name: str, args: dict[str, Any] | None = None, task=None) -> RuleReward:
+        """Built-in "task" / "format", or a user function "pkg.module:fn"."""
+        args = dict(args or {})
+        if name == "task":
+            if "task" in args:  # score against a named task instead of the data's
+                from rlhf.tasks import get_task
+
+                task = get_task(args.pop("task"))
+            if task is None:
+                raise RewardError(
+                    "rule 'task' needs a task checker: use a built-in data source (data.source: "
+                    "builtin:<task>) or set args.task to a task name"
+                )
+            return cls(name, _task_rule(task), args)
+        if name == "format":
+            unknown = set(args) - {"pattern"}
+            if unknown:
+                raise RewardError(f"rule 'format' takes only args.pattern, got {sorted(unknown)}")
+            return cls(name, _format_rule, args)
+        if ":" not in name:
+            raise RewardError(
+                f"unknown rule {name!r}: use 'task', 'format' or a function path 'pkg.module:function'"
+            )
+        return cls(name, load_reward_function(name), args)
+
+    def __call__(self, sample: Sample) -> float:
+        return self.fn(sample.prompt.text, sample.response_text, sample.prompt.label, **self.args)
+
+    def score(self, samples: Sequence[Sample], source: str | None = None, on_error: str = "raise"):
+        """(scores, errors) over `samples`; see `score_each`."""
+        return score_each(source or self.name, samples, lambda _, sample: self(sample), on_error)

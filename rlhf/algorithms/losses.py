@@ -1,0 +1,253 @@
+"""Policy and value losses, loss aggregation, and per-token log-probs / entropy from logits.
+
+Per-token tensors are [B, T] aligned with `input_ids`: position t is about token t; `mask` is 1.0 on the
+response tokens that enter the loss. Every loss is "per-token loss -> aggregate(mode)".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf.algorithms.kl import MAX_LOG_RATIO, kl_estimate
+from rlhf.config import AlgorithmConfig
+
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def loss_normalizers(mask: Tensor) -> tuple[float, float]:
+    """(num_tokens, num_sequences) of a batch, the defaults `aggregate` uses.
+
+    A learner that splits a batch into micro-batches (and data-parallel ranks) computes these once on the
+    whole batch (summing them over ranks) and passes them to every micro-batch's loss: the micro-batch losses
+    then add up to the loss of the whole batch. Sequences without loss tokens do not count.
+    """
+    mask = mask.float()
+    return float(mask.sum()), float((mask.sum(dim=1) > 0).sum())
+
+
+def aggregate(
+    values: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    *,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+    constant: float | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar.
+
+    token_mean               sum_{i,t} x_it m_it / num_tokens                  (DAPO: every token counts once)
+    seq_mean_token_mean      sum_i [sum_t x_it m_it / sum_t m_it] / num_sequences   (GRPO: every sample once)
+    seq_mean_token_sum_norm  sum_i [sum_t x_it m_it / constant] / num_sequences     (Dr. GRPO: no length bias)
+
+    Each mode is a sum over sequences divided by a batch-level normaliser (num_tokens / num_sequences,
+    defaults from `loss_normalizers(mask)`), which is what makes micro-batch losses add up exactly.
+    """
+    if values.shape != mask.shape:
+        raise ValueError(f"aggregate: values {tuple(values.shape)} vs mask {tuple(mask.shape)}")
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"algorithm.loss_agg must be one of {LOSS_AGG_MODES}, got {mode!r}")
+    # float32 masks: a bf16 sum of ones is no longer exact beyond 256 tokens.
+    mask = mask.float()
+    token_sums = (values.float() * mask).sum(dim=1)
+    if mode == "token_mean":
+        n = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
+        return token_sums.sum() / n
+    n = (mask.sum(dim=1) > 0).sum().clamp(min=1) if num_sequences is None else max(float(num_sequences), 1.0)
+    if mode == "seq_mean_token_mean":
+        return (token_sums / mask.sum(dim=1).clamp(min=1)).sum() / n
+    if constant is None or constant <= 0:
+        raise ValueError(
+            "loss_agg 'seq_mean_token_sum_norm' needs a positive constant "
+            f"(algorithm.loss_agg_constant, normally rollout.sampling.max_new_tokens); got {constant!r}"
+        )
+    return (token_sums / constant).sum() / n
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Detached mean over the masked entries (0 when the mask is empty): the form of every logged stat."""
+    mask = mask.float()
+    return ((values.float() * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+# ---------------------------------------------------------------------------------------------- policy loss
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: AlgorithmConfig,
+    *,
+    ref_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (PPO, Schulman et al. 2017) with the GRPO/DAPO/GSPO variations; returns (loss, stats).
+
+        ratio   = pi(y_t) / pi_old(y_t)                                       ratio_level: token
+                = exp(mean_t [log pi(y_t) - log pi_old(y_t)])  per sequence   ratio_level: sequence (GSPO)
+        pg_t    = -min(ratio A_t, clip(ratio, 1 - clip_low, 1 + clip_high) A_t)   (clip_high > clip_low: DAPO)
+        pg_t   *= min(pi_old(y_t) / pi_rollout(y_t), tis_cap)  (detached)    tis_cap set: truncated IS
+        loss    = agg(pg) + kl_coef * agg(kl(pi || pi_ref)) - entropy_coef * agg(entropy)
+
+    The KL term applies when kl_coef > 0 and kl_in == "loss" (then `ref_logprobs` is required); the entropy
+    term when entropy_coef > 0 (then `entropy` is required). Stats are detached masked token means plus
+    `num_tokens`, so a learner can average them over micro-batches weighted by tokens.
+    """
+    if not (logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape):
+        raise ValueError(
+            f"policy_loss: logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, "
+            f"advantages {tuple(advantages.shape)} and mask {tuple(mask.shape)} must all be [B, T]"
+        )
+    mask = mask.float()
+    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+    agg = dict(
+        mode=cfg.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences, constant=cfg.loss_agg_constant
+    )
+
+    log_ratio = logprobs - old_logprobs
+    if cfg.ratio_level == "token":
+        ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    elif cfg.ratio_level == "sequence":
+        # GSPO (Zheng et al. 2025): one length-normalised ratio per sequence, so its clip range is ~1e-4 wide.
+        seq_log_ratio = (log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        ratio = torch.exp(seq_log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))[:, None].expand_as(log_ratio)
+    else:
+        raise ValueError(f"algorithm.ratio_level must be 'token' or 'sequence', got {cfg.ratio_level!r}")
+
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    pg = torch.maximum(unclipped, clipped)
+    stats = {
+        "pg_loss": masked_mean(pg, mask),
+        # Tokens where the clipped branch won: their gradient is zero.
+        "clip_frac": masked_mean((clipped > unclipped).to(mask.dtype), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        # KL(pi_old || pi) on tokens sampled from pi_old.
+        "approx_kl": masked_mean(kl_estimate(old_logprobs, logprobs.detach(), "k3"), mask),
+        "num_tokens": mask.sum().detach(),
+    }
+
+    if rollout_logprobs is not None:
+        rollout_logprobs = rollout_logprobs.detach()
+        # KL(pi_rollout || pi_old): how far the inference engine's sampler is from the learner's policy.
+        stats["mismatch_kl"] = masked_mean(kl_estimate(rollout_logprobs, old_logprobs, "k3"), mask)
+        if cfg.tis_cap is not None:
+            # Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
+            # you off-policy RL training"): tokens were sampled by the engine, not by pi_old.
+            tis_weight = torch.exp((old_logprobs - rollout_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+            tis_weight = tis_weight.clamp(max=cfg.tis_cap)
+            pg = pg * tis_weight
+            stats["tis_weight_mean"] = masked_mean(tis_weight, mask)
+
+    loss = aggregate(pg, mask, **agg)
+
+    if cfg.kl_coef > 0 and cfg.kl_in == "loss":
+        if ref_logprobs is None:
+            raise ValueError(
+                "algorithm.kl_coef > 0 with algorithm.kl_in: loss needs ref_logprobs (a reference model)"
+            )
+        kl = kl_estimate(logprobs, ref_logprobs.detach(), cfg.kl_estimator)
+        loss = loss + cfg.kl_coef * aggregate(kl, mask, **agg)
+        stats["kl"] = masked_mean(kl, mask)
+
+    if entropy is not None:
+        stats["entropy"] = masked_mean(entropy, mask)
+    if cfg.entropy_coef != 0:
+        if entropy is None:
+            raise ValueError("algorithm.entropy_coef != 0 needs the per-token entropy (losses.token_entropy)")
+        loss = loss - cfg.entropy_coef * aggregate(entropy, mask, **agg)
+
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------- value loss
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float | None = 0.2,
+    *,
+    num_tokens: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token_mean.
+
+    The clip keeps the critic from moving far from the values that produced the advantages (`clip=None`:
+    plain squared error).
+    """
+    if not (values.shape == old_values.shape == returns.shape == mask.shape):
+        raise ValueError(
+            f"value_loss: values {tuple(values.shape)}, old_values {tuple(old_values.shape)}, "
+            f"returns {tuple(returns.shape)} and mask {tuple(mask.shape)} must all be [B, T]"
+        )
+    mask = mask.float()
+    old_values, returns = old_values.detach(), returns.detach()
+    unclipped = (values - returns).square()
+    if clip is None:
+        per_token = 0.5 * unclipped
+        clipped_wins = torch.zeros_like(unclipped)
+    else:
+        clipped = (old_values + (values - old_values).clamp(-clip, clip) - returns).square()
+        per_token = 0.5 * torch.maximum(unclipped, clipped)
+        clipped_wins = (clipped > unclipped).to(mask.dtype)
+    loss = aggregate(per_token, mask, "token_mean", num_tokens=num_tokens)
+    stats = {
+        "value_loss": masked_mean(per_token, mask),
+        "value_clip_frac": masked_mean(clipped_wins, mask),
+        "value_mean": masked_mean(values, mask),
+        "returns_mean": masked_mean(returns, mask),
+        "num_tokens": mask.sum().detach(),
+    }
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------ logprobs and entropy
+def _shifted_chunks(logits: Tensor, chunk_size: int | None):
+    """Yield (t0, t1, logits[:, t0-1:t1-1]): the logits that predict tokens t0..t1-1 (t >= 1)."""
+    T = logits.shape[1]
+    step = T if chunk_size is None else max(int(chunk_size), 1)
+    for t0 in range(1, T, step):
+        t1 = min(t0 + step, T)
+        yield t0, t1, logits[:, t0 - 1 : t1 - 1]
+
+
+def token_logprobs(
+    logits: Tensor, input_ids: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024
+) -> Tensor:
+    """log p(token_t | tokens < t) for every position, [B, T] float32, aligned with input_ids (position 0 = 0).
+
+    `logits` [B, T, V] are a causal LM's outputs (logits[:, t] predicts token t + 1). Computed as
+    logit[token] - logsumexp(logits) in float32, `chunk_size` positions at a time, so no [B, T, V] log-softmax
+    copy is made. Pass the sampling temperature so the logprobs match the rollout engine's.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"token_logprobs: logits {tuple(logits.shape)} must be [B, T, V] for input_ids {tuple(input_ids.shape)}"
+        )
+    pieces = [torch.zeros_like(input_ids[:, :1], dtype=torch.float32)]
+    for t0, t1, chunk in _shifted_chunks(logits, chunk_size):
+        chunk = chunk.float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        picked = chunk.gather(-1, input_ids[:, t0:t1, None]).squeeze(-1)
+        pieces.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(pieces, dim=1)[:, : input_ids.shape[1]]
+
+
+def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024) -> Tensor:
+    """Entropy H = logsumexp(z) - sum_v softmax(z)_v z_v of the distribution that produced each token, [B, T]
+    float32, aligned like `token_logprobs` (position 0 = 0)."""
+    if logits.dim() != 3:
+        raise ValueError(f"token_entropy: logits must be [B, T, V], got {tuple(logits.shape)}")
+    pieces = [logits.new_zeros(logits.shape[0], min(1, logits.shape[1]), dtype=torch.float32)]
+    for _, _, chunk in _shifted_chunks(logits, chunk_size):
+        chunk = chunk.float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        pieces.append(torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(dim=-1))
+    return torch.cat(pieces, dim=1)

@@ -1,0 +1,648 @@
+"""YAML recipes -> a validated, typed `RunConfig`.
+
+A recipe is plain YAML mirroring the dataclasses in `rlhf.config`. Three conveniences on top:
+
+* `defaults: [base.yaml, ...]` includes other files (relative to the including file), deep-merged
+  in order, then the file itself on top. Dicts merge key by key; lists and scalars replace.
+* Command-line overrides `key.sub=value`; the value is parsed as YAML, so `trainer.lr=1e-5`,
+  `placement.colocate=[[rollout,learner]]` and `reward.sources=[{kind: rule, name: task}]` work.
+  `resume=RUN_DIR` is kept verbatim (never YAML-parsed).
+* Every error is one line naming the file, the dotted key, the bad value and the problem, because
+  a typo should cost seconds, not a crashed cluster job ten minutes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhf.config import RunConfig
+
+OVERRIDE = "<override>"
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
+# Group-relative estimators: a group of one sample has no baseline to compare against.
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+BUILTIN_RULES = ("task", "format")
+ROLES = ("rollout", "learner", "reference", "critic", "reward_model")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override; the message is one line: `file: key: problem (got value)`."""
+
+
+def _fmt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _error(file: str, key: str, problem: str, value: Any = dataclasses.MISSING) -> ConfigError:
+    got = "" if value is dataclasses.MISSING else f" (got {_fmt(value)})"
+    where = f"{key}: " if key else ""
+    return ConfigError(f"{file}: {where}{problem}{got}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading YAML: includes and overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    """Returns the merged raw dict of `path` (with its defaults) and the origin file of every key."""
+    shown = _display(path)
+    if path in chain:
+        cycle = " -> ".join(_display(p) for p in (*chain, path))
+        raise _error(_display(chain[-1]), "defaults", f"include cycle: {cycle}")
+    if not path.is_file():
+        where = _display(chain[-1]) if chain else shown
+        raise _error(where, "defaults" if chain else "", f"config file not found: {shown}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise _error(shown, "", f"invalid YAML{line}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise _error(shown, "", "top level must be a mapping of sections", raw)
+
+    includes = raw.pop("defaults", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise _error(shown, "defaults", "must be a list of YAML file paths", includes)
+
+    merged: dict = {}
+    origins: dict[str, str] = {}
+    for include in includes:
+        sub, sub_origins = _read_yaml((path.parent / include).resolve(), (*chain, path))
+        _deep_merge(merged, sub, origins, sub_origins)
+    own_origins = {key: shown for key in _leaf_keys(raw)}
+    _deep_merge(merged, raw, origins, own_origins)
+    return merged, origins
+
+
+def _display(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict) and tree:
+        keys = []
+        for key, value in tree.items():
+            keys += _leaf_keys(value, f"{prefix}.{key}" if prefix else str(key))
+        return keys
+    return [prefix] if prefix else []
+
+
+def _deep_merge(base: dict, top: Mapping, origins: dict[str, str], top_origins: dict[str, str]) -> None:
+    """Merges `top` into `base` in place: dicts recurse, everything else replaces."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value, origins, top_origins)
+        else:
+            base[key] = value
+    origins.update(top_origins)
+
+
+def _field_type(path: list[str]) -> Any:
+    """The declared type at a dotted path of RunConfig (None when the path leaves the dataclasses)."""
+    tp: Any = RunConfig
+    for part in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _wants_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return _is_union(tp) and str in typing.get_args(tp) and len(typing.get_args(tp)) <= 2
+
+
+_INDEX = re.compile(r"^([^\[\]]+)((?:\[\d+\])*)$")
+
+
+def _apply_override(tree: dict, origins: dict[str, str], text: str) -> None:
+    if "=" not in text:
+        raise _error(OVERRIDE, "", "overrides look like key.sub=value", text)
+    dotted, raw_value = text.split("=", 1)
+    dotted = dotted.strip()
+    if not dotted:
+        raise _error(OVERRIDE, "", "empty key in override", text)
+    parts: list[str | int] = []
+    for piece in dotted.split("."):
+        match = _INDEX.match(piece)
+        if not match:
+            raise _error(OVERRIDE, dotted, "malformed key", text)
+        parts.append(match.group(1))
+        parts += [int(i) for i in re.findall(r"\[(\d+)\]", match.group(2))]
+
+    names = [p for p in parts if isinstance(p, str)]
+    if dotted == "resume" or _wants_str(_field_type(names)) and all(isinstance(p, str) for p in parts):
+        value: Any = raw_value  # strings stay strings: `run_name=2024-01-01` is not a date
+        if raw_value.strip() in ("null", "~", "None"):
+            value = None
+    else:
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError:
+            raise _error(OVERRIDE, dotted, "value is not valid YAML", raw_value) from None
+
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise _error(OVERRIDE, dotted, f"index [{part}] is out of range", text)
+            node = node[part]
+            continue
+        if not isinstance(node, dict):
+            raise _error(OVERRIDE, dotted, f"'{part}' is not inside a section", text)
+        if isinstance(nxt, int):
+            if not isinstance(node.get(part), list):
+                raise _error(OVERRIDE, dotted, f"index into '{part}' needs a list set in the recipe", text)
+        elif not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise _error(OVERRIDE, dotted, f"index [{last}] is out of range", text)
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise _error(OVERRIDE, dotted, "not inside a section", text)
+        node[last] = value
+    origins[re.sub(r"\[\d+\]", "", dotted)] = OVERRIDE
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the typed tree
+# ----------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, origins: dict[str, str], default_file: str):
+        self.origins = origins
+        self.default_file = default_file
+
+    def file_of(self, key: str) -> str:
+        return origin_of(key, self.origins, self.default_file)
+
+    def fail(self, key: str, problem: str, value: Any = dataclasses.MISSING) -> ConfigError:
+        return _error(self.file_of(key), key, problem, value)
+
+    def build(self, tp: Any, value: Any, key: str) -> Any:
+        if tp is Any or tp is object:
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self._dataclass(tp, value, key)
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if _is_union(tp):
+            if value is None and type(None) in args:
+                return None
+            options = [a for a in args if a is not type(None)]
+            if value is None:
+                raise self.fail(key, f"must be {_describe(tp)}", value)
+            errors = []
+            for option in options:
+                try:
+                    return self.build(option, value, key)
+                except ConfigError as exc:
+                    errors.append(exc)
+            if len(errors) == 1:
+                raise errors[0]
+            raise self.fail(key, f"must be {_describe(tp)}", value)
+        if origin is Literal:
+            for allowed in args:
+                if value == allowed and type(value) is type(allowed):
+                    return value
+            choices = ", ".join(repr(a) for a in args)
+            raise self.fail(key, f"must be one of {choices}", value)
+        if origin in (list, Sequence):
+            if not isinstance(value, list | tuple):
+                raise self.fail(key, f"must be a list of {_describe(args[0])}", value)
+            return [self.build(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+        if origin is tuple:
+            if not isinstance(value, list | tuple):
+                raise self.fail(key, f"must be a list of {len(args)} values", value)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(self.build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+            if len(value) != len(args):
+                raise self.fail(key, f"must have exactly {len(args)} values", value)
+            return tuple(self.build(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise self.fail(key, "must be a mapping", value)
+            key_tp, value_tp = args or (Any, Any)
+            return {
+                self.build(key_tp, k, key): self.build(value_tp, v, f"{key}.{k}") for k, v in value.items()
+            }
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise self.fail(key, "must be true or false", value)
+            return value
+        if tp is int:
+            if isinstance(value, bool):
+                raise self.fail(key, "must be an integer, not a boolean", value)
+            if isinstance(value, int):
+                return value
+            number = _as_number(value)
+            if number is not None and math.isfinite(number) and number.is_integer():
+                return int(number)
+            raise self.fail(key, "must be an integer", value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise self.fail(key, "must be a number, not a boolean", value)
+            number = _as_number(value)
+            if number is None:
+                raise self.fail(key, "must be a number", value)
+            return number
+        if tp is str:
+            if not isinstance(value, str):
+                raise self.fail(key, "must be a string (quote it in YAML)", value)
+            return value
+        raise self.fail(key, f"unsupported type {tp}")  # a schema bug, not a user error
+
+    def _dataclass(self, tp: Any, value: Any, key: str) -> Any:
+        if value is None:
+            value = {}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = to_dict(value)
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a mapping (a section)", value)
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        kwargs = {}
+        for name, item in value.items():
+            child = f"{key}.{name}" if key else str(name)
+            if name not in names:
+                close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+                hint = f"; did you mean '{key + '.' if key else ''}{close[0]}'?" if close else ""
+                if not close:
+                    hint = f"; valid keys: {', '.join(names)}"
+                raise _error(self.file_of(child), child, f"unknown key{hint}")
+            kwargs[name] = self.build(hints[name], item, child)
+        return tp(**kwargs)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _describe(tp: Any) -> str:
+    if _is_union(tp):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _as_number(value: Any) -> float | None:
+    """int/float, or a numeric string (YAML 1.1 reads `1e-5` as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def origin_of(key: str, origins: Mapping[str, str], default: str) -> str:
+    """The file that set `key` (or its closest parent/child), for error messages."""
+    plain = re.sub(r"\[\d+\]", "", key)
+    probe = plain
+    while probe:
+        if probe in origins:
+            return origins[probe]
+        probe = probe.rpartition(".")[0]
+    for set_key, file in origins.items():
+        if set_key.startswith(plain + "."):
+            return file
+    return default
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a recipe (with its `defaults` includes), applies overrides, types and validates it."""
+    config_path = Path(path)
+    if config_path.is_dir() and (config_path / "config.yaml").is_file():
+        # A run directory: continue it with the exact config it was started with.
+        config_path = config_path / "config.yaml"
+        overrides = [f"resume={Path(path)}", *overrides]
+    tree, origins = _read_yaml(config_path.resolve(), ())
+    for text in overrides:
+        _apply_override(tree, origins, text)
+    tree.pop("source_file", None)
+    shown = _display(config_path.resolve())
+    cfg = _Builder(origins, shown).build(RunConfig, tree, "")
+    cfg.source_file = str(config_path)
+    validate(cfg, origins)
+    return cfg
+
+
+def from_dict(tree: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
+    """Types and validates an in-memory dict (tests, notebooks)."""
+    cfg = _Builder({}, source).build(RunConfig, dict(tree), "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (tuples as lists) that `load_config` reads back to an equal config."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    tree = to_dict(cfg)
+    tree.pop("source_file", None)
+    return yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=100)
+
+
+def resolve_device(cfg: RunConfig) -> Literal["cpu", "cuda"]:
+    """`auto` means cuda iff this process sees a CUDA device."""
+    device = cfg.placement.device
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantic validation
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(cfg: RunConfig, origins: Mapping[str, str] | None = None) -> RunConfig:
+    """Checks value ranges and cross-field rules; raises a one-line ConfigError on the first problem."""
+    origins = origins or {}
+    default_file = cfg.source_file or "<config>"
+
+    def fail(key: str, problem: str, value: Any = dataclasses.MISSING) -> ConfigError:
+        return _error(origin_of(key, origins, default_file), key, problem, value)
+
+    def check(ok: bool, key: str, problem: str, value: Any) -> None:
+        if not ok:
+            raise fail(key, problem, value)
+
+    def positive(key: str, value: float) -> None:
+        check(value > 0, key, "must be > 0", value)
+
+    def at_least(key: str, value: float, low: float) -> None:
+        check(value >= low, key, f"must be >= {low}", value)
+
+    def fraction(key: str, value: float) -> None:
+        check(0 < value <= 1, key, "must be in (0, 1]", value)
+
+    at_least("steps", cfg.steps, 1)
+    at_least("eval_every", cfg.eval_every, 0)
+    if cfg.resume is not None:
+        check(Path(cfg.resume).is_dir(), "resume", "run directory not found", cfg.resume)
+
+    # model / data
+    check(bool(cfg.model.path), "model.path", "must not be empty", cfg.model.path)
+    _validate_data(cfg, fail)
+    at_least("data.max_prompt_tokens", cfg.data.max_prompt_tokens, 1)
+    at_least("data.num_train", cfg.data.num_train, 1)
+    at_least("data.num_eval", cfg.data.num_eval, 0)
+
+    # rollout
+    ro, sp = cfg.rollout, cfg.rollout.sampling
+    at_least("rollout.prompts_per_step", ro.prompts_per_step, 1)
+    at_least("rollout.sampling.n", sp.n, 1)
+    at_least("rollout.sampling.temperature", sp.temperature, 0)
+    fraction("rollout.sampling.top_p", sp.top_p)
+    check(sp.top_k == -1 or sp.top_k >= 1, "rollout.sampling.top_k", "must be -1 (off) or >= 1", sp.top_k)
+    at_least("rollout.sampling.max_new_tokens", sp.max_new_tokens, 1)
+    at_least("rollout.eval_temperature", ro.eval_temperature, 0)
+    at_least("rollout.tensor_parallel", ro.tensor_parallel, 1)
+    if ro.gpu_memory_utilization is not None:
+        fraction("rollout.gpu_memory_utilization", ro.gpu_memory_utilization)
+    check(
+        ro.max_model_len > cfg.data.max_prompt_tokens,
+        "rollout.max_model_len",
+        f"must exceed data.max_prompt_tokens ({cfg.data.max_prompt_tokens})",
+        ro.max_model_len,
+    )
+
+    # algorithm
+    al = cfg.algorithm
+    check(al.advantage in ADVANTAGES, "algorithm.advantage", f"must be one of {', '.join(ADVANTAGES)}", al.advantage)
+    if al.advantage == "gae":
+        check(
+            cfg.trainer.critic.enabled,
+            "algorithm.advantage",
+            "gae needs a critic: set trainer.critic.enabled=true",
+            al.advantage,
+        )
+    if al.advantage in GROUP_ADVANTAGES:
+        check(sp.n >= 2, "rollout.sampling.n", f"{al.advantage} compares samples of a prompt: needs n >= 2", sp.n)
+    check(al.loss_agg in LOSS_AGGS, "algorithm.loss_agg", f"must be one of {', '.join(LOSS_AGGS)}", al.loss_agg)
+    at_least("algorithm.clip_low", al.clip_low, 0)
+    at_least("algorithm.clip_high", al.clip_high, 0)
+    at_least("algorithm.kl_coef", al.kl_coef, 0)
+    if al.loss_agg_constant is not None:
+        positive("algorithm.loss_agg_constant", al.loss_agg_constant)
+    if al.tis_cap is not None:
+        positive("algorithm.tis_cap", al.tis_cap)
+    at_least("algorithm.ppo_epochs", al.ppo_epochs, 1)
+    at_least("algorithm.mini_batches", al.mini_batches, 1)
+    check(0 <= al.gamma <= 1, "algorithm.gamma", "must be in [0, 1]", al.gamma)
+    check(0 <= al.lam <= 1, "algorithm.lam", "must be in [0, 1]", al.lam)
+    at_least("algorithm.value_clip", al.value_clip, 0)
+    at_least("algorithm.max_sampling_rounds", al.max_sampling_rounds, 1)
+    at_least("algorithm.overlong_buffer", al.overlong_buffer, 0)
+    check(
+        al.overlong_buffer < sp.max_new_tokens,
+        "algorithm.overlong_buffer",
+        f"must be < rollout.sampling.max_new_tokens ({sp.max_new_tokens})",
+        al.overlong_buffer,
+    )
+    positive("algorithm.eps", al.eps)
+    if al.dynamic_sampling:
+        check(sp.n >= 2, "rollout.sampling.n", "dynamic_sampling drops all-equal groups: needs n >= 2", sp.n)
+
+    # trainer
+    tr = cfg.trainer
+    check(math.isfinite(tr.lr) and tr.lr > 0, "trainer.lr", "must be > 0", tr.lr)
+    check(0 <= tr.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]", tr.min_lr_ratio)
+    at_least("trainer.warmup_steps", tr.warmup_steps, 0)
+    at_least("trainer.weight_decay", tr.weight_decay, 0)
+    for i, beta in enumerate(tr.adam_betas):
+        check(0 <= beta < 1, f"trainer.adam_betas[{i}]", "must be in [0, 1)", beta)
+    at_least("trainer.max_grad_norm", tr.max_grad_norm, 0)
+    at_least("trainer.micro_batch_tokens", tr.micro_batch_tokens, 1)
+    check(
+        tr.micro_batch_tokens >= cfg.data.max_prompt_tokens + sp.max_new_tokens,
+        "trainer.micro_batch_tokens",
+        f"must hold one full sequence (data.max_prompt_tokens + max_new_tokens = "
+        f"{cfg.data.max_prompt_tokens + sp.max_new_tokens})",
+        tr.micro_batch_tokens,
+    )
+    if tr.critic.enabled:
+        positive("trainer.critic.lr", tr.critic.lr)
+        at_least("trainer.critic.warmup_steps", tr.critic.warmup_steps, 0)
+
+    _validate_reward(cfg, fail)
+    _validate_placement(cfg, fail)
+
+    # sync / logging / checkpoint
+    at_least("sync.bucket_mb", cfg.sync.bucket_mb, 1)
+    at_least("sync.audit_samples", cfg.sync.audit_samples, 1)
+    if cfg.sync.audit_tolerance is not None:
+        positive("sync.audit_tolerance", cfg.sync.audit_tolerance)
+    at_least("logging.log_every", cfg.logging.log_every, 1)
+    check(bool(cfg.logging.output_dir), "logging.output_dir", "must not be empty", cfg.logging.output_dir)
+    at_least("checkpoint.every", cfg.checkpoint.every, 0)
+    at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    return cfg
+
+
+def _validate_data(cfg: RunConfig, fail) -> None:
+    source = cfg.data.source
+    if not source:
+        raise fail("data.source", "must not be empty", source)
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        try:
+            tasks = importlib.import_module("rlhf.tasks")
+        except ModuleNotFoundError as exc:
+            if exc.name != "rlhf.tasks":
+                raise
+            return  # the task registry is optional for validation
+        known = sorted(getattr(tasks, "TASKS", {}))
+        try:
+            tasks.get_task(name)
+        except (KeyError, ValueError):
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean 'builtin:{close[0]}'?" if close else f"; known: {', '.join(known)}"
+            raise fail("data.source", f"unknown built-in task{hint}", source) from None
+        return
+    looks_local = source.startswith((".", "/", "~")) or source.endswith(DATA_FILE_SUFFIXES)
+    if looks_local and not Path(source).expanduser().exists():
+        raise fail("data.source", "local data file not found (relative paths are from the working dir)", source)
+
+
+def _validate_reward(cfg: RunConfig, fail) -> None:
+    sources = cfg.reward.sources
+    if not sources:
+        raise fail("reward.sources", "needs at least one reward source", sources)
+    at_least_one = cfg.reward.batch_size >= 1
+    if not at_least_one:
+        raise fail("reward.batch_size", "must be >= 1", cfg.reward.batch_size)
+    for i, src in enumerate(sources):
+        key = f"reward.sources[{i}]"
+        if not math.isfinite(src.weight):
+            raise fail(f"{key}.weight", "must be a finite number", src.weight)
+        if src.kind == "rule":
+            if src.name not in BUILTIN_RULES:
+                problem = check_reward_function(src.name)
+                if problem:
+                    raise fail(f"{key}.name", problem, src.name)
+        elif src.kind == "model":
+            if not src.path:
+                raise fail(f"{key}.path", "a model reward source needs a path", src.path)
+        elif src.kind == "http" and not (src.url and src.url.startswith(("http://", "https://"))):
+            raise fail(f"{key}.url", "an http reward source needs an http(s):// url", src.url)
+
+
+def check_reward_function(name: str) -> str | None:
+    """None if `name` is a builtin rule or an importable `pkg.mod:fn` callable, else the problem."""
+    if ":" not in name:
+        return f"unknown rule; use one of {', '.join(BUILTIN_RULES)} or a 'pkg.module:function' path"
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"cannot import module '{module_name}' ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a broken user module; report it in one line
+        return f"importing '{module_name}' failed: {type(exc).__name__}: {exc}"
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            return f"module '{module_name}' has no attribute '{attr}'"
+        target = getattr(target, part)
+    if not callable(target):
+        return f"'{name}' is not callable"
+    return None
+
+
+def _validate_placement(cfg: RunConfig, fail) -> None:
+    pl = cfg.placement
+    for role in ROLES:
+        rp = getattr(pl, role)
+        key = f"placement.{role}"
+        if rp.replicas < 1:
+            raise fail(f"{key}.replicas", "must be >= 1", rp.replicas)
+        if rp.gpus < 0:
+            raise fail(f"{key}.gpus", "must be >= 0", rp.gpus)
+        if rp.gpus > 1 and not float(rp.gpus).is_integer():
+            raise fail(f"{key}.gpus", "above 1 must be a whole number of GPUs", rp.gpus)
+        if rp.cpus < 0:
+            raise fail(f"{key}.cpus", "must be >= 0", rp.cpus)
+        for name, amount in rp.resources.items():
+            if amount < 0:
+                raise fail(f"{key}.resources.{name}", "must be >= 0", amount)
+    seen: dict[str, int] = {}
+    for g, group in enumerate(pl.colocate):
+        key = f"placement.colocate[{g}]"
+        if not group:
+            raise fail(key, "empty colocation group", group)
+        for role in group:
+            if role not in ROLES:
+                close = difflib.get_close_matches(role, ROLES, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; roles: {', '.join(ROLES)}"
+                raise fail(key, f"unknown role '{role}'{hint}", group)
+            if role in seen:
+                where = "twice in this group" if seen[role] == g else f"also in placement.colocate[{seen[role]}]"
+                raise fail(key, f"role '{role}' appears {where}", group)
+            seen[role] = g
+        explicit = sum(getattr(pl, r).gpus for r in group if 0 < getattr(pl, r).gpus < 1)
+        if explicit > 1 + 1e-9:
+            raise fail(key, f"fractional gpus of colocated roles sum to {explicit:g} > 1 per GPU", group)

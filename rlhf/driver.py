@@ -1,0 +1,389 @@
+"""The single controller: generate -> score -> advantages -> train -> sync weights -> log.
+
+The driver holds no model weights. It builds one Ray actor group per role and then reads as the
+loop in `Trainer.step`, top to bottom.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from rlhf import checkpoint as ckpt
+from rlhf.algorithms import advantages as adv_fns
+from rlhf.algorithms import filters, gae, kl
+from rlhf.batch import make_train_batch
+from rlhf.config import RunConfig
+from rlhf.config_loader import resolve_device, to_dict, to_yaml
+from rlhf.data import PromptData
+from rlhf.metrics import MetricsLogger, Timer, plot_rewards, step_line
+from rlhf.models import resolve_model_path
+from rlhf.placement import RayPlacement, make_plan
+from rlhf.types import Sample, TrainBatch
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[rlhf] {msg}", file=sys.stderr)
+
+
+@dataclass
+class Roles:
+    rollout: object
+    policy: object
+    reference: object | None
+    critic: object | None
+    reward: object
+    sync: object
+    placement: object
+
+
+def init_ray(device: str) -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu":
+        env_vars.update({"DS_ACCELERATOR": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    if address:
+        log(f"joining Ray cluster at {address}")
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    else:
+        ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=True)
+
+
+def new_run_dir(cfg: RunConfig) -> tuple[Path, str]:
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"resume: run directory {run_dir} does not exist")
+        return run_dir, run_dir.name
+    stem = Path(cfg.source_file).stem if cfg.source_file else "run"
+    name = cfg.logging.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.logging.output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir, name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the roles and the loop state; `run()` is the whole training run."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        seed_everything(cfg.seed)
+        self.run_dir, self.run_name = new_run_dir(cfg)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log(f"run directory: {self.run_dir}")
+        self.model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.data = PromptData(cfg.data, self.tokenizer)
+        self.step = 0
+        self.roles: Roles | None = None
+        self.metrics = MetricsLogger(
+            self.run_dir, cfg.logging.project, self.run_name, cfg.logging.wandb_mode, to_dict(cfg)
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def start_roles(self) -> Roles:
+        from reward import RewardPipeline
+        from rlhf.weight_sync import WeightSync
+        from rollout import RolloutGroup
+        from trainer import LearnerGroup
+
+        cfg = self.cfg
+        init_ray(self.device)
+        plan = make_plan(cfg)
+        log("placement:\n" + plan.describe())
+        placement = RayPlacement(plan)
+        t0 = time.perf_counter()
+        # Start the slow engines first; learners initialise while vLLM loads.
+        rollout = RolloutGroup(cfg, self.model_path, self.device, placement.actor_options("rollout"))
+        policy = LearnerGroup(cfg, self.model_path, "policy", self.device, placement.actor_options("learner"))
+        reference = None
+        if cfg.algorithm.kl_coef > 0:
+            reference = LearnerGroup(
+                cfg, self.model_path, "reference", self.device, placement.actor_options("reference")
+            )
+        critic = None
+        if cfg.trainer.critic.enabled:
+            critic = LearnerGroup(cfg, self.model_path, "critic", self.device, placement.actor_options("critic"))
+        reward_opts = placement.actor_options("reward_model") if plan.has_role("reward_model") else None
+        reward = RewardPipeline(cfg.reward, task=self.data.task, device=self.device, actor_options=reward_opts)
+        sync = WeightSync(cfg.sync, policy, rollout, self.device)
+        sync.setup()
+        log(f"roles ready in {time.perf_counter() - t0:.0f}s")
+        return Roles(rollout, policy, reference, critic, reward, sync, placement)
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.resume:
+            return
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            log(f"resume: no checkpoint in {self.run_dir}; starting from step 0")
+            return
+        state = ckpt.load_driver_state(latest)
+        self.roles.policy.load(str(latest / "policy"))
+        if self.roles.critic is not None:
+            self.roles.critic.load(str(latest / "critic"))
+        self.data.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = state["step"]
+        # The engines started from the base weights: bring them to the checkpoint's.
+        self.roles.sync.push()
+        log(f"resumed from {latest} at step {self.step}")
+
+    # ------------------------------------------------------------------ one step
+    def generate(self, timer: Timer, metrics: dict) -> list[Sample]:
+        """Sample n responses per prompt; with DAPO dynamic sampling, keep only informative groups."""
+        cfg, rollout = self.cfg, self.roles.rollout
+        want = cfg.rollout.prompts_per_step
+        with timer.phase("generate"):
+            samples = rollout.generate(self.data.next_batch(want), cfg.rollout.sampling)
+        if not cfg.algorithm.dynamic_sampling:
+            return samples
+        kept: list[Sample] = []
+        extra, rounds = 0, 0
+        while True:
+            with timer.phase("reward"):
+                self.roles.reward.score(samples)
+            rewards = torch.tensor([s.reward for s in samples])
+            groups = torch.tensor([s.group for s in samples])
+            keep = filters.dynamic_sampling_keep(rewards, groups)
+            kept += [s for s, k in zip(samples, keep.tolist()) if k]
+            rounds += 1
+            if len({s.group for s in kept}) >= want or rounds >= cfg.algorithm.max_sampling_rounds:
+                break
+            with timer.phase("generate"):
+                offset = max(s.group for s in samples) + 1
+                more = self.data.next_batch(want)
+                samples = rollout.generate(more, cfg.rollout.sampling, group_offset=offset)
+            extra += len(more) * cfg.rollout.sampling.n
+        groups_kept = sorted({s.group for s in kept})[:want]
+        kept = [s for s in kept if s.group in set(groups_kept)]
+        metrics.update({"dapo/extra_generations": extra, "dapo/kept_groups": len(groups_kept), "dapo/rounds": rounds})
+        return kept
+
+    def score(self, samples: list[Sample], timer: Timer, metrics: dict) -> None:
+        cfg = self.cfg
+        if not cfg.algorithm.dynamic_sampling:  # dynamic sampling scored them already
+            with timer.phase("reward"):
+                self.roles.reward.score(samples)
+        if cfg.algorithm.overlong_buffer > 0:
+            lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+            penalty = filters.overlong_penalty(
+                lengths, cfg.rollout.sampling.max_new_tokens, cfg.algorithm.overlong_buffer, cfg.algorithm.overlong_penalty
+            )
+            for s, p in zip(samples, penalty.tolist()):
+                s.reward += p
+            metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+        metrics.update(self.roles.reward.last_stats())
+
+    def advantages(self, batch: TrainBatch, timer: Timer, metrics: dict) -> None:
+        alg, roles = self.cfg.algorithm, self.roles
+        if roles.reference is not None:
+            with timer.phase("ref_logprobs"):
+                batch.ref_logprobs = roles.reference.logprobs(batch)
+        if alg.recompute_old_logprobs:
+            with timer.phase("old_logprobs"):
+                batch.old_logprobs = roles.policy.logprobs(batch)
+        policy_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
+        rewards = batch.rewards
+        token_kl = None
+        if batch.ref_logprobs is not None:
+            token_kl = kl.kl_estimate(policy_logprobs, batch.ref_logprobs, alg.kl_estimator) * batch.loss_mask
+            metrics["reward/kl_to_ref"] = float(token_kl.sum(1).mean())
+        with timer.phase("advantages"):
+            if alg.advantage == "gae":
+                batch.values = roles.critic.values(batch)
+                coef = alg.kl_coef if (token_kl is not None and alg.kl_in == "reward") else 0.0
+                kl_term = token_kl if token_kl is not None else torch.zeros_like(batch.loss_mask)
+                token_rewards = adv_fns.token_level_rewards(rewards, kl_term, batch.loss_mask, coef)
+                batch.advantages, batch.returns = gae.gae(token_rewards, batch.values, batch.loss_mask, alg.gamma, alg.lam)
+            else:
+                if token_kl is not None and alg.kl_in == "reward":
+                    rewards = adv_fns.apply_kl_to_rewards(rewards, token_kl, batch.loss_mask, alg.kl_coef)
+                batch.advantages = adv_fns.compute_advantages(alg, rewards, batch.group, batch.loss_mask)
+        if alg.overlong_filter:
+            truncated = torch.tensor([s == "length" for s in self._finish_reasons])
+            batch.loss_mask = batch.loss_mask * filters.overlong_mask(truncated)[:, None]
+        metrics["train/advantage_abs_mean"] = float(
+            (batch.advantages.abs() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
+        )
+
+    def audit(self, samples: list[Sample], timer: Timer, metrics: dict) -> None:
+        """Engine vs learner logprobs on a probe batch: catches a sync that did not land."""
+        k = self.cfg.sync.audit_samples
+        if not self.cfg.sync.audit or k <= 0:
+            return
+        probe = [s for s in samples if s.response_ids][:k]
+        if not probe:
+            return
+        with timer.phase("audit"):
+            engine_lp = self.roles.rollout.logprobs([(s.prompt.token_ids, s.response_ids) for s in probe])
+            batch = make_train_batch(probe, self.pad_id)
+            learner_lp = self.roles.policy.logprobs(batch)
+        diffs = []
+        for i, s in enumerate(probe):
+            p = len(s.prompt.token_ids)
+            learner = learner_lp[i, p : p + len(s.response_ids)]
+            diffs.append((learner - torch.tensor(engine_lp[i], dtype=learner.dtype)).abs())
+        diff = torch.cat(diffs)
+        metrics["sync/audit_logprob_diff"] = float(diff.mean())
+        metrics["sync/audit_logprob_diff_max"] = float(diff.max())
+        tol = self.cfg.sync.audit_tolerance or (1e-3 if self.device == "cpu" else 5e-2)
+        if float(diff.mean()) > tol:
+            log(f"warning: weight-sync audit: mean |engine - learner| logprob = {float(diff.mean()):.2e} > {tol:.0e}")
+
+    def step_once(self) -> dict[str, float]:
+        cfg, roles = self.cfg, self.roles
+        timer, metrics = Timer(), {}
+        t0 = time.perf_counter()
+        samples = self.generate(timer, metrics)
+        self.score(samples, timer, metrics)
+        self._finish_reasons = [s.finish_reason for s in samples]
+        batch = make_train_batch(samples, self.pad_id)
+        self.advantages(batch, timer, metrics)
+        colocated_gpu = self.device == "cuda" and roles.placement.colocated("rollout", "learner")
+        if colocated_gpu:
+            with timer.phase("sleep"):
+                roles.rollout.sleep()
+        with timer.phase("train"):
+            stats = roles.policy.train(batch)
+            if roles.critic is not None:
+                stats.update({f"critic/{k}": v for k, v in roles.critic.train(batch).items()})
+        if colocated_gpu:
+            with timer.phase("wake"):
+                roles.policy.offload()
+                roles.rollout.wake()
+        with timer.phase("sync"):
+            metrics.update(roles.sync.push())
+        if colocated_gpu:
+            roles.policy.reload()
+        self.audit(samples, timer, metrics)
+        elapsed = time.perf_counter() - t0
+        metrics.update(self.sample_metrics(samples))
+        metrics.update({f"train/{k}": v for k, v in stats.items() if not k.startswith("critic/")})
+        metrics.update({k: v for k, v in stats.items() if k.startswith("critic/")})
+        metrics.update(timer.as_metrics())
+        gen_tokens = sum(len(s.response_ids) for s in samples)
+        metrics["time/step_s"] = elapsed
+        metrics["perf/generated_tokens"] = gen_tokens
+        metrics["perf/tokens_per_s"] = gen_tokens / elapsed
+        if "generate" in timer.seconds:
+            metrics["perf/generate_tokens_per_s"] = gen_tokens / timer.seconds["generate"]
+        return metrics
+
+    @staticmethod
+    def sample_metrics(samples: list[Sample]) -> dict[str, float]:
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+        out = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std(unbiased=False)),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(np.mean([s.truncated for s in samples])),
+        }
+        if all("task" in s.reward_parts for s in samples):
+            out["reward/accuracy"] = float(np.mean([s.reward_parts["task"] for s in samples]))
+        return out
+
+    # ------------------------------------------------------------------ eval, checkpoints
+    def evaluate(self) -> dict[str, float]:
+        prompts = self.data.eval_prompts()
+        if not prompts:
+            return {}
+        samples = self.roles.rollout.generate(
+            prompts, self.cfg.rollout.sampling, n=1, temperature=self.cfg.rollout.eval_temperature
+        )
+        self.roles.reward.score(samples)
+        m = self.sample_metrics(samples)
+        return {f"eval/{k.split('/', 1)[1]}": v for k, v in m.items() if k.startswith(("reward/", "response/"))} | {
+            "eval/reward_mean": m["reward/mean"]
+        }
+
+    def save(self) -> Path:
+        roles = self.roles
+
+        def save_models(tmp: Path) -> None:
+            roles.policy.save(str(tmp / "policy"))
+            if roles.critic is not None:
+                roles.critic.save(str(tmp / "critic"))
+
+        state = {"data": self.data.state_dict(), "rng": ckpt.rng_state(), "run_name": self.run_name}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, save_models, state, self.cfg.checkpoint.keep_last)
+        log(f"checkpoint written: {path}")
+        return path
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Path:
+        cfg = self.cfg
+        self.roles = self.start_roles()
+        try:
+            self.maybe_resume()
+            if self.step == 0 and cfg.data.num_eval > 0:
+                before = self.evaluate()
+                self.metrics.log(0, before)
+                log(f"eval before training: reward {before.get('eval/reward_mean', float('nan')):.3f}")
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="rlhf", unit="step", file=sys.stderr)
+            while self.step < cfg.steps:
+                metrics = self.step_once()
+                self.step += 1
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    metrics.update(self.evaluate())
+                if self.step == cfg.steps and cfg.data.num_eval > 0:
+                    metrics.update(self.evaluate())
+                self.metrics.log(self.step, metrics)
+                if self.step % max(1, cfg.logging.log_every) == 0 or self.step == cfg.steps:
+                    tqdm.write(step_line(self.step, cfg.steps, metrics), file=sys.stderr)
+                bar.update(1)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
+                    self.save()
+            bar.close()
+            self.save()
+            if "eval/reward_mean" in metrics:
+                log(f"eval after training: reward {metrics['eval/reward_mean']:.3f}")
+            if cfg.logging.plot:
+                png = plot_rewards(self.run_dir / "metrics.jsonl", self.run_dir / "reward_curve.png")
+                if png:
+                    log(f"reward curve: {png}")
+        finally:
+            self.shutdown()
+        return self.run_dir
+
+    def shutdown(self) -> None:
+        self.metrics.close()
+        if self.roles is None:
+            return
+        for group in (self.roles.rollout, self.roles.policy, self.roles.reference, self.roles.critic, self.roles.reward):
+            if group is not None and hasattr(group, "shutdown"):
+                try:
+                    group.shutdown()
+                except Exception as e:  # shutting down must not hide the real error
+                    log(f"warning: shutdown of {type(group).__name__} failed: {e}")
+        self.roles.placement.remove()
+
+
+def train(cfg: RunConfig) -> Path:
+    """Entry point of `rlhf train`; returns the run directory."""
+    return Trainer(cfg).run()

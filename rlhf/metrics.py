@@ -1,0 +1,126 @@
+"""Where every number a user sees goes: `metrics.jsonl`, W&B, the console line and the reward plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# The per-step console line: (metric key, label, format).
+STEP_LINE = [
+    ("reward/mean", "reward", "{:.3f}"),
+    ("reward/std", "±", "{:.3f}"),
+    ("reward/accuracy", "acc", "{:.2f}"),
+    ("train/kl", "kl", "{:.4f}"),
+    ("train/entropy", "ent", "{:.3f}"),
+    ("response/length_mean", "len", "{:.0f}"),
+    ("train/clip_frac", "clip", "{:.3f}"),
+    ("train/grad_norm", "gnorm", "{:.3f}"),
+    ("sync/audit_logprob_diff", "audit", "{:.1e}"),
+    ("time/generate_s", "gen", "{:.1f}s"),
+    ("time/reward_s", "rew", "{:.1f}s"),
+    ("time/train_s", "train", "{:.1f}s"),
+    ("time/sync_s", "sync", "{:.2f}s"),
+    ("perf/tokens_per_s", "tok/s", "{:.0f}"),
+]
+
+
+def wandb_mode(mode: str) -> str:
+    """auto: online when an API key is configured, otherwise offline (sync later with `wandb sync`)."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class Timer:
+    """Accumulates wall-clock seconds per phase of one step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"time/{k}_s": v for k, v in self.seconds.items()}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, project: str, run_name: str, mode: str, config: dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.wandb = None
+        mode = wandb_mode(mode)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=project,
+                name=run_name,
+                dir=str(self.run_dir),
+                mode=mode,
+                config=config,
+                resume="allow",
+                id=run_name.replace("/", "-"),
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, label, fmt in STEP_LINE:
+        if key in metrics:
+            parts.append(f"{label} {fmt.format(metrics[key])}")
+    return " | ".join(parts)
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_rewards(metrics_path: Path, out_png: Path) -> Path | None:
+    """Reward curve (train reward per step, held-out accuracy at eval points) as a PNG."""
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
+    evals = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train reward (mean)", alpha=0.8)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out reward (greedy)", linewidth=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
