@@ -50,6 +50,7 @@ class SamplingConfig:
     top_k: int = -1
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
 
 @dataclass

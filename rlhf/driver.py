@@ -178,8 +178,11 @@ class Trainer:
                 more = self.data.next_batch(want)
                 samples = rollout.generate(more, cfg.rollout.sampling, group_offset=offset)
             extra += len(more) * cfg.rollout.sampling.n
-        groups_kept = sorted({s.group for s in kept})[:want]
-        kept = [s for s in kept if s.group in set(groups_kept)]
+        if not kept:  # every group was uninformative: train on the last round (zero advantages)
+            log("warning: dynamic sampling kept no group; training on the last round's samples")
+            kept = samples
+        groups_kept = set(sorted({s.group for s in kept})[:want])
+        kept = [s for s in kept if s.group in groups_kept]
         metrics.update({"dapo/extra_generations": extra, "dapo/kept_groups": len(groups_kept), "dapo/rounds": rounds})
         return kept
 
@@ -200,6 +203,9 @@ class Trainer:
 
     def advantages(self, batch: TrainBatch, timer: Timer, metrics: dict) -> None:
         alg, roles = self.cfg.algorithm, self.roles
+        if alg.overlong_filter:  # before advantages: filtered samples must not enter batch statistics
+            truncated = torch.tensor([s == "length" for s in self._finish_reasons])
+            batch.loss_mask = batch.loss_mask * filters.overlong_mask(truncated)[:, None]
         if roles.reference is not None:
             with timer.phase("ref_logprobs"):
                 batch.ref_logprobs = roles.reference.logprobs(batch)
@@ -223,9 +229,6 @@ class Trainer:
                 if token_kl is not None and alg.kl_in == "reward":
                     rewards = adv_fns.apply_kl_to_rewards(rewards, token_kl, batch.loss_mask, alg.kl_coef)
                 batch.advantages = adv_fns.compute_advantages(alg, rewards, batch.group, batch.loss_mask)
-        if alg.overlong_filter:
-            truncated = torch.tensor([s == "length" for s in self._finish_reasons])
-            batch.loss_mask = batch.loss_mask * filters.overlong_mask(truncated)[:, None]
         metrics["train/advantage_abs_mean"] = float(
             (batch.advantages.abs() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
         )

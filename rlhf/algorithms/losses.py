@@ -123,7 +123,6 @@ def policy_loss(
     clipped = -advantages * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     pg = torch.maximum(unclipped, clipped)
     stats = {
-        "pg_loss": masked_mean(pg, mask),
         # Tokens where the clipped branch won: their gradient is zero.
         "clip_frac": masked_mean((clipped > unclipped).to(mask.dtype), mask),
         "ratio_mean": masked_mean(ratio, mask),
@@ -144,6 +143,7 @@ def policy_loss(
             pg = pg * tis_weight
             stats["tis_weight_mean"] = masked_mean(tis_weight, mask)
 
+    stats["pg_loss"] = masked_mean(pg, mask)
     loss = aggregate(pg, mask, **agg)
 
     if cfg.kl_coef > 0 and cfg.kl_in == "loss":

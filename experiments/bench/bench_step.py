@@ -1,0 +1,281 @@
+"""GPU step benchmark: our overhead over what vLLM and DeepSpeed themselves need.
+
+Measures, in one run, on the same model shape and batch:
+  (a) vLLM alone generating the step's prompts            (raw `vllm.LLM`, separate process)
+  (b) DeepSpeed alone doing the same training work        (raw DeepSpeed engine, separate process)
+  (c) the full RL step through rlhf (Ray actors, rewards, advantages, train, sync, audit)
+  (d) weight sync alone (learner -> engine)
+and reports tok/s, sync time and GB/s, the step-time breakdown and the overhead ratio
+  step / (generation + logprob passes + training + sync).
+
+  python experiments/bench/bench_step.py --shape qwen2.5-0.5b --prompts 64 --n 8 --new-tokens 512 \
+      --out experiments/results/gpu/h100_qwen05b_colocated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    # Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings)
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def build_model_dir(shape: str, out: Path) -> Path:
+    """Random-weight model of the given shape (bf16) + a word-level tokenizer covering the whole vocab."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    spec = SHAPES[shape]
+    vocab = {f"t{i}": i for i in range(spec["vocab_size"] - 2)}
+    vocab["<pad>"] = spec["vocab_size"] - 2
+    vocab["<eos>"] = spec["vocab_size"] - 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins with spaces
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    hf_tok.save_pretrained(out)
+    cfg = Qwen2Config(**spec, max_position_embeddings=4096, bos_token_id=vocab["<eos>"], eos_token_id=vocab["<eos>"],
+                      pad_token_id=vocab["<pad>"], torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    return out
+
+
+def write_prompts(path: Path, num: int, prompt_len: int, vocab: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(num):
+            words = " ".join(f"t{rng.randrange(vocab - 2)}" for _ in range(prompt_len))
+            f.write(json.dumps({"prompt": words, "answer": str(i)}) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------- (a) vLLM alone
+def vllm_alone(model_dir: str, prompts: int, n: int, prompt_len: int, new_tokens: int, util: float, eager: bool) -> dict:
+    import random
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    llm = LLM(model_dir, dtype="bfloat16", gpu_memory_utilization=util, enforce_eager=eager, seed=0,
+              max_model_len=prompt_len + new_tokens + 16)
+    startup = time.perf_counter() - t0
+    rng = random.Random(0)
+    batch = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 100000) for _ in range(prompt_len)]) for _ in range(prompts)]
+    sp = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, logprobs=0)
+    llm.generate(batch[:4], sp, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(batch, sp, use_tqdm=False)
+    gen = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"startup_s": startup, "generate_s": gen, "generated_tokens": tokens, "tokens_per_s": tokens / gen}
+
+
+# ----------------------------------------------------------------------------------------- (b) DeepSpeed alone
+def deepspeed_alone(model_dir: str, seqs: int, prompt_len: int, new_tokens: int, micro_batch_tokens: int) -> dict:
+    import deepspeed
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.gradient_checkpointing_enable()
+    per_micro = max(1, micro_batch_tokens // (prompt_len + new_tokens))
+    ds_cfg = {
+        "train_micro_batch_size_per_gpu": per_micro,
+        "gradient_accumulation_steps": max(1, seqs // per_micro),
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 1.0,
+        "zero_allow_untested_optimizer": True,
+    }
+    # torch's fused AdamW: no JIT-compiled DeepSpeed op needed on the host.
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_cfg)
+    ids = torch.randint(1000, 100000, (per_micro, prompt_len + new_tokens), device=engine.device)
+
+    def one_step():
+        for _ in range(ds_cfg["gradient_accumulation_steps"]):
+            logits = engine(input_ids=ids).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            loss = -(logp[:, prompt_len - 1 :]).mean()
+            engine.backward(loss)
+            engine.step()
+        torch.cuda.synchronize()
+
+    one_step()  # warm-up
+    t0 = time.perf_counter()
+    one_step()
+    train = time.perf_counter() - t0
+    tokens = seqs * (prompt_len + new_tokens)
+    return {"train_s": train, "trained_tokens": tokens, "tokens_per_s": tokens / train,
+            "micro_batch_size": per_micro, "grad_accum": ds_cfg["gradient_accumulation_steps"],
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# ----------------------------------------------------------------------------------------- (c)+(d) rlhf
+def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
+    from rlhf.config_loader import load_config
+    from rlhf.driver import Trainer
+
+    overrides = [
+        f"model.path={model_dir}", f"data.source={prompts_file}", "data.apply_chat_template=false",
+        "data.num_eval=0", f"data.max_prompt_tokens={args.prompt_len + 8}",
+        f"rollout.prompts_per_step={args.prompts}", f"rollout.sampling.n={args.n}",
+        f"rollout.sampling.max_new_tokens={args.new_tokens}", "rollout.sampling.ignore_eos=true",
+        f"rollout.max_model_len={args.prompt_len + args.new_tokens + 16}",
+        f"rollout.enforce_eager={str(args.eager).lower()}",
+        f"rollout.gpu_memory_utilization={args.util}",
+        f"rollout.sleep_between_steps={str(args.sleep).lower()}",
+        "reward.sources=[{kind: rule, name: 'experiments.bench.bench_reward:token_parity'}]",
+        f"trainer.micro_batch_tokens={args.micro_batch_tokens}", "trainer.zero_stage=2",
+        f"trainer.gradient_checkpointing=true", "algorithm.advantage=grpo", "algorithm.kl_coef=0",
+        f"steps={args.steps}", "logging.wandb_mode=disabled", "logging.plot=false",
+        f"logging.output_dir={args.out}/runs", "placement.device=cuda",
+        f"placement.colocate={'[[rollout, learner]]' if args.mode == 'colocated' else '[]'}",
+        f"sync.transport={args.transport}", f"sync.bucket_mb={args.bucket_mb}",
+    ] + args.override
+    cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
+    trainer = Trainer(cfg)
+    trainer.roles = trainer.start_roles()
+    steps = []
+    try:
+        for _ in range(cfg.steps):
+            m = trainer.step_once()
+            trainer.step += 1
+            steps.append(m)
+            print(json.dumps({k: round(v, 4) for k, v in m.items() if k.startswith(("time/", "perf/", "sync/"))}),
+                  flush=True)
+        syncs = []
+        for _ in range(5):
+            syncs.append(trainer.roles.sync.push())
+    finally:
+        trainer.shutdown()
+    return {"steps": steps, "sync_alone": syncs}
+
+
+def summarise(res: dict, args) -> dict:
+    steps = res["rlhf"]["steps"][1:] or res["rlhf"]["steps"]  # the first step includes warm-up
+    avg = lambda key: sum(s.get(key, 0.0) for s in steps) / len(steps)  # noqa: E731
+    sync = sorted(s["sync/time_s"] for s in res["rlhf"]["sync_alone"])[len(res["rlhf"]["sync_alone"]) // 2]
+    gen, train = avg("time/generate_s"), avg("time/train_s")
+    logprob_passes = avg("time/ref_logprobs_s") + avg("time/old_logprobs_s")
+    step = avg("time/step_s")
+    ideal = gen + logprob_passes + train + avg("time/sync_s")
+    out = {
+        "step_s": step,
+        "generated_tokens_per_step": avg("perf/generated_tokens"),
+        "end_to_end_tokens_per_s": avg("perf/generated_tokens") / step,
+        "breakdown_s": {k[5:-2]: avg(k) for k in sorted({k for s in steps for k in s if k.startswith("time/")})},
+        "overhead_ratio": step / ideal,
+        "sync_alone_s": sync,
+        "sync_gbps": res["rlhf"]["sync_alone"][0].get("sync/bytes", 0) / sync / 1e9,
+    }
+    if "vllm" in res:
+        out["vllm_alone_generate_s"] = res["vllm"]["generate_s"]
+        out["ours_generate_vs_vllm"] = gen / res["vllm"]["generate_s"]
+    if "deepspeed" in res:
+        out["deepspeed_alone_train_s"] = res["deepspeed"]["train_s"]
+        out["ours_train_vs_deepspeed"] = train / res["deepspeed"]["train_s"]
+        if "vllm" in res:
+            out["overhead_vs_raw_parts"] = step / (res["vllm"]["generate_s"] + res["deepspeed"]["train_s"] + sync)
+    return out
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated"])
+    ap.add_argument("--transport", default="auto")
+    ap.add_argument("--bucket-mb", type=int, default=256)
+    ap.add_argument("--util", type=float, default=0.5)
+    ap.add_argument("--sleep", action="store_true", help="vLLM sleeps while the learners train")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (fast start, slower decode)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=16384)
+    ap.add_argument("--parts", default="a,b,c", help="which of a (vLLM), b (DeepSpeed), c (rlhf + sync) to run")
+    ap.add_argument("--out", default="experiments/results/gpu/bench")
+    ap.add_argument("--override", nargs="*", default=[])
+    ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model_dir(args.shape, Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench")) / args.shape)
+
+    if args.part == "a":
+        r = vllm_alone(str(model_dir), args.prompts, args.n, args.prompt_len, args.new_tokens, args.util, args.eager)
+        print("RESULT " + json.dumps(r))
+        return
+    if args.part == "b":
+        r = deepspeed_alone(str(model_dir), args.prompts * args.n, args.prompt_len, args.new_tokens,
+                            args.micro_batch_tokens)
+        print("RESULT " + json.dumps(r))
+        return
+
+    results: dict = {"device": device_name(), "args": vars(args), "command": " ".join(sys.argv)}
+    parts = args.parts.split(",")
+    for part, key in (("a", "vllm"), ("b", "deepspeed")):
+        if part in parts:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                print(p.stdout[-3000:], p.stderr[-6000:], file=sys.stderr)
+                results[key] = {"error": p.stderr[-2000:]}
+                continue
+            results[key] = json.loads(line[-1][7:])
+            print(key, json.dumps(results[key]), flush=True)
+            (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
+    if "c" in parts:
+        vocab = SHAPES[args.shape]["vocab_size"]
+        prompts_file = write_prompts(out / "prompts.jsonl", args.prompts * 4, args.prompt_len, vocab)
+        results["rlhf"] = rlhf_steps(str(model_dir), str(prompts_file), args)
+        results["summary"] = summarise(results, args)
+        print(json.dumps(results["summary"], indent=2))
+    (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
