@@ -15,6 +15,7 @@ import importlib
 import logging
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,10 @@ def load_reward_function(path: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise RewardError(f"reward function {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # a broken user module: say which one
+        raise RewardError(
+            f"reward function {path!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     fn = module
     for part in attr.split("."):  # allows "pkg.mod:Class.method"
         if not hasattr(fn, part):
@@ -94,10 +99,13 @@ def _task_rule(task) -> RewardFn:
     return task_reward
 
 
-def _format_rule(prompt: str, response: str, label: Any, pattern: str | None = None) -> float:
+def _format_rule(pattern: str | None) -> RewardFn:
     from rlhf.tasks import format_reward
 
-    return format_reward(response, pattern)
+    def format_ok(prompt: str, response: str, label: Any) -> float:
+        return format_reward(response) if pattern is None else format_reward(response, pattern)
+
+    return format_ok
 
 
 class RuleReward:
@@ -116,18 +124,30 @@ class RuleReward:
             if "task" in args:  # score against a named task instead of the data's
                 from rlhf.tasks import get_task
 
-                task = get_task(args.pop("task"))
+                try:
+                    task = get_task(args.pop("task"))
+                except KeyError as exc:
+                    raise RewardError(f"rule 'task': args.task: {exc.args[0]}") from exc
+            if args:
+                raise RewardError(f"rule 'task' takes only args.task, got {sorted(args)}")
             if task is None:
                 raise RewardError(
                     "rule 'task' needs a task checker: use a built-in data source (data.source: "
                     "builtin:<task>) or set args.task to a task name"
                 )
-            return cls(name, _task_rule(task), args)
+            return cls(name, _task_rule(task))
         if name == "format":
             unknown = set(args) - {"pattern"}
             if unknown:
                 raise RewardError(f"rule 'format' takes only args.pattern, got {sorted(unknown)}")
-            return cls(name, _format_rule, args)
+            # Default: what a well-formatted answer to the data task looks like (a number, an
+            # <answer> tag, ...), else format_reward's own default (an <answer>...</answer> tag).
+            pattern = args.get("pattern") or getattr(task, "format_pattern", None)
+            try:
+                re.compile(pattern or "")
+            except re.error as exc:
+                raise RewardError(f"rule 'format': pattern {pattern!r} is not a valid regex: {exc}") from exc
+            return cls(name, _format_rule(pattern))
         if ":" not in name:
             raise RewardError(
                 f"unknown rule {name!r}: use 'task', 'format' or a function path 'pkg.module:function'"
