@@ -193,8 +193,14 @@ def _apply_override(tree: dict, origins: dict[str, str], text: str) -> None:
     else:
         if not isinstance(node, dict):
             raise _error(OVERRIDE, dotted, "not inside a section", text)
-        node[last] = value
-    origins[re.sub(r"\[\d+\]", "", dotted)] = OVERRIDE
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            _deep_merge(node[last], value, {}, {})  # `section={a: 1}` updates the section like a file would
+        else:
+            node[last] = value
+    plain = re.sub(r"\[\d+\]", "", dotted)
+    origins[plain] = OVERRIDE
+    if isinstance(value, dict):
+        origins.update({f"{plain}.{key}": OVERRIDE for key in _leaf_keys(value)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,14 +378,14 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     shown = _display(config_path.resolve())
     cfg = _Builder(origins, shown).build(RunConfig, tree, "")
     cfg.source_file = str(config_path)
-    validate(cfg, origins)
+    validate(cfg, origins, shown)
     return cfg
 
 
 def from_dict(tree: Mapping[str, Any], source: str = "<dict>") -> RunConfig:
     """Types and validates an in-memory dict (tests, notebooks)."""
     cfg = _Builder({}, source).build(RunConfig, dict(tree), "")
-    validate(cfg)
+    validate(cfg, source=source)
     return cfg
 
 
@@ -419,10 +425,15 @@ def resolve_device(cfg: RunConfig) -> Literal["cpu", "cuda"]:
 # ----------------------------------------------------------------------------------------------
 
 
-def validate(cfg: RunConfig, origins: Mapping[str, str] | None = None) -> RunConfig:
-    """Checks value ranges and cross-field rules; raises a one-line ConfigError on the first problem."""
+def validate(
+    cfg: RunConfig, origins: Mapping[str, str] | None = None, source: str | None = None
+) -> RunConfig:
+    """Checks value ranges and cross-field rules; raises a one-line ConfigError on the first problem.
+
+    `origins` maps dotted keys to the file that set them (so a message names the right file).
+    """
     origins = origins or {}
-    default_file = cfg.source_file or "<config>"
+    default_file = source or cfg.source_file or "<config>"
 
     def fail(key: str, problem: str, value: Any = dataclasses.MISSING) -> ConfigError:
         return _error(origin_of(key, origins, default_file), key, problem, value)
@@ -465,15 +476,20 @@ def validate(cfg: RunConfig, origins: Mapping[str, str] | None = None) -> RunCon
     if ro.gpu_memory_utilization is not None:
         fraction("rollout.gpu_memory_utilization", ro.gpu_memory_utilization)
     check(
-        ro.max_model_len > cfg.data.max_prompt_tokens,
-        "rollout.max_model_len",
-        f"must exceed data.max_prompt_tokens ({cfg.data.max_prompt_tokens})",
-        ro.max_model_len,
+        sp.max_new_tokens < ro.max_model_len,
+        "rollout.sampling.max_new_tokens",
+        f"must be < rollout.max_model_len ({ro.max_model_len})",
+        sp.max_new_tokens,
     )
 
     # algorithm
     al = cfg.algorithm
-    check(al.advantage in ADVANTAGES, "algorithm.advantage", f"must be one of {', '.join(ADVANTAGES)}", al.advantage)
+    check(
+        al.advantage in ADVANTAGES,
+        "algorithm.advantage",
+        f"must be one of {', '.join(ADVANTAGES)}",
+        al.advantage,
+    )
     if al.advantage == "gae":
         check(
             cfg.trainer.critic.enabled,
@@ -482,8 +498,15 @@ def validate(cfg: RunConfig, origins: Mapping[str, str] | None = None) -> RunCon
             al.advantage,
         )
     if al.advantage in GROUP_ADVANTAGES:
-        check(sp.n >= 2, "rollout.sampling.n", f"{al.advantage} compares samples of a prompt: needs n >= 2", sp.n)
-    check(al.loss_agg in LOSS_AGGS, "algorithm.loss_agg", f"must be one of {', '.join(LOSS_AGGS)}", al.loss_agg)
+        check(
+            sp.n >= 2,
+            "rollout.sampling.n",
+            f"{al.advantage} compares samples of a prompt: needs n >= 2",
+            sp.n,
+        )
+    check(
+        al.loss_agg in LOSS_AGGS, "algorithm.loss_agg", f"must be one of {', '.join(LOSS_AGGS)}", al.loss_agg
+    )
     at_least("algorithm.clip_low", al.clip_low, 0)
     at_least("algorithm.clip_high", al.clip_high, 0)
     at_least("algorithm.kl_coef", al.kl_coef, 0)
@@ -518,13 +541,6 @@ def validate(cfg: RunConfig, origins: Mapping[str, str] | None = None) -> RunCon
         check(0 <= beta < 1, f"trainer.adam_betas[{i}]", "must be in [0, 1)", beta)
     at_least("trainer.max_grad_norm", tr.max_grad_norm, 0)
     at_least("trainer.micro_batch_tokens", tr.micro_batch_tokens, 1)
-    check(
-        tr.micro_batch_tokens >= cfg.data.max_prompt_tokens + sp.max_new_tokens,
-        "trainer.micro_batch_tokens",
-        f"must hold one full sequence (data.max_prompt_tokens + max_new_tokens = "
-        f"{cfg.data.max_prompt_tokens + sp.max_new_tokens})",
-        tr.micro_batch_tokens,
-    )
     if tr.critic.enabled:
         positive("trainer.critic.lr", tr.critic.lr)
         at_least("trainer.critic.warmup_steps", tr.critic.warmup_steps, 0)
@@ -566,15 +582,16 @@ def _validate_data(cfg: RunConfig, fail) -> None:
         return
     looks_local = source.startswith((".", "/", "~")) or source.endswith(DATA_FILE_SUFFIXES)
     if looks_local and not Path(source).expanduser().exists():
-        raise fail("data.source", "local data file not found (relative paths are from the working dir)", source)
+        raise fail(
+            "data.source", "local data file not found (relative paths are from the working dir)", source
+        )
 
 
 def _validate_reward(cfg: RunConfig, fail) -> None:
     sources = cfg.reward.sources
     if not sources:
         raise fail("reward.sources", "needs at least one reward source", sources)
-    at_least_one = cfg.reward.batch_size >= 1
-    if not at_least_one:
+    if cfg.reward.batch_size < 1:
         raise fail("reward.batch_size", "must be >= 1", cfg.reward.batch_size)
     for i, src in enumerate(sources):
         key = f"reward.sources[{i}]"
@@ -640,7 +657,9 @@ def _validate_placement(cfg: RunConfig, fail) -> None:
                 hint = f"; did you mean '{close[0]}'?" if close else f"; roles: {', '.join(ROLES)}"
                 raise fail(key, f"unknown role '{role}'{hint}", group)
             if role in seen:
-                where = "twice in this group" if seen[role] == g else f"also in placement.colocate[{seen[role]}]"
+                where = (
+                    "twice in this group" if seen[role] == g else f"also in placement.colocate[{seen[role]}]"
+                )
                 raise fail(key, f"role '{role}' appears {where}", group)
             seen[role] = g
         explicit = sum(getattr(pl, r).gpus for r in group if 0 < getattr(pl, r).gpus < 1)

@@ -1,0 +1,130 @@
+"""The `rlhf` command: validate a recipe, plan its placement, train, or write a KubeRay RayJob.
+
+Exit codes: 0 ok, 2 bad config or command line, 3 the roles do not fit the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from rlhf.config_loader import ConfigError, load_config, to_yaml
+from rlhf.placement import PlacementError
+
+EXIT_CONFIG = 2
+EXIT_PLACEMENT = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf",
+        description="RL post-training for LLMs on Ray. Overrides look like trainer.lr=1e-5 "
+        "placement.colocate=[[rollout,learner]] (values are YAML).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="recipe YAML (or a run directory to resume)")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides; resume=RUN_DIR continues a run")
+        return p
+
+    command("validate", "load and validate a recipe, print the resolved YAML")
+    plan = command("plan", "show where every role runs (node, GPU, estimated memory)")
+    plan.add_argument(
+        "--inventory", help="cluster description YAML (default: $RAY_ADDRESS cluster, else this machine)"
+    )
+    plan.add_argument(
+        "--propose", action="store_true", help="propose placement overrides for the cluster first"
+    )
+    command("train", "run training")
+    k8s = command("k8s", "write a KubeRay RayJob manifest for the recipe")
+    k8s.add_argument("--image", default="rlhf:latest", help="container image with this repo installed")
+    k8s.add_argument("--inventory", help="cluster description YAML to size the worker groups")
+    k8s.add_argument("-o", "--output", help="write the manifest here instead of stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    stray = [e for e in extra if "=" not in e or e.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    overrides = [*args.overrides, *extra]
+    try:
+        return _COMMANDS[args.command](args, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PlacementError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PLACEMENT
+
+
+def _validate(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = load_config(args.config, overrides)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def _inventory(cfg, inventory_file: str | None):
+    from rlhf.placement import inventory_from_ray, load_inventory, local_inventory
+
+    if inventory_file:
+        return load_inventory(inventory_file)
+    if os.environ.get("RAY_ADDRESS"):
+        return inventory_from_ray()
+    if cfg.placement.inventory:
+        return load_inventory(cfg.placement.inventory)
+    return local_inventory()
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf.placement import make_plan, overrides_to_args, propose_plan
+
+    cfg = load_config(args.config, overrides)
+    inventory = _inventory(cfg, args.inventory)
+    if args.propose:
+        proposed = overrides_to_args(propose_plan(cfg, inventory))
+        print("proposed overrides:")
+        for line in proposed:
+            print(f"  {line}")
+        print()
+        cfg = load_config(args.config, [*overrides, *proposed])
+    print(make_plan(cfg, inventory).describe())
+    return 0
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = load_config(args.config, overrides)
+    from rlhf.driver import train
+
+    train(cfg)
+    return 0
+
+
+def _k8s(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf.k8s import manifest_yaml, rayjob_manifest
+    from rlhf.placement import load_inventory
+
+    cfg = load_config(args.config, overrides)
+    inventory_file = args.inventory or cfg.placement.inventory
+    inventory = load_inventory(inventory_file) if inventory_file else None
+    text = manifest_yaml(rayjob_manifest(cfg, args.image, inventory=inventory, overrides=overrides))
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
+_COMMANDS = {"validate": _validate, "plan": _plan, "train": _train, "k8s": _k8s}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
