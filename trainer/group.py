@@ -1,0 +1,282 @@
+"""A learner role as a group of data-parallel Ray actors, planned and driven by the controller.
+
+The group is the planner: it splits each batch across ranks (balanced by tokens), into mini-batches
+(one optimizer step each) and micro-batches (packed by `trainer.micro_batch_tokens`), and computes the
+global loss normalisers; every rank then executes its part of the plan in lock-step (same number of
+forward/backward calls, so ZeRO's collectives line up).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any
+
+import ray
+import torch
+
+from rlhf.config import RolePlacement, RunConfig
+from rlhf.types import TrainBatch
+from trainer.learner import ROLES, Learner, pack_micro_batches, row_lengths
+
+PLACEMENT_KEY = {"policy": "learner", "reference": "reference", "critic": "critic"}
+
+
+def split_rows(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Assign rows to ranks, longest first to the least-loaded rank (tokens, then rows); sorted per rank."""
+    loads = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        rank = min(range(world_size), key=lambda r: (loads[r], len(shards[r])))
+        shards[rank].append(i)
+        loads[rank] += lengths[i]
+    return [sorted(rows) for rows in shards]
+
+
+def chunk(items: list[int], parts: int) -> list[list[int]]:
+    """`parts` contiguous near-equal chunks (some empty when there are fewer items than parts)."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (1 if p < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def shard_batch(batch: TrainBatch, world_size: int) -> tuple[list[list[int]], list[TrainBatch]]:
+    """Rows of each rank and its shard; a rank without rows gets one loss-masked filler row."""
+    if len(batch) == 0:
+        raise ValueError("learner group: empty batch")
+    rows_per_rank = split_rows(row_lengths(batch), world_size)
+    shards = []
+    for rows in rows_per_rank:
+        if rows:
+            shards.append(batch.select(rows))
+        else:
+            shortest = min(range(len(batch)), key=lambda i: int(batch.attention_mask[i].sum()))
+            filler = batch.select([shortest])
+            filler.loss_mask = torch.zeros_like(filler.loss_mask)
+            shards.append(filler)
+    return rows_per_rank, shards
+
+
+def micro_batches(shard: TrainBatch, local_rows: list[int], token_budget: int) -> list[list[int]]:
+    """`local_rows` of a shard packed into micro-batches (lists of shard row indices)."""
+    lengths = row_lengths(shard)
+    packed = pack_micro_batches([lengths[i] for i in local_rows], token_budget)
+    return [[local_rows[j] for j in mb] for mb in packed]
+
+
+def plan_steps(
+    batch: TrainBatch,
+    world_size: int,
+    micro_batch_tokens: int,
+    ppo_epochs: int = 1,
+    mini_batches: int = 1,
+    seed: int = 0,
+) -> tuple[list[list[int]], list[TrainBatch], list[list[dict[str, Any]]]]:
+    """Split `batch` over ranks once; then per epoch shuffle each rank's rows (when mini_batches > 1)
+    and cut them into `mini_batches` optimizer steps, each packed into micro-batches.
+
+    Returns (rows_per_rank, shards, steps) with steps[rank] = list of dicts: `micro_batches`,
+    `num_micro` (max over ranks: ranks with fewer run filler micro-batches), and the step's global
+    loss normalisers `global_num_tokens` / `global_num_sequences` (over all ranks).
+    """
+    from rlhf.algorithms.losses import loss_normalizers
+
+    if ppo_epochs < 1 or mini_batches < 1:
+        raise ValueError(
+            f"algorithm.ppo_epochs and algorithm.mini_batches must be >= 1, got {ppo_epochs}, {mini_batches}"
+        )
+    rows_per_rank, shards = shard_batch(batch, world_size)
+    steps: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
+    for epoch in range(ppo_epochs):
+        generator = torch.Generator().manual_seed(seed + epoch)
+        chunks = []
+        for rows in rows_per_rank:
+            local = list(range(len(rows)))
+            if mini_batches > 1:  # a fresh order per epoch so mini-batches differ
+                local = [local[j] for j in torch.randperm(len(local), generator=generator).tolist()]
+            chunks.append(chunk(local, mini_batches))
+        for m in range(mini_batches):
+            local_rows = [chunks[r][m] for r in range(world_size)]
+            global_rows = [rows_per_rank[r][j] for r in range(world_size) for j in local_rows[r]]
+            if not global_rows:
+                continue
+            num_tokens, num_sequences = loss_normalizers(batch.loss_mask[global_rows])
+            micro = [micro_batches(shards[r], local_rows[r], micro_batch_tokens) for r in range(world_size)]
+            num_micro = max(len(mb) for mb in micro)
+            for r in range(world_size):
+                steps[r].append(
+                    {
+                        "micro_batches": micro[r],
+                        "num_micro": num_micro,
+                        "global_num_tokens": num_tokens,
+                        "global_num_sequences": num_sequences,
+                    }
+                )
+    return rows_per_rank, shards, steps
+
+
+class LearnerGroup:
+    """`world_size` Learner actors of one role; see docs/trainer.md."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_path: str,
+        role: str,
+        device: str,
+        actor_options: list[dict[str, Any]] | None = None,
+    ):
+        if role not in ROLES:
+            raise ValueError(f"LearnerGroup role must be one of {ROLES}, got {role!r}")
+        placement: RolePlacement = getattr(cfg.placement, PLACEMENT_KEY[role])
+        world_size = placement.replicas
+        if actor_options is not None and len(actor_options) != world_size:
+            raise ValueError(
+                f"placement.{PLACEMENT_KEY[role]}.replicas is {world_size} but {len(actor_options)} actor option "
+                "dicts were given (one per rank)"
+            )
+        if world_size < 1:
+            raise ValueError(f"placement.{PLACEMENT_KEY[role]}.replicas must be >= 1, got {world_size}")
+        self.cfg, self.role, self.device, self.world_size = cfg, role, device, world_size
+        # The token budget of a micro-batch; an attribute so it can be tuned between steps.
+        self.micro_batch_tokens = cfg.trainer.micro_batch_tokens
+        self._train_calls = 0
+        remote_cls = ray.remote(Learner)
+        self._actors = []
+        for rank in range(world_size):
+            opts = self._actor_options(placement, actor_options[rank] if actor_options else None)
+            self._actors.append(
+                remote_cls.options(**opts).remote(cfg, model_path, role, device, rank, world_size)
+            )
+        master_addr, master_port = ray.get(self._actors[0].node_ip_and_free_port.remote())
+        ray.get([a.setup.remote(master_addr, master_port) for a in self._actors])
+
+    def _actor_options(self, placement: RolePlacement, given: dict[str, Any] | None) -> dict[str, Any]:
+        if given is None:
+            gpus = (placement.gpus or 1.0) if self.device == "cuda" else 0.0
+            given = {"num_cpus": placement.cpus, "num_gpus": gpus}
+        opts = dict(given)
+        runtime_env = dict(opts.get("runtime_env") or {})
+        env = dict(runtime_env.get("env_vars") or {})
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if self.device == "cpu":
+            # DeepSpeed chooses its accelerator at import time: this must be in the env before it.
+            env["DS_ACCELERATOR"] = "cpu"
+            env.setdefault("OMP_NUM_THREADS", str(max(1, int(opts.get("num_cpus") or 1))))
+        runtime_env["env_vars"] = env
+        opts["runtime_env"] = runtime_env
+        return opts
+
+    @property
+    def actors(self) -> list:
+        return list(self._actors)
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, batch: TrainBatch) -> tuple[list[TrainBatch], list[list[dict[str, Any]]]]:
+        """Per-rank shards and step lists for `train` (see `plan_steps`)."""
+        alg = self.cfg.algorithm
+        seed = self.cfg.seed * 1_000_003 + self._train_calls * 1009
+        _, shards, steps = plan_steps(
+            batch, self.world_size, self.micro_batch_tokens, alg.ppo_epochs, alg.mini_batches, seed
+        )
+        return shards, steps
+
+    # ------------------------------------------------------------------ training
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """ppo_epochs x mini_batches optimizer steps on `batch`; stats averaged over steps.
+
+        `loss` is the full (globally normalised) loss; other loss stats are token-weighted means;
+        `grad_norm` is the pre-clipping global norm; `lr` the last step's; `num_tokens` the loss tokens
+        processed over all steps.
+        """
+        if self.role == "reference":
+            raise ValueError("train: the reference model is frozen")
+        shards, steps = self.plan(batch)
+        self._train_calls += 1
+        results = ray.get([a.train.remote(s, st) for a, s, st in zip(self._actors, shards, steps)])
+        return combine_stats(results)
+
+    # ------------------------------------------------------------------ inference
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Per-token log-probs [B, T] (aligned with input_ids, 0 off real tokens), CPU float32."""
+        if self.role == "critic":
+            raise ValueError("logprobs: the critic has no LM head; use values()")
+        return self._per_token(batch, "logprobs")
+
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """Critic values [B, T]: values[:, t] = V(state before token t)."""
+        if self.role != "critic":
+            raise ValueError(f"values: only the critic has a value head (this group is the {self.role})")
+        return self._per_token(batch, "values")
+
+    def _per_token(self, batch: TrainBatch, method: str) -> torch.Tensor:
+        rows_per_rank, shards = shard_batch(batch, self.world_size)
+        micro = [
+            micro_batches(s, list(range(len(rows))), self.micro_batch_tokens)
+            for s, rows in zip(shards, rows_per_rank)
+        ]
+        num_micro = max(len(m) for m in micro)
+        outs = ray.get(
+            [getattr(a, method).remote(s, m, num_micro) for a, s, m in zip(self._actors, shards, micro)]
+        )
+        result = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for rows, out in zip(rows_per_rank, outs):
+            if rows:
+                result[rows, : out.shape[1]] = out
+        return result
+
+    # ------------------------------------------------------------------ weights, checkpoints
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full HF-named weights (CPU copies) from rank 0; all ranks take part (ZeRO-3 gathers)."""
+        return ray.get([a.full_state_dict.remote() for a in self._actors])[0]
+
+    def save(self, directory: str) -> None:
+        """DeepSpeed checkpoint + `directory/hf` (HF model). Every rank writes: `directory` must be on a
+        file system all learner nodes share."""
+        os.makedirs(directory, exist_ok=True)
+        ray.get([a.save.remote(directory) for a in self._actors])
+
+    def load(self, directory: str) -> int:
+        """Restore `save`'s checkpoint; returns the optimizer step count."""
+        return ray.get([a.load.remote(directory) for a in self._actors])[0]
+
+    def global_steps(self) -> int:
+        return ray.get(self._actors[0].global_steps.remote())
+
+    def offload(self) -> None:
+        ray.get([a.offload.remote() for a in self._actors])
+
+    def reload(self) -> None:
+        ray.get([a.reload.remote() for a in self._actors])
+
+    def shutdown(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+
+
+def combine_stats(results: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Per-rank per-step sums -> per-step global stats -> mean over steps."""
+    per_step = []
+    for ranks in zip(*results):
+        tokens = sum(r["num_tokens"] for r in ranks)
+        step = {"loss": sum(r["loss"] for r in ranks)}
+        weighted: dict[str, float] = defaultdict(float)
+        for r in ranks:
+            for key, value in r["weighted"].items():
+                weighted[key] += value
+        step.update({key: value / max(tokens, 1.0) for key, value in weighted.items()})
+        step.update(grad_norm=ranks[0]["grad_norm"], lr=ranks[0]["lr"], num_tokens=tokens)
+        per_step.append(step)
+    if not per_step:
+        return {"optimizer_steps": 0.0}
+    keys = {k for s in per_step for k in s}
+    out = {k: sum(s.get(k, 0.0) for s in per_step) / len(per_step) for k in keys}
+    out["lr"] = per_step[-1]["lr"]
+    out["num_tokens"] = sum(s["num_tokens"] for s in per_step)
+    out["optimizer_steps"] = float(len(per_step))
+    return out

@@ -1,0 +1,503 @@
+"""One data-parallel rank of a learner role (policy, reference or critic), driven step by step.
+
+`LearnerGroup` wraps this class with `ray.remote` and owns the plan (which rows each rank trains on,
+packed into micro-batches); a `Learner` executes it: forward/backward over its micro-batches with the
+globally normalised loss, then one DeepSpeed optimizer step.
+
+Conventions
+* Log-probs are those of the sampling distribution: logits / `rollout.sampling.temperature` (1 when
+  the temperature is 0, i.e. greedy), so they are comparable with the rollout engine's logprobs.
+* Critic values are aligned like log-probs: `values[:, t]` is V(state before token t), the value head
+  applied to the hidden state at position t - 1; position 0 is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf.config import RunConfig
+from rlhf.types import TrainBatch
+
+ROLES = ("policy", "reference", "critic")
+CHECKPOINT_TAG = "deepspeed"
+
+
+def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Greedy packing by token budget: longest rows first, a micro-batch costs rows x its longest row.
+
+    A row longer than the budget gets a micro-batch of its own. Returns lists of row indices.
+    """
+    if token_budget <= 0:
+        raise ValueError(f"trainer.micro_batch_tokens must be positive, got {token_budget}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    micro: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in order:
+        if current and max(width, lengths[i]) * (len(current) + 1) > token_budget:
+            micro.append(current)
+            current, width = [], 0
+        current.append(i)
+        width = max(width, lengths[i])
+    if current:
+        micro.append(current)
+    return micro
+
+
+def row_lengths(batch: TrainBatch) -> list[int]:
+    """Real tokens per row (right padding excluded)."""
+    return batch.attention_mask.sum(dim=1).tolist()
+
+
+class ValueModel(nn.Module):
+    """Critic: a sequence-classification model's backbone + its 1-output head applied at every token."""
+
+    def __init__(self, seq_model: nn.Module):
+        super().__init__()
+        self.seq_model = seq_model
+
+    @property
+    def head(self) -> nn.Module:
+        for name in ("score", "classifier", "v_head"):
+            if isinstance(getattr(self.seq_model, name, None), nn.Module):
+                return getattr(self.seq_model, name)
+        raise ValueError(f"critic: {type(self.seq_model).__name__} has no score/classifier head")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.seq_model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        values = self.head(hidden).squeeze(-1).float()
+        return F.pad(values[:, :-1], (1, 0))  # values[:, t] comes from hidden[:, t - 1]
+
+
+class Learner:
+    """One DP rank. Every public method is called on all ranks of the group at once (collectives)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_path: str,
+        role: str,
+        device: str,
+        rank: int,
+        world_size: int,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+    ):
+        """Cheap; the process group and model come in `setup` (run at once when the address is given).
+
+        Two phases let the group ask rank 0's actor for its node address and a free port first.
+        """
+        if role not in ROLES:
+            raise ValueError(f"learner role must be one of {ROLES}, got {role!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"learner device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cpu":
+            # DeepSpeed picks its accelerator when first imported; the group sets this in runtime_env.
+            assert os.environ.get("DS_ACCELERATOR") == "cpu", (
+                "CPU learners need DS_ACCELERATOR=cpu in the actor env"
+            )
+        self.cfg, self.model_path, self.role = cfg, model_path, role
+        self.device_name, self.rank, self.world_size = device, rank, world_size
+        if master_addr is not None and master_port is not None:
+            self.setup(master_addr, master_port)
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the training process group, load the model, build the DeepSpeed engine."""
+        cfg, role, rank, world_size, device = (
+            self.cfg,
+            self.role,
+            self.rank,
+            self.world_size,
+            self.device_name,
+        )
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",  # Ray gives every rank its own visible GPU(s)
+            LOCAL_WORLD_SIZE="1",
+        )
+        import deepspeed
+
+        from rlhf.models import model_dtype
+        from trainer.ds_config import make_ds_config, make_optimizer, make_scheduler
+
+        if device == "cuda":
+            torch.cuda.set_device(0)
+            self.device = torch.device("cuda", 0)
+        else:
+            self.device = torch.device("cpu")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            verbose=False,
+        )
+        torch.manual_seed(cfg.seed)
+        self.dtype = model_dtype(cfg.model.dtype, device)
+        temperature = cfg.rollout.sampling.temperature
+        self.temperature = float(temperature) if temperature and temperature > 0 else 1.0
+        self.zero_stage = int(cfg.trainer.zero_stage)
+        self.trainable = role != "reference"
+        ds_config = make_ds_config(cfg.trainer, device, self.dtype, world_size, train=self.trainable)
+        if self.zero_stage == 3:
+            # Makes from_pretrained build the model already partitioned (deepspeed.zero.Init); keep it alive.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+        model = self._build_model()
+        optimizer = scheduler = None
+        if self.trainable:
+            if cfg.trainer.gradient_checkpointing:
+                self.hf_model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            alg = cfg.algorithm
+            total_steps = cfg.steps * max(1, alg.ppo_epochs) * max(1, alg.mini_batches)
+            lr, warmup = cfg.trainer.lr, cfg.trainer.warmup_steps
+            if role == "critic":
+                lr, warmup = cfg.trainer.critic.lr, cfg.trainer.critic.warmup_steps
+            optimizer = make_optimizer(model.parameters(), cfg.trainer, device, lr)
+            scheduler = make_scheduler(optimizer, warmup, total_steps, cfg.trainer.min_lr_ratio)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        if not self.trainable:
+            self.engine.eval()
+        # Loss settings the batch alone does not carry.
+        self.algorithm = dataclasses.replace(
+            cfg.algorithm,
+            loss_agg_constant=cfg.algorithm.loss_agg_constant or cfg.rollout.sampling.max_new_tokens,
+        )
+
+    # ------------------------------------------------------------------ model
+    def _build_model(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        kwargs = dict(dtype=self.dtype, trust_remote_code=self.cfg.model.trust_remote_code)
+        if self.role != "critic":
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+            model.config.use_cache = False
+            self.hf_model = model
+            return model
+        critic_path = self.cfg.trainer.critic.path
+        seq_model = AutoModelForSequenceClassification.from_pretrained(
+            critic_path or self.model_path, num_labels=1, **kwargs
+        )
+        seq_model.config.use_cache = False
+        value_model = ValueModel(seq_model)
+        if critic_path is None:
+            # A fresh head on the policy backbone: start from V = 0 so early advantages are the rewards.
+            import deepspeed
+
+            head = value_model.head
+            with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0), torch.no_grad():
+                for p in head.parameters():
+                    p.zero_()
+        self.hf_model = seq_model
+        self.critic_path = critic_path or self.model_path
+        return value_model
+
+    def _forward(self, mb: TrainBatch) -> torch.Tensor:
+        """Policy/reference: logits [B, T, V]; critic: values [B, T]."""
+        if self.role == "critic":
+            return self.engine(mb.input_ids, mb.attention_mask)
+        return self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+
+    def _micro_batch(self, shard: TrainBatch, rows: list[int] | None) -> TrainBatch:
+        """Rows of the shard on the device, trimmed to their longest row. `None`: a filler micro-batch
+        (the shortest row, loss-masked out) that keeps this rank's collectives in step with the others."""
+        if rows is not None:
+            return shard.select(rows).to(self.device)
+        shortest = min(range(len(shard)), key=lambda i: int(shard.attention_mask[i].sum()))
+        mb = shard.select([shortest])
+        mb.loss_mask = torch.zeros_like(mb.loss_mask)
+        return mb.to(self.device)
+
+    @staticmethod
+    def _padded(micro_batches: list[list[int]], num_micro: int | None) -> list[list[int] | None]:
+        num_micro = len(micro_batches) if num_micro is None else num_micro
+        if num_micro < len(micro_batches):
+            raise ValueError(
+                f"num_micro={num_micro} is less than this rank's {len(micro_batches)} micro-batches"
+            )
+        return list(micro_batches) + [None] * (num_micro - len(micro_batches))
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def logprobs(
+        self, shard: TrainBatch, micro_batches: list[list[int]] | None = None, num_micro: int | None = None
+    ) -> torch.Tensor:
+        """log p(token_t | tokens < t) at the sampling temperature, [B, T] float32 on CPU (0 off real tokens)."""
+        if self.role == "critic":
+            raise ValueError("logprobs: the critic has no LM head; use values()")
+        return self._per_token(shard, micro_batches, num_micro)
+
+    @torch.no_grad()
+    def values(
+        self, shard: TrainBatch, micro_batches: list[list[int]] | None = None, num_micro: int | None = None
+    ) -> torch.Tensor:
+        """Critic values V(state before token t), [B, T] float32 on CPU (0 off real tokens)."""
+        if self.role != "critic":
+            raise ValueError(f"values: only the critic has a value head (this is the {self.role})")
+        return self._per_token(shard, micro_batches, num_micro)
+
+    def _per_token(self, shard: TrainBatch, micro_batches, num_micro) -> torch.Tensor:
+        from rlhf.algorithms.losses import token_logprobs
+
+        if micro_batches is None:
+            micro_batches = pack_micro_batches(row_lengths(shard), self.cfg.trainer.micro_batch_tokens)
+        was_training = self.engine.training
+        self.engine.eval()
+        out = torch.zeros(shard.input_ids.shape, dtype=torch.float32)
+        for rows in self._padded(micro_batches, num_micro):
+            mb = self._micro_batch(shard, rows)
+            result = self._forward(mb)
+            if self.role != "critic":
+                result = token_logprobs(result, mb.input_ids, temperature=self.temperature)
+            if rows is not None:
+                width = mb.input_ids.shape[1]
+                out[rows, :width] = (result.float() * mb.attention_mask).cpu()
+        self.engine.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def train(self, shard: TrainBatch, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run optimizer steps on this rank's shard; `steps[i]` holds `micro_batches` (row indices into
+        the shard), `num_micro` (same on every rank), `global_num_tokens`, `global_num_sequences`.
+
+        Returns one dict per step of rank-local sums (the group combines ranks): `loss` (this rank's
+        share of the globally normalised loss), `num_tokens`, `weighted` (stat x tokens), `grad_norm`, `lr`.
+        """
+        if not self.trainable:
+            raise ValueError("train: the reference model is frozen")
+        self.engine.train()
+        return [self._train_step(shard, step) for step in steps]
+
+    def _train_step(self, shard: TrainBatch, step: dict[str, Any]) -> dict[str, Any]:
+        micro = self._padded(step["micro_batches"], step["num_micro"])
+        lr = float(self.engine.get_lr()[0])
+        loss_sum, tokens, weighted = 0.0, 0.0, defaultdict(float)
+        for i, rows in enumerate(micro):
+            # Gradients are reduced across ranks (and the optimizer step allowed) only on the last one.
+            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            mb = self._micro_batch(shard, rows)
+            loss, stats = self._loss(mb, step["global_num_tokens"], step["global_num_sequences"])
+            # DeepSpeed averages gradients over ranks; our loss is already a share of the global
+            # normalised loss, so undo the average: summed shares = the gradient of the full batch.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            n = float(mb.loss_mask.sum())
+            loss_sum += float(loss.detach())
+            tokens += n
+            for key, value in stats.items():
+                if key != "num_tokens":
+                    weighted[key] += float(value) * n
+        own_norm = None
+        if not hasattr(self.optimizer, "_global_grad_norm"):
+            # Plain fp32 ZeRO-0: DeepSpeed clips with torch but does not keep the norm. The grads are
+            # already all-reduced here (on the boundary backward), so the norm is global.
+            own_norm = torch.linalg.vector_norm(
+                torch.stack(
+                    [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+                )
+            )
+        self.engine.step()
+        grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return {
+            "loss": loss_sum,
+            "num_tokens": tokens,
+            "weighted": dict(weighted),
+            "grad_norm": grad_norm,
+            "lr": lr,
+        }
+
+    def _loss(self, mb: TrainBatch, num_tokens: float, num_sequences: float) -> tuple[torch.Tensor, dict]:
+        from rlhf.algorithms.losses import policy_loss, token_entropy, token_logprobs, value_loss
+
+        if self.role == "critic":
+            if mb.values is None or mb.returns is None:
+                raise ValueError(
+                    "critic train: the batch needs `values` (old values) and `returns` (from GAE)"
+                )
+            values = self._forward(mb)
+            return value_loss(
+                values, mb.values, mb.returns, mb.loss_mask, self.algorithm.value_clip, num_tokens=num_tokens
+            )
+        alg = self.algorithm
+        logits = self._forward(mb)
+        logprobs = token_logprobs(logits, mb.input_ids, temperature=self.temperature)
+        if alg.entropy_coef != 0:
+            entropy = token_entropy(logits, temperature=self.temperature)
+        else:  # logged only: no graph, no [B, T, V] activations kept for backward
+            with torch.no_grad():
+                entropy = token_entropy(logits.detach(), temperature=self.temperature)
+        recomputed = mb.old_logprobs is not None
+        return policy_loss(
+            logprobs,
+            mb.old_logprobs if recomputed else mb.rollout_logprobs,
+            mb.advantages,
+            mb.loss_mask,
+            alg,
+            ref_logprobs=mb.ref_logprobs,
+            entropy=entropy,
+            rollout_logprobs=mb.rollout_logprobs if recomputed else None,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+        )
+
+    # ------------------------------------------------------------------ weights out
+    def named_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full HF-named tensors in buckets of ~bucket_bytes, in the training dtype, on the device.
+
+        Every rank must iterate it to the end together: under ZeRO-3 each bucket is all-gathered.
+        """
+        import deepspeed
+
+        bucket: list[tuple[str, nn.Parameter]] = []
+        size = 0
+        for name, param in self.hf_model.named_parameters():
+            nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield self._gather(bucket, deepspeed)
+                bucket, size = [], 0
+            bucket.append((name, param))
+            size += nbytes
+        if bucket:
+            yield self._gather(bucket, deepspeed)
+
+    def _gather(self, bucket: list[tuple[str, nn.Parameter]], deepspeed) -> list[tuple[str, torch.Tensor]]:
+        if self.zero_stage != 3:
+            return [(name, p.detach()) for name, p in bucket]
+        with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+            # Copies: the gathered storage is released when the context exits.
+            return [(name, p.detach().clone()) for name, p in bucket]
+
+    def send_weights(self, spec) -> Any:
+        """Weight-sync sender: rank 0 ships the buckets (returns the payload); other ranks only gather."""
+        from rlhf.weight_sync import send_buckets
+
+        buckets = self.named_weight_buckets(spec.bucket_bytes)
+        if self.rank == 0:
+            payload = send_buckets(spec, buckets)
+            for _ in buckets:  # in case the sender stopped early: the other ranks are still gathering
+                pass
+            return payload
+        for _ in buckets:
+            pass
+        return None
+
+    def full_state_dict(
+        self, bucket_bytes: int = 256 * 2**20, all_ranks: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        """The full HF state (CPU copies) on rank 0 (every rank with `all_ranks`), None elsewhere;
+        all ranks must call it."""
+        keep = all_ranks or self.rank == 0
+        state = {}
+        for bucket in self.named_weight_buckets(bucket_bytes):
+            if keep:
+                state.update({name: t.detach().to("cpu", copy=True) for name, t in bucket})
+        return state if keep else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler, step) + an HF model in `directory/hf`."""
+        if not self.trainable:
+            raise ValueError("save: the reference model is never trained, there is nothing to save")
+        import torch.distributed as dist
+
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"role": self.role})
+        state = self.full_state_dict()
+        if self.rank == 0:
+            hf_dir = Path(directory) / "hf"
+            self.hf_model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
+            self._save_tokenizer(hf_dir)
+        dist.barrier()
+
+    def _save_tokenizer(self, hf_dir: Path) -> None:
+        source = Path(self.critic_path if self.role == "critic" else self.model_path)
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.json",
+            "merges.txt",
+            "tokenizer.model",
+            "chat_template.jinja",
+            "generation_config.json",
+        ):
+            if (source / name).is_file() and not (hf_dir / name).exists():
+                shutil.copy2(source / name, hf_dir / name)
+
+    def load(self, directory: str) -> int:
+        """Restore a `save` checkpoint (weights, optimizer, scheduler); returns the optimizer step count."""
+        path, _ = self.engine.load_checkpoint(
+            directory,
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=self.trainable,
+            load_lr_scheduler_states=self.trainable,
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) in {directory}")
+        return int(self.engine.global_steps)
+
+    def global_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+    # ------------------------------------------------------------------ colocation
+    def offload(self) -> None:
+        """Free the GPU for colocated vLLM engines: params, grads and optimizer states go to CPU."""
+        if self.device.type != "cuda":
+            return
+        if self.trainable and self.zero_stage > 0 and hasattr(self.optimizer, "offload_states"):
+            self.engine.offload_states()
+        else:
+            self._move_all("cpu")
+        torch.cuda.empty_cache()
+
+    def reload(self) -> None:
+        if self.device.type != "cuda":
+            return
+        if self.trainable and self.zero_stage > 0 and hasattr(self.optimizer, "reload_states"):
+            self.engine.reload_states()
+        else:
+            self._move_all(self.device)
+        torch.cuda.synchronize()
+
+    def _move_all(self, device) -> None:
+        self.engine.module.to(device)
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        state[key] = value.to(device, non_blocking=True)
+
+    def ready(self) -> bool:
+        return True
+
+    @staticmethod
+    def node_ip_and_free_port() -> tuple[str, int]:
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
