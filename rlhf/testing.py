@@ -1,0 +1,196 @@
+"""Tiny random models for tests: a real tokenizer and a real architecture, built in a second or two.
+
+The tokenizer is a byte-level BPE trained on the spot (so any text round-trips, as with real LLM
+tokenizers) and the model is a genuine LlamaForCausalLM / Qwen2ForCausalLM with random weights, so
+vLLM, transformers and DeepSpeed treat it exactly like a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Literal
+
+import torch
+
+from rlhf.models import portable_tokenizer_config
+
+BOS, EOS, PAD = "<|endoftext|>", "<|im_end|>", "<|pad|>"
+IM_START = "<|im_start|>"
+SPECIAL_TOKENS = [BOS, IM_START, EOS, PAD]
+
+# ChatML, the format of SmolLM2 and Qwen2. `bos_token` renders as nothing when the tokenizer has none.
+CHAT_TEMPLATE = (
+    "{{ bos_token if add_bos else '' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "and",
+    "is",
+    "in",
+    "that",
+    "it",
+    "for",
+    "on",
+    "with",
+    "as",
+    "what",
+    "how",
+    "many",
+    "compute",
+    "answer",
+    "number",
+    "numbers",
+    "sum",
+    "difference",
+    "product",
+    "result",
+    "equals",
+    "plus",
+    "minus",
+    "times",
+    "divided",
+    "by",
+    "using",
+    "each",
+    "once",
+    "make",
+    "target",
+    "expression",
+    "final",
+    "just",
+    "give",
+    "step",
+    "think",
+    "let",
+    "us",
+    "first",
+    "then",
+    "so",
+    "we",
+    "get",
+    "correct",
+    "value",
+    "total",
+    "left",
+    "right",
+    "question",
+    "user",
+    "assistant",
+    "system",
+    "you",
+    "are",
+    "helpful",
+    "please",
+    "solve",
+    "problem",
+    "reason",
+    "box",
+    "tags",
+]
+
+
+def _corpus(rng: random.Random, lines: int = 3000) -> list[str]:
+    """Arithmetic and plain-English lines: enough variety for a few hundred BPE merges."""
+    out = []
+    for _ in range(lines):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        op = rng.choice("+-*/")
+        out.append(f"Compute {a} {op} {b}. Answer: {rng.randint(-999, 9999)}")
+        out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + ".")
+        out.append(f"<answer>({a} + {b}) * {rng.randint(1, 99)}</answer>")
+    return out
+
+
+def build_tokenizer(vocab_size: int = 512, seed: int = 0, add_bos: bool = False):
+    """Train a byte-level BPE tokenizer with chat special tokens; returns a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(random.Random(seed)), trainer=trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}: the tokenizer reached only {tok.get_vocab_size()} tokens")
+    if add_bos:  # Llama style: the tokenizer itself prepends BOS to every encoded text
+        bos_id = tok.token_to_id(BOS)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE.replace("add_bos", "true" if add_bos else "false"),
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(
+    out_dir: str,
+    arch: Literal["llama", "qwen2"] = "llama",
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+) -> str:
+    """Save a random `arch` model + trained tokenizer to `out_dir` (deterministic in `seed`).
+
+    head_dim = hidden_size // heads must be >= 32 for vLLM's CPU attention kernels. The llama
+    variant's tokenizer prepends BOS (like Llama); the qwen2 variant's does not (like Qwen2).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if hidden_size % heads or hidden_size // heads < 32:
+        raise ValueError(f"hidden_size/heads = {hidden_size}/{heads}: head_dim must be an integer >= 32")
+    tokenizer = build_tokenizer(vocab_size, seed, add_bos=arch == "llama")
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    if arch == "llama":
+        config, model_cls = LlamaConfig(**common), LlamaForCausalLM
+    elif arch == "qwen2":
+        config, model_cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
+    else:
+        raise ValueError(f"arch={arch!r}: expected 'llama' or 'qwen2'")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    portable_tokenizer_config(os.path.join(out_dir, "tokenizer_config.json"), config.max_position_embeddings)
+    return out_dir
