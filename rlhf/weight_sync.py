@@ -1,0 +1,550 @@
+"""Weight sync: learner rank 0 -> every vLLM worker, one bucket of tensors at a time.
+
+Three transports share one wire format, a `PackedBucket` (one flat uint8 buffer + per-tensor
+metadata), so the engine pays one copy per bucket whatever the transport:
+
+* `object_store`: rank 0 `ray.put`s every packed bucket and returns the ObjectRefs; each engine
+  fetches them bucket by bucket. Works everywhere (the CPU default); costs one host copy.
+* `broadcast`: a dedicated collective group (gloo on CPU, NCCL on GPU) of learner rank 0 (rank 0)
+  and every vLLM worker of every engine (ranks 1..). The driver hosts the `TCPStore` used for
+  rendezvous and for the per-bucket metadata, so the group is independent of the learners'
+  training group and of vLLM's own groups.
+* `cuda_ipc`: learner and engine share one GPU; rank 0 hands out CUDA IPC handles of each packed
+  bucket through the store and waits for the receiver's acknowledgement before freeing it.
+
+Groups are created lazily on the first `send_buckets` / `receive_buckets` of a spec, which the
+driver (`WeightSync.push`) always starts on both sides at once, so the handshake cannot deadlock.
+See docs/weight_sync.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("object_store", "broadcast", "cuda_ipc")
+NamedTensors = list[tuple[str, torch.Tensor]]
+_ALIGN = 64  # byte alignment of every tensor inside a packed buffer (any dtype view stays legal)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec and wire format
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """Everything both sides need to agree on; small and picklable (it travels with every call)."""
+
+    transport: str
+    bucket_bytes: int
+    dtype: str | None = None  # cast floating tensors to this before sending (the engine's dtype)
+    host: str | None = None  # driver-hosted TCPStore (broadcast, cuda_ipc)
+    port: int | None = None
+    world_size: int = 1  # 1 sender + every vLLM worker of every engine
+    workers_per_engine: int = 1  # tensor-parallel size of each engine
+    backend: str = "gloo"  # broadcast: "gloo" (CPU tensors) or "nccl" (CUDA tensors)
+    group: str = "rlhf-weight-sync"  # key prefix inside the store
+    version: int = 0  # push counter: namespaces the store keys of one push
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix
+    offset: int  # byte offset inside the bucket buffer
+    nbytes: int
+
+
+@dataclass
+class PackedBucket:
+    """One bucket flattened into a single uint8 buffer (a tensor, or `bytes` after a pickle hop)."""
+
+    metas: list[TensorMeta]
+    buffer: torch.Tensor | bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.buffer) if isinstance(self.buffer, bytes) else self.buffer.numel()
+
+
+@dataclass
+class SyncPayload:
+    """What `send_buckets` returns: the object-store refs (if any) and what was sent."""
+
+    transport: str
+    refs: list[Any] = field(default_factory=list)  # object_store: one ObjectRef per PackedBucket
+    num_bytes: int = 0
+    num_tensors: int = 0
+    num_buckets: int = 0
+
+
+def make_spec(
+    transport: str,
+    bucket_bytes: int,
+    *,
+    dtype: str | torch.dtype | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    num_engines: int = 1,
+    workers_per_engine: int = 1,
+    backend: str | None = None,
+    group: str = "rlhf-weight-sync",
+    timeout_s: float = 600.0,
+) -> SyncSpec:
+    """Validated `SyncSpec`; `backend` defaults to gloo (use "nccl" for GPU broadcast)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"sync.transport: unknown transport {transport!r}; expected one of {TRANSPORTS}")
+    if bucket_bytes <= 0:
+        raise ValueError(f"sync.bucket_mb must be positive, got {bucket_bytes} bytes")
+    if num_engines < 1 or workers_per_engine < 1:
+        raise ValueError(
+            f"weight sync needs at least one engine worker, got {num_engines}x{workers_per_engine}"
+        )
+    backend = backend or "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {backend!r}")
+    if transport in ("broadcast", "cuda_ipc") and (host is None or port is None):
+        raise ValueError(f"sync transport {transport!r} needs the store host and port")
+    world_size = 1 + num_engines * workers_per_engine
+    if transport == "cuda_ipc" and world_size != 2:
+        raise ValueError(
+            f"sync.transport 'cuda_ipc' needs exactly one single-GPU engine on the learner's GPU, "
+            f"got {num_engines} engine(s) x {workers_per_engine} worker(s); use 'broadcast'"
+        )
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"weight sync dtype {dtype!r} is not a torch dtype")
+    return SyncSpec(
+        transport=transport,
+        bucket_bytes=int(bucket_bytes),
+        dtype=dtype,
+        host=host,
+        port=port,
+        world_size=world_size,
+        workers_per_engine=workers_per_engine,
+        backend=backend,
+        group=group,
+        timeout_s=timeout_s,
+    )
+
+
+def engine_first_rank(spec: SyncSpec, engine_index: int) -> int:
+    """Sync-group rank of worker 0 of engine `engine_index` (the learner is rank 0)."""
+    return 1 + engine_index * spec.workers_per_engine
+
+
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[NamedTensors]:
+    """Group (name, tensor) pairs into lists of at most `bucket_bytes` (a bigger tensor goes alone)."""
+    bucket: NamedTensors = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def pack_bucket(
+    bucket: Iterable[tuple[str, torch.Tensor]],
+    dtype: str | None = None,
+    device: torch.device | str | None = None,
+) -> PackedBucket:
+    """Copy a bucket into one contiguous uint8 buffer on `device` (default: the tensors' device)."""
+    target = getattr(torch, dtype) if dtype else None
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, t in bucket:
+        t = t.detach()
+        if target is not None and t.is_floating_point() and t.dtype != target:
+            t = t.to(target)
+        tensors.append((name, t))
+    if not tensors:
+        raise ValueError("pack_bucket: empty bucket")
+    device = torch.device(device) if device is not None else tensors[0][1].device
+    metas, offset = [], 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        metas.append(TensorMeta(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), offset, nbytes))
+        offset = _align(offset + nbytes)
+    buffer = torch.empty(offset, dtype=torch.uint8, device=device)
+    for meta, (_, t) in zip(metas, tensors):
+        if meta.nbytes:
+            buffer[meta.offset : meta.offset + meta.nbytes].copy_(
+                t.contiguous().reshape(-1).view(torch.uint8)
+            )
+    return PackedBucket(metas, buffer)
+
+
+def unpack_bucket(packed: PackedBucket, device: torch.device | str | None = None) -> NamedTensors:
+    """Views into the packed buffer (moved to `device` first); consumers copy them into params."""
+    buffer = packed.buffer
+    if isinstance(buffer, bytes | bytearray | memoryview):
+        buffer = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)
+    if device is not None and buffer.device != torch.device(device):
+        buffer = buffer.to(device)
+    out = []
+    for meta in packed.metas:
+        flat = buffer[meta.offset : meta.offset + meta.nbytes].view(getattr(torch, meta.dtype))
+        out.append((meta.name, flat.view(meta.shape)))
+    return out
+
+
+def bucket_to_bytes(packed: PackedBucket) -> PackedBucket:
+    """Same bucket with a `bytes` buffer: survives any serializer (vLLM's multiprocess RPC)."""
+    if isinstance(packed.buffer, bytes):
+        return packed
+    return PackedBucket(packed.metas, packed.buffer.cpu().numpy().tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# The store-backed group (broadcast, cuda_ipc)
+
+
+def _key(spec: SyncSpec, bucket: int, suffix: str = "") -> str:
+    return f"v{spec.version}/b{bucket}{suffix}"
+
+
+class _SyncGroup:
+    """One rank's membership: a client of the driver's TCPStore plus, for broadcast, a collective."""
+
+    def __init__(self, spec: SyncSpec, rank: int, device: torch.device):
+        self.rank = rank
+        self.device = device
+        timeout = timedelta(seconds=spec.timeout_s)
+        base = dist.TCPStore(spec.host, spec.port, is_master=False, timeout=timeout, wait_for_workers=False)
+        self.store = dist.PrefixStore(f"{spec.group}/", base)
+        self.comm: Any = None
+        self.sent_keys: list[str] = []  # rank 0: keys of the previous push, deleted on the next one
+        if spec.transport != "broadcast":
+            return
+        if spec.backend == "gloo":
+            self.comm = dist.ProcessGroupGloo(
+                dist.PrefixStore("gloo/", self.store), rank, spec.world_size, timeout
+            )
+        else:
+            # vLLM's own NCCL wrapper: it is what vLLM workers are built to run next to.
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            group = StatelessProcessGroup(
+                rank=rank, world_size=spec.world_size, store=dist.PrefixStore("nccl/", self.store)
+            )
+            self.comm = PyNcclCommunicator(group, device=device)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if isinstance(self.comm, dist.ProcessGroupGloo):
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self.comm.broadcast([tensor], opts).wait()
+        else:
+            self.comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+            torch.cuda.current_stream().synchronize()
+
+    def publish(self, key: str, obj: Any) -> None:
+        self.store.set(key, pickle.dumps(obj))
+        self.sent_keys.append(key)
+
+    def fetch(self, key: str) -> Any:
+        return pickle.loads(self.store.get(key))
+
+    def forget_previous_push(self) -> None:
+        for key in self.sent_keys:
+            self.store.delete_key(key)
+        self.sent_keys = []
+
+
+_GROUPS: dict[tuple, _SyncGroup] = {}
+
+
+def _comm_device(spec: SyncSpec, device: torch.device | str | None = None) -> torch.device:
+    """Where the bucket buffers live: the GPU for NCCL / CUDA IPC, host memory otherwise."""
+    if spec.transport == "cuda_ipc" or (spec.transport == "broadcast" and spec.backend == "nccl"):
+        device = torch.device(device) if device is not None else torch.device("cuda")
+        if device.type != "cuda":
+            raise ValueError(
+                f"sync transport {spec.transport}/{spec.backend} needs a CUDA device, got {device}"
+            )
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def join_group(spec: SyncSpec, rank: int, device: torch.device | str | None = None) -> _SyncGroup:
+    """This process's membership of the spec's group (created once; blocks until all ranks join)."""
+    key = (spec.host, spec.port, spec.group, rank)
+    if key not in _GROUPS:
+        start = time.perf_counter()
+        _GROUPS[key] = _SyncGroup(spec, rank, _comm_device(spec, device))
+        logger.info(
+            "weight sync: rank %d joined %s group in %.1fs", rank, spec.transport, time.perf_counter() - start
+        )
+    return _GROUPS[key]
+
+
+def destroy_groups() -> None:
+    """Forget this process's sync groups (a new `WeightSync` makes new ones)."""
+    _GROUPS.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sender (learner rank 0) and receiver (inside each vLLM worker)
+
+
+def send_buckets(spec: SyncSpec, buckets: Iterable[NamedTensors]) -> SyncPayload:
+    """Learner rank 0: ship every bucket; returns the payload the engines' `receive_weights` take."""
+    payload = SyncPayload(spec.transport)
+    device = _comm_device(spec)
+    if spec.transport == "object_store":
+        import ray
+
+        for bucket in buckets:
+            packed = pack_bucket(bucket, spec.dtype, device)
+            payload.refs.append(ray.put(packed))
+            payload.num_bytes += packed.nbytes
+            payload.num_tensors += len(packed.metas)
+            payload.num_buckets += 1
+        return payload
+
+    group = join_group(spec, 0, device)
+    group.forget_previous_push()
+    receivers = range(1, spec.world_size)
+    for index, bucket in enumerate(buckets):
+        packed = pack_bucket(bucket, spec.dtype, device)
+        if spec.transport == "broadcast":
+            group.publish(_key(spec, index), (packed.metas, packed.nbytes))
+            group.broadcast(packed.buffer)
+        else:  # cuda_ipc
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            torch.cuda.current_stream().synchronize()
+            group.publish(_key(spec, index), (packed.metas, reduce_tensor(packed.buffer)))
+            acks = [_key(spec, index, f"/ack{r}") for r in receivers]
+            group.store.wait(acks, timedelta(seconds=spec.timeout_s))
+            group.sent_keys.extend(acks)
+        payload.num_bytes += packed.nbytes
+        payload.num_tensors += len(packed.metas)
+        payload.num_buckets += 1
+        del packed  # cuda_ipc: the receiver has acknowledged, the buffer may go
+    group.publish(_key(spec, payload.num_buckets), None)  # end of this push
+    return payload
+
+
+def _rebuild_ipc_tensor(handle: tuple, device: torch.device) -> torch.Tensor:
+    """Open a CUDA IPC handle made by `reduce_tensor` on this process's view of the same GPU."""
+    rebuild, args = handle
+    args = list(args)
+    # storage_device: the sender's device index need not be ours (different CUDA_VISIBLE_DEVICES)
+    args[6] = device.index if device.index is not None else torch.cuda.current_device()
+    return rebuild(*args)
+
+
+def receive_buckets(
+    spec: SyncSpec,
+    payload: SyncPayload | list | None,
+    load_weights: Callable[[NamedTensors], Any],
+    device: torch.device | str | None = None,
+    rank: int = 1,
+) -> dict[str, int]:
+    """One engine worker: feed every bucket of this push to `load_weights`, one bucket at a time.
+
+    `payload` is the sender's `SyncPayload` (object_store: refs) or a list of ObjectRefs /
+    `PackedBucket`s; it is ignored by broadcast and cuda_ipc, which read the store instead.
+    `rank` is this worker's rank in the sync group (`engine_first_rank` + its TP rank).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    stats = {"num_bytes": 0, "num_tensors": 0, "num_buckets": 0}
+
+    def load(packed: PackedBucket) -> None:
+        load_weights(unpack_bucket(packed, device))
+        stats["num_bytes"] += packed.nbytes
+        stats["num_tensors"] += len(packed.metas)
+        stats["num_buckets"] += 1
+
+    if spec.transport == "object_store":
+        items = payload.refs if isinstance(payload, SyncPayload) else payload
+        if items is None:
+            raise ValueError("object_store weight sync needs the sender's payload (the bucket refs)")
+        for item in items:
+            if not isinstance(item, PackedBucket):
+                import ray
+
+                item = ray.get(item)
+            load(item)
+        return stats
+
+    if not 1 <= rank < spec.world_size:
+        raise ValueError(f"weight sync receiver rank {rank} outside 1..{spec.world_size - 1}")
+    comm_device = _comm_device(spec, device)
+    group = join_group(spec, rank, comm_device)
+    index = 0
+    while (message := group.fetch(_key(spec, index))) is not None:
+        metas, extra = message
+        if spec.transport == "broadcast":
+            buffer = torch.empty(extra, dtype=torch.uint8, device=comm_device)
+            group.broadcast(buffer)
+            load(PackedBucket(metas, buffer))
+        else:  # cuda_ipc: `extra` is the IPC handle of the sender's buffer
+            # Copy out (device to device) and release the sender at once: vLLM's layerwise
+            # reload may hold on to the loaded views until a whole layer has arrived.
+            buffer = _rebuild_ipc_tensor(extra, comm_device).clone()
+            torch.cuda.current_stream().synchronize()
+            group.store.set(_key(spec, index, f"/ack{rank}"), b"1")
+            load(PackedBucket(metas, buffer))
+        index += 1
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver side
+
+
+def choose_transport(
+    requested: str, device: str, colocated: bool, num_engines: int, workers_per_engine: int
+) -> str:
+    """`auto`: object_store on CPU, cuda_ipc for one engine sharing the learner's GPU, else broadcast."""
+    if requested != "auto":
+        if requested not in TRANSPORTS:
+            raise ValueError(
+                f"sync.transport: unknown transport {requested!r}; expected auto or one of {TRANSPORTS}"
+            )
+        if requested == "cuda_ipc" and device != "cuda":
+            raise ValueError("sync.transport 'cuda_ipc' needs device 'cuda'")
+        return requested
+    if device != "cuda":
+        return "object_store"
+    if colocated and num_engines == 1 and workers_per_engine == 1:
+        return "cuda_ipc"
+    return "broadcast"
+
+
+def logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    """Mean |a - b| over all tokens of aligned per-sequence logprob lists (the sync audit metric)."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("logprob_diff: the two sides have different sequence/token counts")
+    flat_a = torch.tensor([v for seq in a for v in seq], dtype=torch.float64)
+    flat_b = torch.tensor([v for seq in b for v in seq], dtype=torch.float64)
+    return float((flat_a - flat_b).abs().mean()) if flat_a.numel() else 0.0
+
+
+class WeightSync:
+    """Driver-side orchestration of one learner group -> one rollout group sync.
+
+    `learners.actors` are the learner ranks (each has `send_weights(spec)`); `rollout.engines` the
+    engine actors (each has `receive_weights(spec, payload)`). Optional attributes read from
+    `rollout`: `colocated`, `dtype`, `workers_per_engine`.
+    """
+
+    def __init__(self, cfg, learners, rollout, device: str, colocated: bool | None = None):
+        self.cfg = cfg
+        self.learners = learners
+        self.rollout = rollout
+        self.device = device
+        self.colocated = bool(getattr(rollout, "colocated", False)) if colocated is None else colocated
+        self.spec: SyncSpec | None = None
+        self._store: dist.TCPStore | None = None
+        self._pushes = 0
+
+    def setup(self) -> SyncSpec:
+        import ray
+
+        engines = list(self.rollout.engines)
+        workers = int(getattr(self.rollout, "workers_per_engine", 1))
+        transport = choose_transport(self.cfg.transport, self.device, self.colocated, len(engines), workers)
+        host = port = None
+        if transport != "object_store":
+            host = ray.util.get_node_ip_address()
+            self._store = dist.TCPStore(
+                host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600)
+            )
+            port = self._store.port
+        self.spec = make_spec(
+            transport,
+            int(self.cfg.bucket_mb * 2**20),
+            dtype=getattr(self.rollout, "dtype", None),
+            host=host,
+            port=port,
+            num_engines=len(engines),
+            workers_per_engine=workers,
+            backend="nccl" if self.device == "cuda" else "gloo",
+            group=f"rlhf-weight-sync-{id(self):x}",
+        )
+        logger.info(
+            "weight sync: transport=%s bucket=%d MiB world=%d",
+            transport,
+            self.cfg.bucket_mb,
+            self.spec.world_size,
+        )
+        return self.spec
+
+    def push(self) -> dict[str, float]:
+        """Send the learner's current weights to every engine; returns timing/bytes metrics."""
+
+        if self.spec is None:
+            self.setup()
+        spec = replace(self.spec, version=self._pushes)
+        self._pushes += 1
+        engines = list(self.rollout.engines)
+        start = time.perf_counter()
+        senders = [actor.send_weights.remote(spec) for actor in self.learners.actors]
+        if spec.transport == "object_store":
+            payload = _wait_all(senders, spec.timeout_s)[0]  # the engines need the refs first
+            receivers = [engine.receive_weights.remote(spec, payload) for engine in engines]
+            loaded = _wait_all(receivers, spec.timeout_s)
+        else:  # both sides join the same collective: start them together
+            receivers = [engine.receive_weights.remote(spec, None) for engine in engines]
+            results = _wait_all(senders + receivers, spec.timeout_s)
+            payload, loaded = results[0], results[len(senders) :]
+        elapsed = time.perf_counter() - start
+        for index, stats in enumerate(loaded):
+            if isinstance(stats, dict) and stats.get("params_loaded", 0) < stats.get("params_total", 0):
+                logger.warning(
+                    "weight sync: engine %d updated %d of its %d parameters (names vLLM does not know?)",
+                    index,
+                    stats["params_loaded"],
+                    stats["params_total"],
+                )
+        num_bytes = payload.num_bytes if isinstance(payload, SyncPayload) else 0
+        return {
+            "sync/time_s": elapsed,
+            "sync/bytes": float(num_bytes),
+            "sync/gbps": num_bytes * 8 / 1e9 / max(elapsed, 1e-9),
+            "sync/buckets": float(payload.num_buckets if isinstance(payload, SyncPayload) else 0),
+        }
+
+    def shutdown(self) -> None:
+        self._store = None
+
+
+def _wait_all(refs: list, timeout_s: float) -> list:
+    """ray.get that fails fast: the first error surfaces instead of hanging on a peer's collective."""
+    import ray
+
+    pending = list(refs)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+        if not ready:
+            raise TimeoutError(f"weight sync: {len(pending)} call(s) still running after {timeout_s:.0f}s")
+        ray.get(ready)
+    return ray.get(refs)

