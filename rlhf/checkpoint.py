@@ -52,7 +52,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def save_checkpoint(run_dir: Path, step: int, save_models, driver_state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, save_models, driver_state: dict[str, Any], keep_last: int
+) -> Path:
     """`save_models(tmp_dir)` writes the learners' state into the temporary directory."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)

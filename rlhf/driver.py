@@ -126,9 +126,13 @@ class Trainer:
             )
         critic = None
         if cfg.trainer.critic.enabled:
-            critic = LearnerGroup(cfg, self.model_path, "critic", self.device, placement.actor_options("critic"))
+            critic = LearnerGroup(
+                cfg, self.model_path, "critic", self.device, placement.actor_options("critic")
+            )
         reward_opts = placement.actor_options("reward_model") if plan.has_role("reward_model") else None
-        reward = RewardPipeline(cfg.reward, task=self.data.task, device=self.device, actor_options=reward_opts)
+        reward = RewardPipeline(
+            cfg.reward, task=self.data.task, device=self.device, actor_options=reward_opts
+        )
         sync = WeightSync(cfg.sync, policy, rollout, self.device)
         sync.setup()
         log(f"roles ready in {time.perf_counter() - t0:.0f}s")
@@ -183,7 +187,9 @@ class Trainer:
             kept = samples
         groups_kept = set(sorted({s.group for s in kept})[:want])
         kept = [s for s in kept if s.group in groups_kept]
-        metrics.update({"dapo/extra_generations": extra, "dapo/kept_groups": len(groups_kept), "dapo/rounds": rounds})
+        metrics.update(
+            {"dapo/extra_generations": extra, "dapo/kept_groups": len(groups_kept), "dapo/rounds": rounds}
+        )
         return kept
 
     def score(self, samples: list[Sample], timer: Timer, metrics: dict) -> None:
@@ -194,7 +200,10 @@ class Trainer:
         if cfg.algorithm.overlong_buffer > 0:
             lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
             penalty = filters.overlong_penalty(
-                lengths, cfg.rollout.sampling.max_new_tokens, cfg.algorithm.overlong_buffer, cfg.algorithm.overlong_penalty
+                lengths,
+                cfg.rollout.sampling.max_new_tokens,
+                cfg.algorithm.overlong_buffer,
+                cfg.algorithm.overlong_penalty,
             )
             for s, p in zip(samples, penalty.tolist()):
                 s.reward += p
@@ -224,7 +233,9 @@ class Trainer:
                 coef = alg.kl_coef if (token_kl is not None and alg.kl_in == "reward") else 0.0
                 kl_term = token_kl if token_kl is not None else torch.zeros_like(batch.loss_mask)
                 token_rewards = adv_fns.token_level_rewards(rewards, kl_term, batch.loss_mask, coef)
-                batch.advantages, batch.returns = gae.gae(token_rewards, batch.values, batch.loss_mask, alg.gamma, alg.lam)
+                batch.advantages, batch.returns = gae.gae(
+                    token_rewards, batch.values, batch.loss_mask, alg.gamma, alg.lam
+                )
             else:
                 if token_kl is not None and alg.kl_in == "reward":
                     rewards = adv_fns.apply_kl_to_rewards(rewards, token_kl, batch.loss_mask, alg.kl_coef)
@@ -244,7 +255,7 @@ class Trainer:
         with timer.phase("audit"):
             engine_lp = self.roles.rollout.logprobs([(s.prompt.token_ids, s.response_ids) for s in probe])
             batch = make_train_batch(probe, self.pad_id)
-            learner_lp = self.roles.policy.logprobs(batch)
+            learner_lp = self.roles.policy.logprobs(batch, temperature=1.0)  # the engine scores at T=1
         diffs = []
         for i, s in enumerate(probe):
             p = len(s.prompt.token_ids)
@@ -255,10 +266,12 @@ class Trainer:
         metrics["sync/audit_logprob_diff_max"] = float(diff.max())
         tol = self.cfg.sync.audit_tolerance or (1e-3 if self.device == "cpu" else 5e-2)
         if float(diff.mean()) > tol:
-            log(f"warning: weight-sync audit: mean |engine - learner| logprob = {float(diff.mean()):.2e} > {tol:.0e}")
+            log(
+                f"warning: weight-sync audit: mean |engine - learner| logprob = {float(diff.mean()):.2e} > {tol:.0e}"
+            )
 
     def step_once(self) -> dict[str, float]:
-        cfg, roles = self.cfg, self.roles
+        roles = self.roles
         timer, metrics = Timer(), {}
         t0 = time.perf_counter()
         samples = self.generate(timer, metrics)
@@ -266,22 +279,21 @@ class Trainer:
         self._finish_reasons = [s.finish_reason for s in samples]
         batch = make_train_batch(samples, self.pad_id)
         self.advantages(batch, timer, metrics)
-        colocated_gpu = self.device == "cuda" and roles.placement.colocated("rollout", "learner")
-        if colocated_gpu:
+        # Colocated on one GPU: vLLM releases weights and KV cache while the learners train, then
+        # wakes and receives the new weights (learners stay resident: their pages are needed by the sync).
+        sleep = self.engine_sleeps()
+        if sleep:
             with timer.phase("sleep"):
                 roles.rollout.sleep()
         with timer.phase("train"):
             stats = roles.policy.train(batch)
             if roles.critic is not None:
                 stats.update({f"critic/{k}": v for k, v in roles.critic.train(batch).items()})
-        if colocated_gpu:
+        if sleep:
             with timer.phase("wake"):
-                roles.policy.offload()
                 roles.rollout.wake()
         with timer.phase("sync"):
             metrics.update(roles.sync.push())
-        if colocated_gpu:
-            roles.policy.reload()
         self.audit(samples, timer, metrics)
         elapsed = time.perf_counter() - t0
         metrics.update(self.sample_metrics(samples))
@@ -295,6 +307,11 @@ class Trainer:
         if "generate" in timer.seconds:
             metrics["perf/generate_tokens_per_s"] = gen_tokens / timer.seconds["generate"]
         return metrics
+
+    def engine_sleeps(self) -> bool:
+        colocated_gpu = self.device == "cuda" and self.roles.placement.colocated("rollout", "learner")
+        wanted = self.cfg.rollout.sleep_between_steps
+        return colocated_gpu if wanted is None else bool(wanted and colocated_gpu)
 
     @staticmethod
     def sample_metrics(samples: list[Sample]) -> dict[str, float]:
@@ -321,9 +338,9 @@ class Trainer:
         )
         self.roles.reward.score(samples)
         m = self.sample_metrics(samples)
-        return {f"eval/{k.split('/', 1)[1]}": v for k, v in m.items() if k.startswith(("reward/", "response/"))} | {
-            "eval/reward_mean": m["reward/mean"]
-        }
+        return {
+            f"eval/{k.split('/', 1)[1]}": v for k, v in m.items() if k.startswith(("reward/", "response/"))
+        } | {"eval/reward_mean": m["reward/mean"]}
 
     def save(self) -> Path:
         roles = self.roles
@@ -334,7 +351,9 @@ class Trainer:
                 roles.critic.save(str(tmp / "critic"))
 
         state = {"data": self.data.state_dict(), "rng": ckpt.rng_state(), "run_name": self.run_name}
-        path = ckpt.save_checkpoint(self.run_dir, self.step, save_models, state, self.cfg.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.step, save_models, state, self.cfg.checkpoint.keep_last
+        )
         log(f"checkpoint written: {path}")
         return path
 
@@ -378,7 +397,13 @@ class Trainer:
         self.metrics.close()
         if self.roles is None:
             return
-        for group in (self.roles.rollout, self.roles.policy, self.roles.reference, self.roles.critic, self.roles.reward):
+        for group in (
+            self.roles.rollout,
+            self.roles.policy,
+            self.roles.reference,
+            self.roles.critic,
+            self.roles.reward,
+        ):
             if group is not None and hasattr(group, "shutdown"):
                 try:
                     group.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,28 +40,46 @@ def two_node_cluster(tmp_path):
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [ray_cmd(), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--resources", '{"node_a": 1}',
-         "--include-dashboard=true", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-         "--dashboard-host=127.0.0.1"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            ray_cmd(),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--resources",
+            '{"node_a": 1}',
+            "--include-dashboard=true",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={temp_dir}",
+            "--dashboard-host=127.0.0.1",
+        ],
+        env=env,
+        stdout=(tmp_path / "head.log").open("w"),  # noqa: SIM115, stderr=subprocess.STDOUT, start_new_session=True,
     )
     procs = [head]
     try:
         wait_for(lambda: _ok([ray_cmd(), "status", f"--address=127.0.0.1:{gcs}"], env), 90, "head node")
         worker = subprocess.Popen(
-            [ray_cmd(), "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-             "--resources", '{"node_b": 1}'],
-            env=env, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                ray_cmd(),
+                "start",
+                "--block",
+                f"--address=127.0.0.1:{gcs}",
+                "--num-cpus=2",
+                "--resources",
+                '{"node_b": 1}',
+            ],
+            env=env,
+            stdout=(tmp_path / "worker.log").open("w"),  # noqa: SIM115, stderr=subprocess.STDOUT, start_new_session=True,
         )
         procs.append(worker)
         wait_for(lambda: _count_nodes(gcs, env) >= 2, 90, "second node")
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         for p in reversed(procs):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for p in procs:
             try:
                 p.wait(timeout=60)
@@ -93,17 +112,37 @@ def wait_for(pred, timeout: float, what: str) -> None:
 def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
     out_dir = tmp_path / "runs"
     cmd = [
-        ray_cmd(), "job", "submit", f"--address={two_node_cluster['dashboard']}", "--no-wait",
+        ray_cmd(),
+        "job",
+        "submit",
+        f"--address={two_node_cluster['dashboard']}",
+        "--no-wait",
         f"--working-dir={REPO}",
-        "--runtime-env-json", json.dumps({"env_vars": {"WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}}),
-        "--", sys.executable, "-m", "rlhf", "train", "configs/quickstart.yaml",
-        f"model.path={tiny_model_dir}", "steps=2", "data.num_eval=4", "rollout.prompts_per_step=2",
-        "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=8", "logging.wandb_mode=disabled",
-        f"logging.output_dir={out_dir}", "logging.run_name=cluster", "logging.plot=false",
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}}),
+        "--",
+        sys.executable,
+        "-m",
+        "rlhf",
+        "train",
+        "configs/quickstart.yaml",
+        f"model.path={tiny_model_dir}",
+        "steps=2",
+        "data.num_eval=4",
+        "rollout.prompts_per_step=2",
+        "rollout.sampling.n=2",
+        "rollout.sampling.max_new_tokens=8",
+        "logging.wandb_mode=disabled",
+        f"logging.output_dir={out_dir}",
+        "logging.run_name=cluster",
+        "logging.plot=false",
         # Roles on different nodes: the rollout engine on node_b, the learner on node_a.
-        "placement.rollout.resources={node_b: 0.5}", "placement.learner.resources={node_a: 0.5}",
+        "placement.rollout.resources={node_b: 0.5}",
+        "placement.learner.resources={node_a: 0.5}",
     ]
-    submitted = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    submitted = subprocess.run(
+        cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
     deadline = time.time() + 600
@@ -111,7 +150,10 @@ def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
     while time.time() < deadline:
         st = subprocess.run(
             [ray_cmd(), "job", "status", f"--address={two_node_cluster['dashboard']}", job_id],
-            env=two_node_cluster["env"], capture_output=True, text=True, timeout=60,
+            env=two_node_cluster["env"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         status = st.stdout
         if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
@@ -119,7 +161,10 @@ def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
         time.sleep(5)
     logs = subprocess.run(
         [ray_cmd(), "job", "logs", f"--address={two_node_cluster['dashboard']}", job_id],
-        env=two_node_cluster["env"], capture_output=True, text=True, timeout=60,
+        env=two_node_cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
     assert "SUCCEEDED" in status, f"job status: {status}\n--- logs ---\n{logs[-5000:]}"
     rows = [json.loads(line) for line in (out_dir / "cluster" / "metrics.jsonl").read_text().splitlines()]

@@ -26,10 +26,18 @@ def test_recipe_runs_two_steps(path, tiny_model_dir, tmp_path):
     from rlhf.driver import train
 
     overrides = [
-        f"model.path={tiny_model_dir}", "steps=2", "data.num_eval=0", "rollout.prompts_per_step=2",
-        "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=8", "rollout.max_model_len=256",
-        "trainer.micro_batch_tokens=256", "logging.wandb_mode=disabled", f"logging.output_dir={tmp_path}",
-        "logging.plot=false", f"logging.run_name={path.stem}",
+        f"model.path={tiny_model_dir}",
+        "steps=2",
+        "data.num_eval=0",
+        "rollout.prompts_per_step=2",
+        "rollout.sampling.n=4",
+        "rollout.sampling.max_new_tokens=8",
+        "rollout.max_model_len=256",
+        "trainer.micro_batch_tokens=256",
+        "logging.wandb_mode=disabled",
+        f"logging.output_dir={tmp_path}",
+        "logging.plot=false",
+        f"logging.run_name={path.stem}",
     ]
     run_dir = train(load_config(path, overrides))
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in r]

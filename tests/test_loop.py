@@ -34,14 +34,25 @@ def tiny_overrides(model_dir: str, out_dir: Path, **extra: str) -> list[str]:
 
 
 def test_loop_writes_metrics_checkpoints_and_resumes(tiny_model_dir, tmp_path):
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"checkpoint.every": "1", "logging.run_name": "loop"})
+    overrides = tiny_overrides(
+        tiny_model_dir, tmp_path, **{"checkpoint.every": "1", "logging.run_name": "loop"}
+    )
     run_dir = train(load_config(REPO / "configs/quickstart.yaml", overrides))
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
-        for key in ("reward/mean", "reward/accuracy", "train/grad_norm", "time/generate_s", "time/train_s",
-                    "time/sync_s", "perf/tokens_per_s", "sync/audit_logprob_diff", "response/length_mean"):
+        for key in (
+            "reward/mean",
+            "reward/accuracy",
+            "train/grad_norm",
+            "time/generate_s",
+            "time/train_s",
+            "time/sync_s",
+            "perf/tokens_per_s",
+            "sync/audit_logprob_diff",
+            "response/length_mean",
+        ):
             assert key in r, key
         # fp32 on CPU: the engine must see exactly the learner's weights after every sync.
         assert r["sync/audit_logprob_diff"] < 1e-3
@@ -54,7 +65,9 @@ def test_loop_writes_metrics_checkpoints_and_resumes(tiny_model_dir, tmp_path):
     position_after_2 = state["data"]["position"]
 
     # Resume the same run for one more step: it starts at step 3, not 1, with the next prompts.
-    resumed = train(load_config(REPO / "configs/quickstart.yaml", [*overrides, "steps=3", f"resume={run_dir}"]))
+    resumed = train(
+        load_config(REPO / "configs/quickstart.yaml", [*overrides, "steps=3", f"resume={run_dir}"])
+    )
     assert resumed == run_dir
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]

@@ -201,11 +201,14 @@ class LearnerGroup:
         return combine_stats(results)
 
     # ------------------------------------------------------------------ inference
-    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Per-token log-probs [B, T] (aligned with input_ids, 0 off real tokens), CPU float32."""
+    def logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
+        """Per-token log-probs [B, T] (aligned with input_ids, 0 off real tokens), CPU float32.
+
+        At the sampling temperature unless `temperature` is given (the audit compares at 1.0, which is
+        what the engine's scoring pass returns)."""
         if self.role == "critic":
             raise ValueError("logprobs: the critic has no LM head; use values()")
-        return self._per_token(batch, "logprobs")
+        return self._per_token(batch, "logprobs", temperature=temperature)
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """Critic values [B, T]: values[:, t] = V(state before token t)."""
@@ -213,7 +216,7 @@ class LearnerGroup:
             raise ValueError(f"values: only the critic has a value head (this group is the {self.role})")
         return self._per_token(batch, "values")
 
-    def _per_token(self, batch: TrainBatch, method: str) -> torch.Tensor:
+    def _per_token(self, batch: TrainBatch, method: str, **kwargs) -> torch.Tensor:
         rows_per_rank, shards = shard_batch(batch, self.world_size)
         micro = [
             micro_batches(s, list(range(len(rows))), self.micro_batch_tokens)
@@ -221,7 +224,10 @@ class LearnerGroup:
         ]
         num_micro = max(len(m) for m in micro)
         outs = ray.get(
-            [getattr(a, method).remote(s, m, num_micro) for a, s, m in zip(self._actors, shards, micro)]
+            [
+                getattr(a, method).remote(s, m, num_micro, **kwargs)
+                for a, s, m in zip(self._actors, shards, micro)
+            ]
         )
         result = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         for rows, out in zip(rows_per_rank, outs):

@@ -242,12 +242,16 @@ class Learner:
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def logprobs(
-        self, shard: TrainBatch, micro_batches: list[list[int]] | None = None, num_micro: int | None = None
+        self,
+        shard: TrainBatch,
+        micro_batches: list[list[int]] | None = None,
+        num_micro: int | None = None,
+        temperature: float | None = None,
     ) -> torch.Tensor:
-        """log p(token_t | tokens < t) at the sampling temperature, [B, T] float32 on CPU (0 off real tokens)."""
+        """log p(token_t | tokens < t) at the sampling temperature (or `temperature`), [B, T] float32 on CPU."""
         if self.role == "critic":
             raise ValueError("logprobs: the critic has no LM head; use values()")
-        return self._per_token(shard, micro_batches, num_micro)
+        return self._per_token(shard, micro_batches, num_micro, temperature)
 
     @torch.no_grad()
     def values(
@@ -258,7 +262,7 @@ class Learner:
             raise ValueError(f"values: only the critic has a value head (this is the {self.role})")
         return self._per_token(shard, micro_batches, num_micro)
 
-    def _per_token(self, shard: TrainBatch, micro_batches, num_micro) -> torch.Tensor:
+    def _per_token(self, shard: TrainBatch, micro_batches, num_micro, temperature=None) -> torch.Tensor:
         from rlhf.algorithms.losses import token_logprobs
 
         if micro_batches is None:
@@ -270,7 +274,7 @@ class Learner:
             mb = self._micro_batch(shard, rows)
             result = self._forward(mb)
             if self.role != "critic":
-                result = token_logprobs(result, mb.input_ids, temperature=self.temperature)
+                result = token_logprobs(result, mb.input_ids, temperature=temperature or self.temperature)
             if rows is not None:
                 width = mb.input_ids.shape[1]
                 out[rows, :width] = (result.float() * mb.attention_mask).cpu()

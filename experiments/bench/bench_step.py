@@ -27,17 +27,31 @@ sys.path.insert(0, str(REPO))
 
 SHAPES = {
     # Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings)
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 def build_model_dir(shape: str, out: Path) -> Path:
     """Random-weight model of the given shape (bf16) + a word-level tokenizer covering the whole vocab."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     if (out / "config.json").exists():
@@ -52,8 +66,14 @@ def build_model_dir(shape: str, out: Path) -> Path:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins with spaces
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     hf_tok.save_pretrained(out)
-    cfg = Qwen2Config(**spec, max_position_embeddings=4096, bos_token_id=vocab["<eos>"], eos_token_id=vocab["<eos>"],
-                      pad_token_id=vocab["<pad>"], torch_dtype="bfloat16")
+    cfg = Qwen2Config(
+        **spec,
+        max_position_embeddings=4096,
+        bos_token_id=vocab["<eos>"],
+        eos_token_id=vocab["<eos>"],
+        pad_token_id=vocab["<pad>"],
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
@@ -73,19 +93,32 @@ def write_prompts(path: Path, num: int, prompt_len: int, vocab: int, seed: int =
 
 
 # ----------------------------------------------------------------------------------------- (a) vLLM alone
-def vllm_alone(model_dir: str, prompts: int, n: int, prompt_len: int, new_tokens: int, util: float, eager: bool) -> dict:
+def vllm_alone(
+    model_dir: str, prompts: int, n: int, prompt_len: int, new_tokens: int, util: float, eager: bool
+) -> dict:
     import random
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    llm = LLM(model_dir, dtype="bfloat16", gpu_memory_utilization=util, enforce_eager=eager, seed=0,
-              max_model_len=prompt_len + new_tokens + 16)
+    llm = LLM(
+        model_dir,
+        dtype="bfloat16",
+        gpu_memory_utilization=util,
+        enforce_eager=eager,
+        seed=0,
+        max_model_len=prompt_len + new_tokens + 16,
+    )
     startup = time.perf_counter() - t0
     rng = random.Random(0)
-    batch = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 100000) for _ in range(prompt_len)]) for _ in range(prompts)]
-    sp = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, logprobs=0)
+    batch = [
+        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 100000) for _ in range(prompt_len)])
+        for _ in range(prompts)
+    ]
+    sp = SamplingParams(
+        n=n, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, logprobs=0
+    )
     llm.generate(batch[:4], sp, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(batch, sp, use_tqdm=False)
@@ -95,10 +128,11 @@ def vllm_alone(model_dir: str, prompts: int, n: int, prompt_len: int, new_tokens
 
 
 # ----------------------------------------------------------------------------------------- (b) DeepSpeed alone
-def deepspeed_alone(model_dir: str, seqs: int, prompt_len: int, new_tokens: int, micro_batch_tokens: int) -> dict:
+def deepspeed_alone(
+    model_dir: str, seqs: int, prompt_len: int, new_tokens: int, micro_batch_tokens: int
+) -> dict:
     import deepspeed
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -107,7 +141,9 @@ def deepspeed_alone(model_dir: str, seqs: int, prompt_len: int, new_tokens: int,
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
     model.gradient_checkpointing_enable()
     per_micro = max(1, micro_batch_tokens // (prompt_len + new_tokens))
     ds_cfg = {
@@ -137,9 +173,14 @@ def deepspeed_alone(model_dir: str, seqs: int, prompt_len: int, new_tokens: int,
     one_step()
     train = time.perf_counter() - t0
     tokens = seqs * (prompt_len + new_tokens)
-    return {"train_s": train, "trained_tokens": tokens, "tokens_per_s": tokens / train,
-            "micro_batch_size": per_micro, "grad_accum": ds_cfg["gradient_accumulation_steps"],
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "train_s": train,
+        "trained_tokens": tokens,
+        "tokens_per_s": tokens / train,
+        "micro_batch_size": per_micro,
+        "grad_accum": ds_cfg["gradient_accumulation_steps"],
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 # ----------------------------------------------------------------------------------------- (c)+(d) rlhf
@@ -148,21 +189,33 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
     from rlhf.driver import Trainer
 
     overrides = [
-        f"model.path={model_dir}", f"data.source={prompts_file}", "data.apply_chat_template=false",
-        "data.num_eval=0", f"data.max_prompt_tokens={args.prompt_len + 8}",
-        f"rollout.prompts_per_step={args.prompts}", f"rollout.sampling.n={args.n}",
-        f"rollout.sampling.max_new_tokens={args.new_tokens}", "rollout.sampling.ignore_eos=true",
+        f"model.path={model_dir}",
+        f"data.source={prompts_file}",
+        "data.apply_chat_template=false",
+        "data.num_eval=0",
+        f"data.max_prompt_tokens={args.prompt_len + 8}",
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.sampling.n={args.n}",
+        f"rollout.sampling.max_new_tokens={args.new_tokens}",
+        "rollout.sampling.ignore_eos=true",
         f"rollout.max_model_len={args.prompt_len + args.new_tokens + 16}",
         f"rollout.enforce_eager={str(args.eager).lower()}",
         f"rollout.gpu_memory_utilization={args.util}",
         f"rollout.sleep_between_steps={str(args.sleep).lower()}",
         "reward.sources=[{kind: rule, name: 'experiments.bench.bench_reward:token_parity'}]",
-        f"trainer.micro_batch_tokens={args.micro_batch_tokens}", "trainer.zero_stage=2",
-        f"trainer.gradient_checkpointing=true", "algorithm.advantage=grpo", "algorithm.kl_coef=0",
-        f"steps={args.steps}", "logging.wandb_mode=disabled", "logging.plot=false",
-        f"logging.output_dir={args.out}/runs", "placement.device=cuda",
+        f"trainer.micro_batch_tokens={args.micro_batch_tokens}",
+        "trainer.zero_stage=2",
+        "trainer.gradient_checkpointing=true",
+        "algorithm.advantage=grpo",
+        "algorithm.kl_coef=0",
+        f"steps={args.steps}",
+        "logging.wandb_mode=disabled",
+        "logging.plot=false",
+        f"logging.output_dir={args.out}/runs",
+        "placement.device=cuda",
         f"placement.colocate={'[[rollout, learner]]' if args.mode == 'colocated' else '[]'}",
-        f"sync.transport={args.transport}", f"sync.bucket_mb={args.bucket_mb}",
+        f"sync.transport={args.transport}",
+        f"sync.bucket_mb={args.bucket_mb}",
     ] + args.override
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
@@ -173,8 +226,12 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
             m = trainer.step_once()
             trainer.step += 1
             steps.append(m)
-            print(json.dumps({k: round(v, 4) for k, v in m.items() if k.startswith(("time/", "perf/", "sync/"))}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {k: round(v, 4) for k, v in m.items() if k.startswith(("time/", "perf/", "sync/"))}
+                ),
+                flush=True,
+            )
         syncs = []
         for _ in range(5):
             syncs.append(trainer.roles.sync.push())
@@ -195,7 +252,9 @@ def summarise(res: dict, args) -> dict:
         "step_s": step,
         "generated_tokens_per_step": avg("perf/generated_tokens"),
         "end_to_end_tokens_per_s": avg("perf/generated_tokens") / step,
-        "breakdown_s": {k[5:-2]: avg(k) for k in sorted({k for s in steps for k in s if k.startswith("time/")})},
+        "breakdown_s": {
+            k[5:-2]: avg(k) for k in sorted({k for s in steps for k in s if k.startswith("time/")})
+        },
         "overhead_ratio": step / ideal,
         "sync_alone_s": sync,
         "sync_gbps": res["rlhf"]["sync_alone"][0].get("sync/bytes", 0) / sync / 1e9,
@@ -207,7 +266,9 @@ def summarise(res: dict, args) -> dict:
         out["deepspeed_alone_train_s"] = res["deepspeed"]["train_s"]
         out["ours_train_vs_deepspeed"] = train / res["deepspeed"]["train_s"]
         if "vllm" in res:
-            out["overhead_vs_raw_parts"] = step / (res["vllm"]["generate_s"] + res["deepspeed"]["train_s"] + sync)
+            out["overhead_vs_raw_parts"] = step / (
+                res["vllm"]["generate_s"] + res["deepspeed"]["train_s"] + sync
+            )
     return out
 
 
@@ -235,22 +296,29 @@ def main() -> None:
     ap.add_argument("--sleep", action="store_true", help="vLLM sleeps while the learners train")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (fast start, slower decode)")
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
-    ap.add_argument("--parts", default="a,b,c", help="which of a (vLLM), b (DeepSpeed), c (rlhf + sync) to run")
+    ap.add_argument(
+        "--parts", default="a,b,c", help="which of a (vLLM), b (DeepSpeed), c (rlhf + sync) to run"
+    )
     ap.add_argument("--out", default="experiments/results/gpu/bench")
     ap.add_argument("--override", nargs="*", default=[])
     ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = build_model_dir(args.shape, Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench")) / args.shape)
+    model_dir = build_model_dir(
+        args.shape, Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench")) / args.shape
+    )
 
     if args.part == "a":
-        r = vllm_alone(str(model_dir), args.prompts, args.n, args.prompt_len, args.new_tokens, args.util, args.eager)
+        r = vllm_alone(
+            str(model_dir), args.prompts, args.n, args.prompt_len, args.new_tokens, args.util, args.eager
+        )
         print("RESULT " + json.dumps(r))
         return
     if args.part == "b":
-        r = deepspeed_alone(str(model_dir), args.prompts * args.n, args.prompt_len, args.new_tokens,
-                            args.micro_batch_tokens)
+        r = deepspeed_alone(
+            str(model_dir), args.prompts * args.n, args.prompt_len, args.new_tokens, args.micro_batch_tokens
+        )
         print("RESULT " + json.dumps(r))
         return
 
