@@ -65,6 +65,7 @@ class RolloutConfig:
     max_model_len: int = 1024
     enforce_eager: bool | None = None  # None: True on CPU
     enable_prefix_caching: bool = True
+    max_num_seqs: int | None = None  # vLLM's concurrent sequences (None: vLLM's default)
     # Release weights and KV cache while learners train (colocated GPU mode).
     sleep_between_steps: bool | None = None  # None: True when colocated on GPU
     load_format: str = "auto"  # "dummy" for throughput benchmarks
@@ -185,7 +186,7 @@ class SyncConfig:
     bucket_mb: int = 256
     audit: bool = True  # compare engine and learner logprobs on a probe batch after each sync
     audit_samples: int = 4
-    audit_tolerance: float | None = None  # warn above this mean |diff| (None: 1e-3 fp32, 5e-2 bf16)
+    audit_tolerance: float | None = None  # warn above this mean |diff| (None: 5e-3 fp32, 5e-2 bf16)
 
 
 @dataclass
@@ -196,6 +197,7 @@ class LoggingConfig:
     output_dir: str = "runs"
     log_every: int = 1
     plot: bool = True  # reward curve PNG in the run directory
+    samples_per_step: int = 16  # sampled responses written to samples.jsonl each step (0: none)
 
 
 @dataclass

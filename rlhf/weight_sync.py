@@ -90,6 +90,11 @@ class SyncPayload:
     num_buckets: int = 0
 
 
+def as_spec(spec: SyncSpec | dict) -> SyncSpec:
+    """vLLM's multiprocess engine serialises collective_rpc arguments: a SyncSpec may arrive as a dict."""
+    return spec if isinstance(spec, SyncSpec) else SyncSpec(**spec)
+
+
 def make_spec(
     transport: str,
     bucket_bytes: int,

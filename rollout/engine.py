@@ -75,6 +75,8 @@ class RolloutEngine:
             worker_extension_cls=WORKER_EXTENSION,
             logprobs_mode="processed_logprobs",
         )
+        if cfg.max_num_seqs:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
         if on_cpu:
             kwargs["distributed_executor_backend"] = "uni"
             # vLLM-CPU reads gpu_memory_utilization as the whole process's share of the NUMA node
@@ -109,6 +111,7 @@ class RolloutEngine:
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
+            ignore_eos=sampling.ignore_eos,
             logprobs=0,  # only the sampled token's logprob
         )
 
@@ -124,6 +127,11 @@ class RolloutEngine:
         if not prompts:
             return []
         params = self.sampling_params(sampling or self.cfg.sampling, n, temperature)
+        empty = [p.index for p in prompts if not p.token_ids]
+        if empty:
+            raise ValueError(
+                f"rollout: prompt(s) {empty[:5]} have no tokens (check data.input_key and the tokenizer)"
+            )
         inputs = [{"prompt_token_ids": list(p.token_ids)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
@@ -178,6 +186,8 @@ class RolloutEngine:
                 for key, value in results[0].items():
                     stats[key] = value if key.startswith("params") else stats.get(key, 0) + value
         else:
+            # broadcast / cuda_ipc read the store, not the payload (which would not survive serialisation)
+            payload = payload if spec.transport == "object_store" else None
             stats = self.llm.collective_rpc("receive_weights", args=(spec, payload, first_rank))[0]
         self.llm.reset_prefix_cache()
         return stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from typing import Any
 
 import ray
@@ -37,7 +38,10 @@ def _engine_options(cfg: RunConfig, device: str, options: dict[str, Any] | None)
     opts = copy.deepcopy(options) if options else {}
     if device == "cpu":
         opts.setdefault("num_cpus", 1)
-        threads = str(max(1, math.ceil(opts["num_cpus"])))
+        # Roles take turns on a CPU machine (generate, then train): each may use every core while it works.
+        threads = os.environ.get("RLHF_CPU_THREADS") or str(
+            max(math.ceil(opts["num_cpus"]), os.cpu_count() or 1)
+        )
         env = {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",

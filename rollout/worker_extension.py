@@ -36,9 +36,10 @@ class WeightUpdateExtension:
         return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
     def receive_weights(
-        self, spec: weight_sync.SyncSpec, payload: Any = None, first_rank: int = 1
+        self, spec: weight_sync.SyncSpec | dict, payload: Any = None, first_rank: int = 1
     ) -> dict[str, int]:
         """Load one push of weights (every bucket) into this worker's model."""
+        spec = weight_sync.as_spec(spec)
         model = self.rlhf_model()
         device = next(model.parameters()).device
         loaded: set[str] = set()
@@ -67,12 +68,13 @@ class WeightUpdateExtension:
             return contextlib.nullcontext()
         return set_current_vllm_config(self.vllm_config)
 
-    def init_weight_group(self, spec: weight_sync.SyncSpec, first_rank: int = 1) -> bool:
+    def init_weight_group(self, spec: weight_sync.SyncSpec | dict, first_rank: int = 1) -> bool:
         """Join the sync group now (otherwise the first `receive_weights` joins it).
 
         Blocks until every rank, learner rank 0 included, has joined: start it together with the
         learner side.
         """
+        spec = weight_sync.as_spec(spec)
         model = self.rlhf_model()
         device = next(model.parameters()).device
         if spec.transport == "object_store":

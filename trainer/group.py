@@ -166,7 +166,11 @@ class LearnerGroup:
         if self.device == "cpu":
             # DeepSpeed chooses its accelerator at import time: this must be in the env before it.
             env["DS_ACCELERATOR"] = "cpu"
-            env.setdefault("OMP_NUM_THREADS", str(max(1, int(opts.get("num_cpus") or 1))))
+            # Roles take turns on a CPU machine (generate, then train): each may use every core while it works.
+            threads = os.environ.get("RLHF_CPU_THREADS") or str(
+                max(1, int(opts.get("num_cpus") or 1), os.cpu_count() or 1)
+            )
+            env.setdefault("OMP_NUM_THREADS", threads)
         runtime_env["env_vars"] = env
         opts["runtime_env"] = runtime_env
         return opts

@@ -49,10 +49,14 @@ SHAPES = {
 
 
 def build_model_dir(shape: str, out: Path) -> Path:
-    """Random-weight model of the given shape (bf16) + a word-level tokenizer covering the whole vocab."""
+    """Random-weight model of the given shape (bf16) + a word-level tokenizer covering the whole vocab.
+
+    The Qwen2.5 shapes are written as Llama configs with attention biases (Qwen2 = Llama + q/k/v
+    biases; Llama adds an o_proj bias too, 0.01% more parameters): transformers maps a `qwen2`
+    model type to Qwen2Tokenizer, which cannot read a word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if (out / "config.json").exists():
         return out
@@ -66,8 +70,11 @@ def build_model_dir(shape: str, out: Path) -> Path:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins with spaces
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     hf_tok.save_pretrained(out)
-    cfg = Qwen2Config(
+    cfg = LlamaConfig(
         **spec,
+        attention_bias=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
         max_position_embeddings=4096,
         bos_token_id=vocab["<eos>"],
         eos_token_id=vocab["<eos>"],
@@ -76,7 +83,7 @@ def build_model_dir(shape: str, out: Path) -> Path:
     )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     return out
 
@@ -198,6 +205,7 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         f"rollout.sampling.n={args.n}",
         f"rollout.sampling.max_new_tokens={args.new_tokens}",
         "rollout.sampling.ignore_eos=true",
+        f"rollout.max_num_seqs={args.prompts * args.n}",
         f"rollout.max_model_len={args.prompt_len + args.new_tokens + 16}",
         f"rollout.enforce_eager={str(args.eager).lower()}",
         f"rollout.gpu_memory_utilization={args.util}",
@@ -219,6 +227,13 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
     ] + args.override
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
+    probe = trainer.data.next_batch(1)[0]
+    print(
+        f"tokenizer {type(trainer.tokenizer).__name__}: first prompt has {len(probe.token_ids)} tokens; "
+        f"'t1 t2' -> {trainer.tokenizer('t1 t2').input_ids}",
+        flush=True,
+    )
+    trainer.data.load_state_dict({"epoch": 0, "position": 0, "seed": cfg.data.seed})
     trainer.roles = trainer.start_roles()
     steps = []
     try:

@@ -208,9 +208,11 @@ def value_loss(
 
 # ------------------------------------------------------------------------------------ logprobs and entropy
 def _shifted_chunks(logits: Tensor, chunk_size: int | None):
-    """Yield (t0, t1, logits[:, t0-1:t1-1]): the logits that predict tokens t0..t1-1 (t >= 1)."""
-    T = logits.shape[1]
-    step = T if chunk_size is None else max(int(chunk_size), 1)
+    """Yield (t0, t1, logits[:, t0-1:t1-1]): the logits that predict tokens t0..t1-1 (t >= 1).
+
+    `chunk_size` counts tokens (rows x positions), so a float32 chunk stays ~chunk_size x V whatever B is."""
+    B, T = logits.shape[:2]
+    step = T if chunk_size is None else max(int(chunk_size) // max(B, 1), 1)
     for t0 in range(1, T, step):
         t1 = min(t0 + step, T)
         yield t0, t1, logits[:, t0 - 1 : t1 - 1]
