@@ -218,7 +218,10 @@ class Learner:
         """Policy/reference: logits [B, T, V]; critic: values [B, T]."""
         if self.role == "critic":
             return self.engine(mb.input_ids, mb.attention_mask)
-        return self.engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        # Batches are right-padded, so with the causal mask alone no real token ever attends to a pad:
+        # passing no attention mask gives the same values on real tokens and lets SDPA use its
+        # flash/causal kernels instead of a dense [B, 1, T, T] mask (about 2x faster on GPU).
+        return self.engine(input_ids=mb.input_ids, use_cache=False).logits
 
     def _micro_batch(self, shard: TrainBatch, rows: list[int] | None) -> TrainBatch:
         """Rows of the shard on the device, trimmed to their longest row. `None`: a filler micro-batch
