@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from rlhf import checkpoint as ckpt
 from rlhf.algorithms import advantages as adv_fns
-from rlhf.algorithms import filters, gae, kl
+from rlhf.algorithms import filters, kl
+from rlhf.algorithms.gae import gae
 from rlhf.batch import make_train_batch
 from rlhf.config import RunConfig
 from rlhf.config_loader import resolve_device, to_dict, to_yaml
@@ -47,18 +48,22 @@ class Roles:
     placement: object
 
 
-def init_ray(device: str) -> None:
+def init_ray(device: str) -> bool:
+    """Join RAY_ADDRESS or start a local Ray; returns whether this call started it."""
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS")
     env_vars = {"TOKENIZERS_PARALLELISM": "false"}
     if device == "cpu":
         env_vars.update({"DS_ACCELERATOR": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     if address:
+        # A `ray job submit` driver already runs in the job's runtime env, which Ray will not merge
+        # with another one here; each role group sets the variables its actors need itself.
         log(f"joining Ray cluster at {address}")
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    return True
 
 
 def new_run_dir(cfg: RunConfig) -> tuple[Path, str]:
@@ -99,6 +104,7 @@ class Trainer:
             self.pad_id = self.tokenizer.eos_token_id
         self.data = PromptData(cfg.data, self.tokenizer)
         self.step = 0
+        self.started_ray = False
         self.roles: Roles | None = None
         self.metrics = MetricsLogger(
             self.run_dir, cfg.logging.project, self.run_name, cfg.logging.wandb_mode, to_dict(cfg)
@@ -112,7 +118,7 @@ class Trainer:
         from trainer import LearnerGroup
 
         cfg = self.cfg
-        init_ray(self.device)
+        self.started_ray = init_ray(self.device)
         plan = make_plan(cfg)
         log("placement:\n" + plan.describe())
         placement = RayPlacement(plan)
@@ -431,6 +437,8 @@ class Trainer:
                 except Exception as e:  # shutting down must not hide the real error
                     log(f"warning: shutdown of {type(group).__name__} failed: {e}")
         self.roles.placement.remove()
+        if self.started_ray:  # leave Ray as we found it (tests and notebooks run several trainings)
+            ray.shutdown()
 
 
 def train(cfg: RunConfig) -> Path:

@@ -37,7 +37,9 @@ def two_node_cluster(tmp_path):
     """Head + worker started with `ray start --block`; terminating them tears the cluster down."""
     gcs, dash = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rlhf-ray-{os.getpid()}"
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    # Ray 2.60 turns on token authentication for new clusters; the CLI clients of this test would
+    # need the token, so this loopback-only cluster runs without it.
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [
@@ -84,7 +86,12 @@ def two_node_cluster(tmp_path):
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+        # `ray start --block` does not always take gcs_server/raylet with it: end every process of
+        # this cluster (they all carry its private temp dir on their command line).
+        subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ok(cmd, env) -> bool:
@@ -140,9 +147,13 @@ def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
         "placement.rollout.resources={node_b: 0.5}",
         "placement.learner.resources={node_a: 0.5}",
     ]
-    submitted = subprocess.run(
-        cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    for _ in range(20):  # the job agent comes up a little after the cluster answers
+        submitted = subprocess.run(
+            cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=120, cwd=REPO
+        )
+        if submitted.returncode == 0 or "No available agent" not in submitted.stderr:
+            break
+        time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
     deadline = time.time() + 600
