@@ -166,7 +166,7 @@ def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
             text=True,
             timeout=60,
         )
-        status = st.stdout
+        status = st.stdout + st.stderr  # the CLI logs the status line to stderr
         if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
             break
         time.sleep(5)
