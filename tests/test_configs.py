@@ -31,7 +31,7 @@ def test_recipe_runs_two_steps(path, tiny_model_dir, tmp_path):
         "data.num_eval=0",
         "rollout.prompts_per_step=2",
         "rollout.sampling.n=4",
-        "rollout.sampling.max_new_tokens=8",
+        "rollout.sampling.max_new_tokens=12",
         "rollout.max_model_len=256",
         "trainer.micro_batch_tokens=256",
         "logging.wandb_mode=disabled",
