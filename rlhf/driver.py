@@ -240,7 +240,7 @@ class Trainer:
                 coef = alg.kl_coef if (token_kl is not None and alg.kl_in == "reward") else 0.0
                 kl_term = token_kl if token_kl is not None else torch.zeros_like(batch.loss_mask)
                 token_rewards = adv_fns.token_level_rewards(rewards, kl_term, batch.loss_mask, coef)
-                batch.advantages, batch.returns = gae.gae(
+                batch.advantages, batch.returns = gae(
                     token_rewards, batch.values, batch.loss_mask, alg.gamma, alg.lam
                 )
             else:
