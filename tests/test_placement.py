@@ -361,14 +361,15 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-def test_ray_placement_on_cpu(recipe, ray_cluster):
+def test_ray_placement_on_cpu(recipe, ray_cluster, tiny_model_dir):
     from rlhf.placement import RayPlacement, inventory_from_ray
 
     ray = ray_cluster
     live = inventory_from_ray()
     assert sum(n.cpus for n in live.nodes) == 2 and live.total_gpus == 0
 
-    cfg = load_config(recipe, [*ALL_ROLES, "placement.learner.replicas=2"])
+    # A tiny model: the memory check must not depend on how much RAM the machine has free.
+    cfg = load_config(recipe, [*ALL_ROLES, "placement.learner.replicas=2", f"model.path={tiny_model_dir}"])
     placement = RayPlacement(cfg)  # plans on the live cluster
 
     @ray.remote
