@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rlhf.algorithms.losses import (
     LOSS_AGG_MODES,
@@ -12,6 +13,7 @@ from rlhf.algorithms.losses import (
     policy_loss,
     token_entropy,
     token_logprobs,
+    token_logprobs_and_entropy,
     value_loss,
 )
 from rlhf.config import AlgorithmConfig
@@ -21,7 +23,7 @@ LN = math.log
 
 
 def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, T(expected, dtype=actual.dtype), atol=atol, rtol=0)
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ aggregate
@@ -271,3 +273,35 @@ def test_token_entropy(chunk_size):
     close(token_entropy(uniform, chunk_size=chunk_size), [[0.0] + [LN(8.0)] * 4] * 2)
     # [0.25, 0.5, 0.25]: 0.5 log 4 + 0.5 log 2 = 1.039721
     close(token_entropy(_logits(), chunk_size=chunk_size)[:, :3], [[0.0, LN(3.0), 1.039721]])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2, 7])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_entropy_match_log_softmax(chunk_size, temperature):
+    """The chunked forward/backward equals autograd through a plain log_softmax (float64, with a temperature)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 6))
+    weights = torch.randn(3, 6, dtype=torch.float64)
+
+    logp, entropy = token_logprobs_and_entropy(logits, ids, temperature=temperature, chunk_size=chunk_size)
+    (logp * weights).sum().backward()
+    grad = logits.grad.clone()
+
+    ref_logits = logits.detach().clone().requires_grad_()
+    log_softmax = torch.log_softmax(ref_logits[:, :-1] / temperature, dim=-1)
+    ref = F.pad(log_softmax.gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
+    (ref * weights).sum().backward()
+    ref_entropy = F.pad(-(log_softmax.exp() * log_softmax).sum(-1), (1, 0))
+
+    assert logp.dtype == torch.float32 and not entropy.requires_grad
+    close(logp, ref.detach())
+    close(entropy, ref_entropy.detach())
+    torch.testing.assert_close(grad, ref_logits.grad, atol=1e-5, rtol=1e-5)  # float32 inside
+    assert grad[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
+def test_token_logprobs_bf16_gradient_dtype():
+    logits = torch.randn(2, 4, 9, dtype=torch.bfloat16, requires_grad=True)
+    token_logprobs(logits, torch.randint(0, 9, (2, 4))).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()

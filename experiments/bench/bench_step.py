@@ -186,8 +186,120 @@ def deepspeed_alone(
         "tokens_per_s": tokens / train,
         "micro_batch_size": per_micro,
         "grad_accum": ds_cfg["gradient_accumulation_steps"],
+        "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
     }
+
+
+# ----------------------------------------------------------------------------------------- (l) our learner alone
+def learner_alone(model_dir: str, args) -> dict:
+    """Our `Learner` (the class the Ray actor wraps) in this process, on (b)'s tokens: no Ray, no vLLM.
+
+    Separates the learner's own cost from colocation effects. Reports the logprob pass, two timed
+    train steps (the first pays the optimizer's lazy state), the grad norm, allocator retries and,
+    with --profile, the top CUDA kernels of one step.
+    """
+    import socket
+
+    import torch
+
+    from rlhf.algorithms import losses
+    from rlhf.config_loader import load_config
+    from rlhf.types import TrainBatch
+    from trainer.learner import Learner, pack_micro_batches, row_lengths
+
+    if args.logprob_impl == "naive":  # A/B: autograd through per-chunk slices (the pre-fused form)
+        losses.token_logprobs_and_entropy = naive_logprobs_and_entropy
+    cfg = load_config(
+        REPO / "configs/quickstart.yaml",
+        [
+            f"model.path={model_dir}",
+            "trainer.zero_stage=2",
+            "trainer.gradient_checkpointing=true",
+            f"trainer.micro_batch_tokens={args.micro_batch_tokens}",
+            "algorithm.advantage=grpo",
+            "algorithm.kl_coef=0",
+            "rollout.sampling.temperature=1.0",
+            "placement.device=cuda",
+        ]
+        + args.override,
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    learner = Learner(cfg, model_dir, "policy", "cuda", 0, 1, "127.0.0.1", port)
+    seqs, width = args.prompts * args.n, args.prompt_len + args.new_tokens
+    gen = torch.Generator().manual_seed(0)
+    loss_mask = torch.zeros(seqs, width)
+    loss_mask[:, args.prompt_len :] = 1.0
+    batch = TrainBatch(
+        input_ids=torch.randint(1000, 100000, (seqs, width), generator=gen),
+        attention_mask=torch.ones(seqs, width, dtype=torch.long),
+        loss_mask=loss_mask,
+        rollout_logprobs=torch.zeros(seqs, width),
+        advantages=torch.randn(seqs, 1, generator=gen) * loss_mask,
+        rewards=torch.zeros(seqs),
+    )
+    micro = pack_micro_batches(row_lengths(batch), args.micro_batch_tokens)
+    num_tokens, num_sequences = losses.loss_normalizers(loss_mask)
+    step = {
+        "micro_batches": micro,
+        "num_micro": None,
+        "global_num_tokens": num_tokens,
+        "global_num_sequences": num_sequences,
+    }
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    logprobs, logprob_s = timed(lambda: learner.logprobs(batch))
+    batch.rollout_logprobs = logprobs * loss_mask  # on-policy: ratio 1, like a real first epoch
+    trains = []
+    for _ in range(2):
+        (stats,), seconds = timed(lambda: learner.train(batch, [step]))
+        trains.append({"train_s": seconds, "grad_norm": stats["grad_norm"], "loss": stats["loss"]})
+    result = {
+        "logprob_impl": args.logprob_impl,
+        "logprob_pass_s": logprob_s,
+        "train": trains,
+        "train_s": trains[-1]["train_s"],
+        "trained_tokens": seqs * width,
+        "tokens_per_s": seqs * width / trains[-1]["train_s"],
+        "micro_batches": len(micro),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+    }
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            learner.train(batch, [step])
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        (Path(args.out) / f"profile_learner_{args.logprob_impl}.txt").write_text(table)
+        print(table, flush=True)
+    return result
+
+
+def naive_logprobs_and_entropy(logits, input_ids, *, temperature=1.0, chunk_size=1024):
+    """The earlier implementation, kept for the A/B: float32 chunk slices through autograd."""
+    import torch
+
+    from rlhf.algorithms.losses import _shifted_chunks
+
+    logp = [torch.zeros_like(input_ids[:, :1], dtype=torch.float32)]
+    entropy = [torch.zeros_like(input_ids[:, :1], dtype=torch.float32)]
+    for t0, t1, chunk in _shifted_chunks(logits, chunk_size):
+        z = chunk.float() / temperature
+        norm = torch.logsumexp(z, dim=-1)
+        logp.append(z.gather(-1, input_ids[:, t0:t1, None]).squeeze(-1) - norm)
+        with torch.no_grad():
+            entropy.append(norm - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
+    return torch.cat(logp, dim=1), torch.cat(entropy, dim=1)
 
 
 # ----------------------------------------------------------------------------------------- (c)+(d) rlhf
@@ -312,10 +424,14 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="enforce_eager (fast start, slower decode)")
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
     ap.add_argument(
-        "--parts", default="a,b,c", help="which of a (vLLM), b (DeepSpeed), c (rlhf + sync) to run"
+        "--parts",
+        default="a,b,c",
+        help="which of a (vLLM), b (DeepSpeed), l (our learner alone), c (rlhf + sync) to run",
     )
     ap.add_argument("--out", default="experiments/results/gpu/bench")
     ap.add_argument("--override", nargs="*", default=[])
+    ap.add_argument("--logprob-impl", default="fused", choices=["fused", "naive"], help="(l) only")
+    ap.add_argument("--profile", action="store_true", help="(l): torch profiler table of one train step")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     args = ap.parse_args()
     out = Path(args.out)
@@ -336,10 +452,13 @@ def main() -> None:
         )
         print("RESULT " + json.dumps(r))
         return
+    if args.part == "l":
+        print("RESULT " + json.dumps(learner_alone(str(model_dir), args)))
+        return
 
     results: dict = {"device": device_name(), "args": vars(args), "command": " ".join(sys.argv)}
     parts = args.parts.split(",")
-    for part, key in (("a", "vllm"), ("b", "deepspeed")):
+    for part, key in (("a", "vllm"), ("b", "deepspeed"), ("l", "learner")):
         if part in parts:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]
             p = subprocess.run(cmd, capture_output=True, text=True)

@@ -24,6 +24,7 @@ from rlhf.algorithms.losses import (
     policy_loss,
     token_entropy,
     token_logprobs,
+    token_logprobs_and_entropy,
     value_loss,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "rloo_advantages",
     "token_entropy",
     "token_logprobs",
+    "token_logprobs_and_entropy",
     "token_level_rewards",
     "value_loss",
     "whiten",

@@ -223,22 +223,71 @@ def token_logprobs(
 ) -> Tensor:
     """log p(token_t | tokens < t) for every position, [B, T] float32, aligned with input_ids (position 0 = 0).
 
-    `logits` [B, T, V] are a causal LM's outputs (logits[:, t] predicts token t + 1). Computed as
-    logit[token] - logsumexp(logits) in float32, `chunk_size` positions at a time, so no [B, T, V] log-softmax
-    copy is made. Pass the sampling temperature so the logprobs match the rollout engine's.
+    `logits` [B, T, V] are a causal LM's outputs (logits[:, t] predicts token t + 1). Pass the sampling
+    temperature so the logprobs match the rollout engine's. See `token_logprobs_and_entropy`.
+    """
+    return token_logprobs_and_entropy(logits, input_ids, temperature=temperature, chunk_size=chunk_size)[0]
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor, input_ids: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024
+) -> tuple[Tensor, Tensor]:
+    """(log-probs, entropy), both [B, T] float32 aligned with input_ids; the entropy is detached (for logging).
+
+    Computed in float32 `chunk_size` tokens at a time by one autograd function whose backward writes
+    d logp / d logits = (onehot - softmax) / temperature straight into one gradient buffer. The naive
+    form (slicing logits per chunk under autograd) makes every slice's backward allocate and add a
+    full [B, T, V] zero tensor, and keeps float32 copies of the logits for backward: at a 150k vocabulary
+    that was most of the learner's step time (experiments/results/gpu/README.md).
     """
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         raise ValueError(
             f"token_logprobs: logits {tuple(logits.shape)} must be [B, T, V] for input_ids {tuple(input_ids.shape)}"
         )
-    pieces = [torch.zeros_like(input_ids[:, :1], dtype=torch.float32)]
-    for t0, t1, chunk in _shifted_chunks(logits, chunk_size):
-        chunk = chunk.float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        picked = chunk.gather(-1, input_ids[:, t0:t1, None]).squeeze(-1)
-        pieces.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(pieces, dim=1)[:, : input_ids.shape[1]]
+    return _TokenLogprobs.apply(logits, input_ids, float(temperature), chunk_size)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_size: int | None):
+        B, T = input_ids.shape
+        logp = logits.new_zeros(B, T, dtype=torch.float32)
+        entropy = logits.new_zeros(B, T, dtype=torch.float32)
+        lse = logits.new_zeros(B, T, dtype=torch.float32)
+        for t0, t1, chunk in _shifted_chunks(logits, chunk_size):
+            z = _scaled_float(chunk, temperature)
+            norm = torch.logsumexp(z, dim=-1)
+            lse[:, t0:t1] = norm
+            logp[:, t0:t1] = z.gather(-1, input_ids[:, t0:t1, None]).squeeze(-1) - norm
+            # H = logsumexp(z) - sum_v p_v z_v
+            entropy[:, t0:t1] = norm - (z - norm[..., None]).exp_().mul_(z).sum(dim=-1)
+        ctx.save_for_backward(logits, input_ids, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):
+        if grad_logp is None:
+            return None, None, None, None
+        logits, input_ids, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        grad[:, -1:] = 0  # the last position predicts nothing
+        for t0, t1, chunk in _shifted_chunks(logits, ctx.chunk_size):
+            g = grad_logp[:, t0:t1, None].float()
+            # d logp / d z = onehot(token) - softmax(z), and z = logits / temperature
+            dz = (_scaled_float(chunk, ctx.temperature) - lse[:, t0:t1, None]).exp_().mul_(-g)
+            dz.scatter_add_(-1, input_ids[:, t0:t1, None], g)
+            if ctx.temperature != 1.0:
+                dz.div_(ctx.temperature)
+            grad[:, t0 - 1 : t1 - 1] = dz
+        return grad, None, None, None
+
+
+def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
+    """A float32 copy of `chunk` / temperature (never a view of the logits: callers modify it in place)."""
+    z = chunk.float() if chunk.dtype != torch.float32 else chunk.clone()
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024) -> Tensor:
