@@ -152,6 +152,8 @@ class TrainerConfig:
     micro_batch_tokens: int = 4096
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
+    # GPU learners: torch.compile the per-token logprob/entropy kernels (fused passes over the logits).
+    compile_logprobs: bool = True
     critic: CriticConfig = field(default_factory=CriticConfig)
 
 

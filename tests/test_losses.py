@@ -1,6 +1,7 @@
 """Loss aggregation, policy / value losses and logprob / entropy helpers against hand-computed numbers."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -275,16 +276,32 @@ def test_token_entropy(chunk_size):
     close(token_entropy(_logits(), chunk_size=chunk_size)[:, :3], [[0.0, LN(3.0), 1.039721]])
 
 
+def _can_compile() -> bool:
+    return shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(not _can_compile(), reason="torch.compile on CPU needs a C compiler"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("chunk_size", [None, 2, 7])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_and_entropy_match_log_softmax(chunk_size, temperature):
-    """The chunked forward/backward equals autograd through a plain log_softmax (float64, with a temperature)."""
+def test_token_logprobs_and_entropy_match_log_softmax(chunk_size, temperature, compiled):
+    """The chunked forward/backward (eager or torch.compile'd) equals autograd through a plain log_softmax."""
     torch.manual_seed(0)
     logits = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 11, (3, 6))
     weights = torch.randn(3, 6, dtype=torch.float64)
 
-    logp, entropy = token_logprobs_and_entropy(logits, ids, temperature=temperature, chunk_size=chunk_size)
+    logp, entropy = token_logprobs_and_entropy(
+        logits, ids, temperature=temperature, chunk_size=chunk_size, compiled=compiled
+    )
     (logp * weights).sum().backward()
     grad = logits.grad.clone()
 
@@ -301,7 +318,14 @@ def test_token_logprobs_and_entropy_match_log_softmax(chunk_size, temperature):
     assert grad[:, -1].abs().max() == 0  # the last position predicts nothing
 
 
-def test_token_logprobs_bf16_gradient_dtype():
+def test_token_logprobs_bf16_gradient_dtype_and_logits_untouched():
     logits = torch.randn(2, 4, 9, dtype=torch.bfloat16, requires_grad=True)
+    before = logits.detach().clone()
     token_logprobs(logits, torch.randint(0, 9, (2, 4))).sum().backward()
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()
+    assert torch.equal(logits.detach(), before)
+    # float32 logits: the eager backward must copy before working in place
+    logits32 = torch.randn(2, 4, 9, requires_grad=True)
+    before = logits32.detach().clone()
+    token_logprobs(logits32, torch.randint(0, 9, (2, 4)), temperature=0.5).sum().backward()
+    assert torch.equal(logits32.detach(), before)

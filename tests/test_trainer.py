@@ -51,6 +51,10 @@ def test_chunk_and_combine_stats():
     assert out["clip_frac"] == pytest.approx((0.8 / 4 + 1.0 / 4) / 2)
     assert out["grad_norm"] == pytest.approx(3.0)
     assert out["lr"] == 0.2 and out["num_tokens"] == 8.0 and out["optimizer_steps"] == 2.0
+    assert out["skipped_steps"] == 0.0
+    # A step DeepSpeed skipped (non-finite gradients) is counted, not averaged away.
+    rank0[1].update(grad_norm=float("inf"), skipped=1.0)
+    assert combine_stats([rank0, rank1])["skipped_steps"] == 1.0
 
 
 def test_plan_covers_every_row_once_per_epoch_with_global_normalisers():

@@ -281,6 +281,7 @@ def combine_stats(results: list[list[dict[str, Any]]]) -> dict[str, float]:
                 weighted[key] += value
         step.update({key: value / max(tokens, 1.0) for key, value in weighted.items()})
         step.update(grad_norm=ranks[0]["grad_norm"], lr=ranks[0]["lr"], num_tokens=tokens)
+        step["skipped_steps"] = ranks[0].get("skipped", 0.0)
         per_step.append(step)
     if not per_step:
         return {"optimizer_steps": 0.0}
@@ -289,4 +290,5 @@ def combine_stats(results: list[list[dict[str, Any]]]) -> dict[str, float]:
     out["lr"] = per_step[-1]["lr"]
     out["num_tokens"] = sum(s["num_tokens"] for s in per_step)
     out["optimizer_steps"] = float(len(per_step))
+    out["skipped_steps"] = sum(s["skipped_steps"] for s in per_step)  # non-finite gradients
     return out

@@ -14,6 +14,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -153,6 +154,7 @@ class Learner:
         temperature = cfg.rollout.sampling.temperature
         self.temperature = float(temperature) if temperature and temperature > 0 else 1.0
         self.zero_stage = int(cfg.trainer.zero_stage)
+        self.compile_logprobs = device == "cuda" and cfg.trainer.compile_logprobs
         self.trainable = role != "reference"
         ds_config = make_ds_config(cfg.trainer, device, self.dtype, world_size, train=self.trainable)
         if self.zero_stage == 3:
@@ -277,7 +279,12 @@ class Learner:
             mb = self._micro_batch(shard, rows)
             result = self._forward(mb)
             if self.role != "critic":
-                result = token_logprobs(result, mb.input_ids, temperature=temperature or self.temperature)
+                result = token_logprobs(
+                    result,
+                    mb.input_ids,
+                    temperature=temperature or self.temperature,
+                    compiled=self.compile_logprobs,
+                )
             if rows is not None:
                 width = mb.input_ids.shape[1]
                 out[rows, :width] = (result.float() * mb.attention_mask).cpu()
@@ -300,6 +307,8 @@ class Learner:
     def _train_step(self, shard: TrainBatch, step: dict[str, Any]) -> dict[str, Any]:
         micro = self._padded(step["micro_batches"], step["num_micro"])
         lr = float(self.engine.get_lr()[0])
+        # Sums stay on the device until the step ends: a .item() per micro-batch would make the host
+        # wait for the GPU before it can queue the next forward.
         loss_sum, tokens, weighted = 0.0, 0.0, defaultdict(float)
         for i, rows in enumerate(micro):
             # Gradients are reduced across ranks (and the optimizer step allowed) only on the last one.
@@ -309,12 +318,12 @@ class Learner:
             # DeepSpeed averages gradients over ranks; our loss is already a share of the global
             # normalised loss, so undo the average: summed shares = the gradient of the full batch.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            n = float(mb.loss_mask.sum())
-            loss_sum += float(loss.detach())
-            tokens += n
+            n = mb.loss_mask.sum()
+            loss_sum = loss_sum + loss.detach()
+            tokens = tokens + n
             for key, value in stats.items():
                 if key != "num_tokens":
-                    weighted[key] += float(value) * n
+                    weighted[key] = weighted[key] + value * n
         own_norm = None
         if not hasattr(self.optimizer, "_global_grad_norm"):
             # Plain fp32 ZeRO-0: DeepSpeed clips with torch but does not keep the norm. The grads are
@@ -327,12 +336,18 @@ class Learner:
         self.engine.step()
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm) and self.rank == 0:
+            # DeepSpeed skips the update when a gradient is inf/NaN (ZeRO >= 1 and fp16/bf16).
+            print(
+                f"[trainer] {self.role}: non-finite gradient norm ({grad_norm}); the optimizer step was skipped"
+            )
         return {
-            "loss": loss_sum,
-            "num_tokens": tokens,
-            "weighted": dict(weighted),
+            "loss": float(loss_sum),
+            "num_tokens": float(tokens),
+            "weighted": {key: float(value) for key, value in weighted.items()},
             "grad_norm": grad_norm,
             "lr": lr,
+            "skipped": 0.0 if math.isfinite(grad_norm) else 1.0,
         }
 
     def _loss(self, mb: TrainBatch, num_tokens: float, num_sequences: float) -> tuple[torch.Tensor, dict]:
@@ -350,7 +365,9 @@ class Learner:
         alg = self.algorithm
         logits = self._forward(mb)
         # One float32 pass gives both; the entropy is detached (logged only) ...
-        logprobs, entropy = token_logprobs_and_entropy(logits, mb.input_ids, temperature=self.temperature)
+        logprobs, entropy = token_logprobs_and_entropy(
+            logits, mb.input_ids, temperature=self.temperature, compiled=self.compile_logprobs
+        )
         if alg.entropy_coef != 0:  # ... unless it is in the loss: then through autograd
             entropy = token_entropy(logits, temperature=self.temperature)
         recomputed = mb.old_logprobs is not None

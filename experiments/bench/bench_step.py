@@ -210,6 +210,7 @@ def learner_alone(model_dir: str, args) -> dict:
 
     if args.logprob_impl == "naive":  # A/B: autograd through per-chunk slices (the pre-fused form)
         losses.token_logprobs_and_entropy = naive_logprobs_and_entropy
+    compiled = args.logprob_impl == "compiled"
     cfg = load_config(
         REPO / "configs/quickstart.yaml",
         [
@@ -221,6 +222,7 @@ def learner_alone(model_dir: str, args) -> dict:
             "algorithm.kl_coef=0",
             "rollout.sampling.temperature=1.0",
             "placement.device=cuda",
+            f"trainer.compile_logprobs={str(compiled).lower()}",
         ]
         + args.override,
     )
@@ -285,7 +287,7 @@ def learner_alone(model_dir: str, args) -> dict:
     return result
 
 
-def naive_logprobs_and_entropy(logits, input_ids, *, temperature=1.0, chunk_size=1024):
+def naive_logprobs_and_entropy(logits, input_ids, *, temperature=1.0, chunk_size=1024, compiled=False):
     """The earlier implementation, kept for the A/B: float32 chunk slices through autograd."""
     import torch
 
@@ -430,7 +432,12 @@ def main() -> None:
     )
     ap.add_argument("--out", default="experiments/results/gpu/bench")
     ap.add_argument("--override", nargs="*", default=[])
-    ap.add_argument("--logprob-impl", default="fused", choices=["fused", "naive"], help="(l) only")
+    ap.add_argument(
+        "--logprob-impl",
+        default="compiled",
+        choices=["compiled", "eager", "naive"],
+        help="(l) only: torch.compile'd fused kernels, the same in eager mode, or autograd through slices",
+    )
     ap.add_argument("--profile", action="store_true", help="(l): torch profiler table of one train step")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
     args = ap.parse_args()

@@ -219,75 +219,119 @@ def _shifted_chunks(logits: Tensor, chunk_size: int | None):
 
 
 def token_logprobs(
-    logits: Tensor, input_ids: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024
+    logits: Tensor,
+    input_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = 1024,
+    compiled: bool = False,
 ) -> Tensor:
     """log p(token_t | tokens < t) for every position, [B, T] float32, aligned with input_ids (position 0 = 0).
 
     `logits` [B, T, V] are a causal LM's outputs (logits[:, t] predicts token t + 1). Pass the sampling
     temperature so the logprobs match the rollout engine's. See `token_logprobs_and_entropy`.
     """
-    return token_logprobs_and_entropy(logits, input_ids, temperature=temperature, chunk_size=chunk_size)[0]
+    return token_logprobs_and_entropy(
+        logits, input_ids, temperature=temperature, chunk_size=chunk_size, compiled=compiled
+    )[0]
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, input_ids: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024
+    logits: Tensor,
+    input_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = 1024,
+    compiled: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(log-probs, entropy), both [B, T] float32 aligned with input_ids; the entropy is detached (for logging).
 
-    Computed in float32 `chunk_size` tokens at a time by one autograd function whose backward writes
-    d logp / d logits = (onehot - softmax) / temperature straight into one gradient buffer. The naive
-    form (slicing logits per chunk under autograd) makes every slice's backward allocate and add a
-    full [B, T, V] zero tensor, and keeps float32 copies of the logits for backward: at a 150k vocabulary
-    that was most of the learner's step time (experiments/results/gpu/README.md).
+    One autograd function: the forward computes log-probs, logsumexp and entropy in float32, `chunk_size`
+    tokens at a time; the backward writes d logp / d logits = (onehot - softmax) / temperature straight
+    into one gradient buffer. (Slicing logits per chunk under autograd instead makes every slice's
+    backward allocate and add a full [B, T, V] zero tensor and keeps float32 copies for backward.)
+    `compiled=True` runs both per-chunk bodies through torch.compile, which fuses them into a few
+    passes over the logits with no float32 [B, T, V] temporaries (GPU learners use it; see
+    experiments/results/gpu/README.md for the effect on a 150k vocabulary).
     """
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         raise ValueError(
             f"token_logprobs: logits {tuple(logits.shape)} must be [B, T, V] for input_ids {tuple(input_ids.shape)}"
         )
-    return _TokenLogprobs.apply(logits, input_ids, float(temperature), chunk_size)
+    kernels = _compiled_kernels() if compiled else (_chunk_forward, _chunk_backward_eager)
+    return _TokenLogprobs.apply(logits, input_ids, float(temperature), chunk_size, kernels)
+
+
+def _chunk_forward(chunk: Tensor, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, logsumexp, entropy) [B, c] of the tokens `ids` [B, c] under logits `chunk` [B, c, V] / T."""
+    z = chunk.float() / temperature
+    norm = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, ids[..., None]).squeeze(-1) - norm
+    entropy = norm - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # H = logsumexp(z) - sum_v p_v z_v
+    return logp, norm, entropy
+
+
+def _chunk_backward(chunk: Tensor, ids: Tensor, norm: Tensor, grad: Tensor, temperature: float) -> Tensor:
+    """d loss / d chunk = grad * (onehot(ids) - softmax(z)) / T, in the logits' dtype."""
+    probs = torch.exp(chunk.float() / temperature - norm[..., None])
+    onehot = torch.arange(chunk.shape[-1], device=chunk.device) == ids[..., None]
+    return ((onehot.float() - probs) * (grad[..., None] / temperature)).to(chunk.dtype)
+
+
+def _chunk_backward_eager(
+    chunk: Tensor, ids: Tensor, norm: Tensor, grad: Tensor, temperature: float
+) -> Tensor:
+    """`_chunk_backward` with one float32 temporary, updated in place (what eager mode can do)."""
+    z = chunk.float() if chunk.dtype != torch.float32 else chunk.clone()  # never modify the logits
+    g = grad[..., None]
+    dz = z.div_(temperature).sub_(norm[..., None]).exp_().mul_(-g)  # -grad * softmax(z)
+    dz.scatter_add_(-1, ids[..., None], g)
+    return dz.div_(temperature) if temperature != 1.0 else dz
+
+
+_COMPILED: tuple | None = None
+
+
+def _compiled_kernels() -> tuple:
+    global _COMPILED
+    if _COMPILED is None:
+        # dynamic: micro-batch shapes change every call; one graph serves them all.
+        _COMPILED = (
+            torch.compile(_chunk_forward, dynamic=True),
+            torch.compile(_chunk_backward, dynamic=True),
+        )
+    return _COMPILED
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_size: int | None):
+    def forward(ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_size, kernels):
+        forward_kernel = kernels[0]
         B, T = input_ids.shape
         logp = logits.new_zeros(B, T, dtype=torch.float32)
         entropy = logits.new_zeros(B, T, dtype=torch.float32)
-        lse = logits.new_zeros(B, T, dtype=torch.float32)
+        norm = logits.new_zeros(B, T, dtype=torch.float32)
         for t0, t1, chunk in _shifted_chunks(logits, chunk_size):
-            z = _scaled_float(chunk, temperature)
-            norm = torch.logsumexp(z, dim=-1)
-            lse[:, t0:t1] = norm
-            logp[:, t0:t1] = z.gather(-1, input_ids[:, t0:t1, None]).squeeze(-1) - norm
-            # H = logsumexp(z) - sum_v p_v z_v
-            entropy[:, t0:t1] = norm - (z - norm[..., None]).exp_().mul_(z).sum(dim=-1)
-        ctx.save_for_backward(logits, input_ids, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+            logp[:, t0:t1], norm[:, t0:t1], entropy[:, t0:t1] = forward_kernel(
+                chunk, input_ids[:, t0:t1], temperature
+            )
+        ctx.save_for_backward(logits, input_ids, norm)
+        ctx.temperature, ctx.chunk_size, ctx.backward_kernel = temperature, chunk_size, kernels[1]
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):
         if grad_logp is None:
-            return None, None, None, None
-        logits, input_ids, lse = ctx.saved_tensors
+            return None, None, None, None, None
+        logits, input_ids, norm = ctx.saved_tensors
         grad = torch.empty_like(logits)
         grad[:, -1:] = 0  # the last position predicts nothing
         for t0, t1, chunk in _shifted_chunks(logits, ctx.chunk_size):
-            g = grad_logp[:, t0:t1, None].float()
-            # d logp / d z = onehot(token) - softmax(z), and z = logits / temperature
-            dz = (_scaled_float(chunk, ctx.temperature) - lse[:, t0:t1, None]).exp_().mul_(-g)
-            dz.scatter_add_(-1, input_ids[:, t0:t1, None], g)
-            if ctx.temperature != 1.0:
-                dz.div_(ctx.temperature)
-            grad[:, t0 - 1 : t1 - 1] = dz
-        return grad, None, None, None
-
-
-def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
-    """A float32 copy of `chunk` / temperature (never a view of the logits: callers modify it in place)."""
-    z = chunk.float() if chunk.dtype != torch.float32 else chunk.clone()
-    return z.div_(temperature) if temperature != 1.0 else z
+            grad[:, t0 - 1 : t1 - 1] = ctx.backward_kernel(
+                chunk, input_ids[:, t0:t1], norm[:, t0:t1], grad_logp[:, t0:t1].float(), ctx.temperature
+            )
+        return grad, None, None, None, None
 
 
 def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024) -> Tensor:
