@@ -155,6 +155,7 @@ def build_tiny_model(
     layers: int = 2,
     heads: int = 2,
     seed: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> str:
     """Save a random `arch` model + trained tokenizer to `out_dir` (deterministic in `seed`).
 
@@ -174,7 +175,7 @@ def build_tiny_model(
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,  # SmolLM2 and the small Qwen2.5 models tie them
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -29,6 +29,31 @@ def _layerwise_reload_api():
     return initialize_layerwise_reload, finalize_layerwise_reload
 
 
+def _tied_followers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Layers whose parameter belongs to an earlier layer too: a tied lm_head shares embed_tokens.weight.
+
+    The checkpoint (and our sync) carries the weight once, under the owner's name, so the layerwise
+    reload never "loads" the follower: its parameter is updated through the owner, but whatever it
+    derived from the weight after loading (vLLM's CPU backend prepacks the lm_head for its GEMM) is not.
+    """
+    seen: set[int] = set()
+    followers = []
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if any(id(p) in seen for p in params):
+            followers.append(module)
+        seen.update(id(p) for p in params)
+    return followers
+
+
+def _reprocess(layers: list[torch.nn.Module]) -> None:
+    """Redo the post-load processing of layers whose weights changed through another layer."""
+    for layer in layers:
+        method = getattr(layer, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(layer)
+
+
 class WeightUpdateExtension:
     def rlhf_model(self) -> torch.nn.Module:
         runner = self.model_runner
@@ -51,12 +76,14 @@ class WeightUpdateExtension:
 
         rank = first_rank + int(getattr(self, "rank", 0))
         reload_api = _layerwise_reload_api()
+        tied = _tied_followers(model)
         with self.rlhf_config_context(), torch.no_grad():
             if reload_api:
                 reload_api[0](model)
             stats = weight_sync.receive_buckets(spec, payload, load_weights, device=device, rank=rank)
             if reload_api:
                 reload_api[1](model, self.vllm_config.model_config)
+                _reprocess(tied)
         stats["params_loaded"] = len(loaded)
         stats["params_total"] = sum(1 for _ in model.named_parameters())
         return stats

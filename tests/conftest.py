@@ -14,6 +14,12 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_dir(tmp_path_factory) -> str:
+    """The llama shape with tied input/output embeddings (lm_head is embed_tokens), like SmolLM2."""
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-tied")), arch="llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> str:
     """The same shape as a Qwen2ForCausalLM (attention biases, no BOS from the tokenizer)."""
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen2")), arch="qwen2")

@@ -201,14 +201,15 @@ class TinyLearner:
         return out
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
+@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny_tied_dir"])
+def cluster(request):
+    """An engine and a harness learner on the tiny model, untied and with tied embeddings."""
     ray = pytest.importorskip("ray")
     from rlhf.config import RunConfig
     from rlhf.types import Prompt
     from rollout import RolloutGroup
 
-    path = tiny_model_dir
+    path = request.getfixturevalue(request.param)
     # The harness class lives in this test module, which Ray workers cannot import: ship it by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
