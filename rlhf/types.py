@@ -83,9 +83,16 @@ class TrainBatch:
             out[f.name] = v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
         return TrainBatch(**out)
 
-    def to(self, device: torch.device | str) -> TrainBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TrainBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> TrainBatch:
+        """Page-locked copies, so a later `.to("cuda", non_blocking=True)` does not stall the host."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> TrainBatch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+            out[f.name] = fn(v) if isinstance(v, torch.Tensor) else v
         return TrainBatch(**out)

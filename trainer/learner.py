@@ -229,10 +229,13 @@ class Learner:
         """Rows of the shard on the device, trimmed to their longest row. `None`: a filler micro-batch
         (the shortest row, loss-masked out) that keeps this rank's collectives in step with the others."""
         if rows is not None:
-            return shard.select(rows).to(self.device)
-        shortest = min(range(len(shard)), key=lambda i: int(shard.attention_mask[i].sum()))
-        mb = shard.select([shortest])
-        mb.loss_mask = torch.zeros_like(mb.loss_mask)
+            mb = shard.select(rows)
+        else:
+            shortest = min(range(len(shard)), key=lambda i: int(shard.attention_mask[i].sum()))
+            mb = shard.select([shortest])
+            mb.loss_mask = torch.zeros_like(mb.loss_mask)
+        if self.device.type == "cuda":  # asynchronous copy: the host goes on queueing kernels
+            return mb.pin_memory().to(self.device, non_blocking=True)
         return mb.to(self.device)
 
     @staticmethod

@@ -131,7 +131,32 @@ def vllm_alone(
     outs = llm.generate(batch, sp, use_tqdm=False)
     gen = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"startup_s": startup, "generate_s": gen, "generated_tokens": tokens, "tokens_per_s": tokens / gen}
+    # The same without returning sampled-token logprobs (the learner could recompute them instead).
+    t0 = time.perf_counter()
+    llm.generate(batch, _without_logprobs(sp), use_tqdm=False)
+    gen_no_logprobs = time.perf_counter() - t0
+    sched = llm.llm_engine.vllm_config.scheduler_config
+    return {
+        "startup_s": startup,
+        "generate_s": gen,
+        "generate_no_logprobs_s": gen_no_logprobs,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / gen,
+        "max_num_seqs": getattr(sched, "max_num_seqs", None),
+        "max_num_batched_tokens": getattr(sched, "max_num_batched_tokens", None),
+    }
+
+
+def _without_logprobs(sp):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sp.n,
+        temperature=sp.temperature,
+        max_tokens=sp.max_tokens,
+        min_tokens=sp.min_tokens,
+        ignore_eos=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------- (b) DeepSpeed alone
