@@ -154,6 +154,8 @@ class TrainerConfig:
     offload_optimizer: bool = False
     # GPU learners: torch.compile the per-token logprob/entropy kernels (fused passes over the logits).
     compile_logprobs: bool = True
+    # Name the parameters whose gradients turned inf/NaN when an optimizer step is skipped (small cost).
+    debug_nonfinite_grads: bool = False
     critic: CriticConfig = field(default_factory=CriticConfig)
 
 

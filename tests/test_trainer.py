@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -282,6 +283,45 @@ def test_positive_advantages_raise_the_logprobs_of_their_tokens(policy):
     after = (after_lp * batch.loss_mask).sum() / batch.loss_mask.sum()
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.05
     assert after > before + 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_nonfinite_gradients_skip_the_step(zero_stage, policy, ray_cluster, tiny_model):
+    """A NaN advantage must not reach the weights: the step is skipped (DeepSpeed's overflow check with
+    ZeRO >= 1, ours with plain ZeRO-0) and counted in `skipped_steps`."""
+    from trainer import LearnerGroup
+
+    group, initial = policy
+    if zero_stage == 0:
+        group = LearnerGroup(make_cfg(0), tiny_model, "policy", "cpu", [CPU])
+    else:
+        group.load(initial)
+    try:
+        batch = on_policy(group, make_batch(rows=4, seed=5))
+        last = int(batch.attention_mask[1].sum()) - 1  # a response token of row 1
+        batch.advantages[1, last] = float("nan")
+        stats = group.train(batch)
+        assert stats["skipped_steps"] == 1.0 and not math.isfinite(stats["grad_norm"])
+        torch.testing.assert_close(group.logprobs(batch), batch.rollout_logprobs, atol=0.0, rtol=0.0)
+    finally:
+        if zero_stage == 0:
+            group.shutdown()
+
+
+def test_gradient_watch_names_nonfinite_parameters():
+    from types import SimpleNamespace
+
+    from trainer.learner import Learner
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    fake_self = SimpleNamespace(engine=SimpleNamespace(module=model), device=torch.device("cpu"))
+    names, flags = Learner._watch_gradients(fake_self)
+    model(torch.ones(1, 3)).sum().backward()
+    assert not flags.any()
+    # An inf input: the weight gradients (input x upstream gradient) go non-finite, the biases' do not.
+    model(torch.tensor([[float("inf"), 1.0, 1.0]])).sum().backward()
+    assert [names[i] for i in flags.nonzero().flatten().tolist()] == ["0.weight", "1.weight"]
 
 
 @pytest.mark.slow

@@ -182,11 +182,30 @@ class Learner:
         )
         if not self.trainable:
             self.engine.eval()
+        self._nonfinite = (
+            self._watch_gradients() if self.trainable and cfg.trainer.debug_nonfinite_grads else None
+        )
         # Loss settings the batch alone does not carry.
         self.algorithm = dataclasses.replace(
             cfg.algorithm,
             loss_agg_constant=cfg.algorithm.loss_agg_constant or cfg.rollout.sampling.max_new_tokens,
         )
+
+    def _watch_gradients(self) -> tuple[list[str], torch.Tensor]:
+        """Hooks that flag, on the device and without a host sync, each parameter that receives a
+        non-finite gradient (before DeepSpeed's reduction, which would only say "overflow")."""
+        names, params = zip(*[(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad])
+        flags = torch.zeros(len(names), dtype=torch.bool, device=self.device)
+
+        def hook(index: int):
+            def flag(grad: torch.Tensor) -> None:
+                flags[index] |= ~torch.isfinite(grad).all()
+
+            return flag
+
+        for i, p in enumerate(params):
+            p.register_hook(hook(i))
+        return list(names), flags
 
     # ------------------------------------------------------------------ model
     def _build_model(self) -> nn.Module:
@@ -331,12 +350,15 @@ class Learner:
         if not hasattr(self.optimizer, "_global_grad_norm"):
             # Plain fp32 ZeRO-0: DeepSpeed clips with torch but does not keep the norm. The grads are
             # already all-reduced here (on the boundary backward), so the norm is global.
-            own_norm = torch.linalg.vector_norm(
-                torch.stack(
-                    [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-                )
-            )
-        self.engine.step()
+            grads = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+            own_norm = torch.linalg.vector_norm(torch.stack(grads))
+        if own_norm is not None and not torch.isfinite(own_norm):
+            # Skip the update as DeepSpeed does on overflow with ZeRO >= 1 (it would apply it here).
+            self.engine.zero_grad()
+            self.engine.global_steps += 1
+            self.engine.skipped_steps += 1
+        else:
+            self.engine.step()
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm) and self.rank == 0:
