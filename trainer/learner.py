@@ -361,11 +361,21 @@ class Learner:
             self.engine.step()
         grad_norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not math.isfinite(grad_norm) and self.rank == 0:
-            # DeepSpeed skips the update when a gradient is inf/NaN (ZeRO >= 1 and fp16/bf16).
+        if not math.isfinite(grad_norm):
+            # DeepSpeed skips the update when a gradient is inf/NaN (ZeRO >= 1); so do we with ZeRO-0.
+            detail = ""
+            if self._nonfinite is not None:
+                names, flags = self._nonfinite
+                bad = [names[i] for i in flags.nonzero().flatten().tolist()]
+                detail = f"; non-finite gradients in {len(bad)} parameters: {', '.join(bad[:8])}"
+                if not torch.isfinite(loss_sum):
+                    detail += f" (the loss itself is {float(loss_sum)})"
             print(
-                f"[trainer] {self.role}: non-finite gradient norm ({grad_norm}); the optimizer step was skipped"
+                f"[trainer] {self.role} rank {self.rank}: non-finite gradient norm ({grad_norm}); "
+                f"the optimizer step was skipped{detail}"
             )
+        if self._nonfinite is not None:
+            self._nonfinite[1].zero_()
         return {
             "loss": float(loss_sum),
             "num_tokens": float(tokens),
