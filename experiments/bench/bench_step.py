@@ -78,7 +78,10 @@ def build_model_dir(shape: str, out: Path) -> Path:
         max_position_embeddings=4096,
         bos_token_id=vocab["<eos>"],
         eos_token_id=vocab["<eos>"],
-        pad_token_id=vocab["<pad>"],
+        # No padding_idx: it would leave the <pad> row at zero, and vLLM samples every id of a random
+        # model, <pad> included. A zero embedding makes the first RMSNorms amplify the gradient
+        # ~1/sqrt(eps) per layer, to inf in bf16 (every step of the earlier runs was skipped).
+        pad_token_id=None,
         torch_dtype="bfloat16",
     )
     torch.manual_seed(0)
