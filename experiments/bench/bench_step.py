@@ -130,19 +130,23 @@ def vllm_alone(
         n=n, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, logprobs=0
     )
     llm.generate(batch[:4], sp, use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate(batch, sp, use_tqdm=False)
-    gen = time.perf_counter() - t0
+    # Full-size batches, alternating with / without returned logprobs (the learner could recompute
+    # them): the first full-size batch may pay one-off costs, so neither variant always goes first.
+    llm.generate(batch, sp, use_tqdm=False)
+    times: dict[str, list[float]] = {"logprobs": [], "none": []}
+    for variant in ("none", "logprobs", "logprobs", "none"):
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, sp if variant == "logprobs" else _without_logprobs(sp), use_tqdm=False)
+        times[variant].append(time.perf_counter() - t0)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    # The same without returning sampled-token logprobs (the learner could recompute them instead).
-    t0 = time.perf_counter()
-    llm.generate(batch, _without_logprobs(sp), use_tqdm=False)
-    gen_no_logprobs = time.perf_counter() - t0
+    gen = sum(times["logprobs"]) / 2
+    gen_no_logprobs = sum(times["none"]) / 2
     sched = llm.llm_engine.vllm_config.scheduler_config
     return {
         "startup_s": startup,
         "generate_s": gen,
         "generate_no_logprobs_s": gen_no_logprobs,
+        "generate_runs_s": times,
         "generated_tokens": tokens,
         "tokens_per_s": tokens / gen,
         "max_num_seqs": getattr(sched, "max_num_seqs", None),
