@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def private_ports() -> list[str]:
+    """Per-node agent ports: the defaults (52365, ...) collide with any other Ray on this machine,
+    and a head whose job agent cannot bind answers every submission with "No available agent"."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
+
+
 def ray_cmd() -> str:
     ray = BIN / "ray"
     return str(ray) if ray.exists() else shutil.which("ray")
@@ -57,6 +68,7 @@ def two_node_cluster(tmp_path):
             f"--dashboard-port={dash}",
             f"--temp-dir={temp_dir}",
             "--dashboard-host=127.0.0.1",
+            *private_ports(),
         ],
         env=env,
         stdout=(tmp_path / "head.log").open("w"),  # noqa: SIM115
@@ -75,6 +87,7 @@ def two_node_cluster(tmp_path):
                 "--num-cpus=2",
                 "--resources",
                 '{"node_b": 1}',
+                *private_ports(),
             ],
             env=env,
             stdout=(tmp_path / "worker.log").open("w"),  # noqa: SIM115

@@ -182,7 +182,8 @@ def assert_same_state(a: dict, b: dict, atol: float = 0.0):
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].shape == b[name].shape, name
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+        diff = float((a[name] - b[name]).abs().max()) if a[name].numel() else 0.0
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=f"{name}: max |diff| {diff:.3g}")
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +346,10 @@ def test_two_ranks_zero2_agree_with_one_rank(policy, ray_cluster, tiny_model):
     # Same global loss and gradient as one rank on the whole batch (the world-size scaling is right).
     assert stats["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert stats["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
-    assert_same_state(rank0, expected_state, atol=1e-6)
+    # Adam's first step is ~lr * g / (|g| + eps): for gradient entries near eps a float re-association
+    # (different micro-batch packing) moves the update by up to ~1e-5 of lr=1e-3; a wrong scaling
+    # would move every parameter by ~lr.
+    assert_same_state(rank0, expected_state, atol=2e-5)
 
 
 @pytest.mark.slow
