@@ -312,6 +312,11 @@ def test_token_logprobs_and_entropy_match_log_softmax(chunk_size, temperature, c
     ref_entropy = F.pad(-(log_softmax.exp() * log_softmax).sum(-1), (1, 0))
 
     assert logp.dtype == torch.float32 and not entropy.requires_grad
+    # The log-prob-only entry point (no entropy passes) gives the same numbers.
+    only = token_logprobs(
+        logits.detach(), ids, temperature=temperature, chunk_size=chunk_size, compiled=compiled
+    )
+    torch.testing.assert_close(only, logp.detach(), atol=0.0, rtol=0.0)
     close(logp, ref.detach())
     close(entropy, ref_entropy.detach())
     torch.testing.assert_close(grad, ref_logits.grad, atol=1e-5, rtol=1e-5)  # float32 inside

@@ -155,15 +155,9 @@ def vllm_alone(
 
 
 def _without_logprobs(sp):
-    from vllm import SamplingParams
-
-    return SamplingParams(
-        n=sp.n,
-        temperature=sp.temperature,
-        max_tokens=sp.max_tokens,
-        min_tokens=sp.min_tokens,
-        ignore_eos=True,
-    )
+    plain = sp.clone()
+    plain.logprobs = None
+    return plain
 
 
 # ----------------------------------------------------------------------------------------- (b) DeepSpeed alone
@@ -231,8 +225,6 @@ def learner_alone(model_dir: str, args) -> dict:
     train steps (the first pays the optimizer's lazy state), the grad norm, allocator retries and,
     with --profile, the top CUDA kernels of one step.
     """
-    import socket
-
     import torch
 
     from rlhf.algorithms import losses
@@ -240,7 +232,7 @@ def learner_alone(model_dir: str, args) -> dict:
     from rlhf.types import TrainBatch
     from trainer.learner import Learner, pack_micro_batches, row_lengths
 
-    if args.logprob_impl == "naive":  # A/B: autograd through per-chunk slices (the pre-fused form)
+    if args.logprob_impl == "naive":  # A/B of the training loss: autograd through per-chunk slices
         losses.token_logprobs_and_entropy = naive_logprobs_and_entropy
     compiled = args.logprob_impl == "compiled"
     cfg = load_config(
@@ -258,9 +250,7 @@ def learner_alone(model_dir: str, args) -> dict:
         ]
         + args.override,
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    _, port = Learner.node_ip_and_free_port()
     learner = Learner(cfg, model_dir, "policy", "cuda", 0, 1, "127.0.0.1", port)
     seqs, width = args.prompts * args.n, args.prompt_len + args.new_tokens
     gen = torch.Generator().manual_seed(0)

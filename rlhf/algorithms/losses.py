@@ -231,9 +231,9 @@ def token_logprobs(
     `logits` [B, T, V] are a causal LM's outputs (logits[:, t] predicts token t + 1). Pass the sampling
     temperature so the logprobs match the rollout engine's. See `token_logprobs_and_entropy`.
     """
-    return token_logprobs_and_entropy(
-        logits, input_ids, temperature=temperature, chunk_size=chunk_size, compiled=compiled
-    )[0]
+    _check_shapes(logits, input_ids)
+    kernels = _kernels(compiled)
+    return _TokenLogprobs.apply(logits, input_ids, float(temperature), chunk_size, kernels, False)[0]
 
 
 def token_logprobs_and_entropy(
@@ -254,21 +254,31 @@ def token_logprobs_and_entropy(
     passes over the logits with no float32 [B, T, V] temporaries (GPU learners use it; see
     experiments/results/gpu/README.md for the effect on a 150k vocabulary).
     """
+    _check_shapes(logits, input_ids)
+    kernels = _kernels(compiled)
+    return _TokenLogprobs.apply(logits, input_ids, float(temperature), chunk_size, kernels, True)
+
+
+def _check_shapes(logits: Tensor, input_ids: Tensor) -> None:
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         raise ValueError(
             f"token_logprobs: logits {tuple(logits.shape)} must be [B, T, V] for input_ids {tuple(input_ids.shape)}"
         )
-    kernels = _compiled_kernels() if compiled else (_chunk_forward, _chunk_backward_eager)
-    return _TokenLogprobs.apply(logits, input_ids, float(temperature), chunk_size, kernels)
 
 
-def _chunk_forward(chunk: Tensor, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp, logsumexp, entropy) [B, c] of the tokens `ids` [B, c] under logits `chunk` [B, c, V] / T."""
+def _entropy(z: Tensor, norm: Tensor) -> Tensor:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v over the last dim, given norm = logsumexp(z)."""
+    return norm - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+
+
+def _chunk_forward(
+    chunk: Tensor, ids: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logp, logsumexp, entropy or None) [B, c] of the tokens `ids` [B, c] under logits `chunk` [B, c, V] / T."""
     z = chunk.float() / temperature
     norm = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, ids[..., None]).squeeze(-1) - norm
-    entropy = norm - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # H = logsumexp(z) - sum_v p_v z_v
-    return logp, norm, entropy
+    return logp, norm, (_entropy(z, norm) if with_entropy else None)
 
 
 def _chunk_backward(chunk: Tensor, ids: Tensor, norm: Tensor, grad: Tensor, temperature: float) -> Tensor:
@@ -292,8 +302,11 @@ def _chunk_backward_eager(
 _COMPILED: tuple | None = None
 
 
-def _compiled_kernels() -> tuple:
+def _kernels(compiled: bool) -> tuple:
+    """(forward, backward) chunk kernels: torch.compile'd, or eager with an in-place backward."""
     global _COMPILED
+    if not compiled:
+        return _chunk_forward, _chunk_backward_eager
     if _COMPILED is None:
         # dynamic: micro-batch shapes change every call; one graph serves them all.
         _COMPILED = (
@@ -305,16 +318,21 @@ def _compiled_kernels() -> tuple:
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_size, kernels):
+    def forward(
+        ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_size, kernels, with_entropy
+    ):
+        """`with_entropy=False` (log-prob passes) skips the entropy's extra passes; it stays 0."""
         forward_kernel = kernels[0]
         B, T = input_ids.shape
         logp = logits.new_zeros(B, T, dtype=torch.float32)
         entropy = logits.new_zeros(B, T, dtype=torch.float32)
         norm = logits.new_zeros(B, T, dtype=torch.float32)
         for t0, t1, chunk in _shifted_chunks(logits, chunk_size):
-            logp[:, t0:t1], norm[:, t0:t1], entropy[:, t0:t1] = forward_kernel(
-                chunk, input_ids[:, t0:t1], temperature
+            logp[:, t0:t1], norm[:, t0:t1], chunk_entropy = forward_kernel(
+                chunk, input_ids[:, t0:t1], temperature, with_entropy
             )
+            if chunk_entropy is not None:
+                entropy[:, t0:t1] = chunk_entropy
         ctx.save_for_backward(logits, input_ids, norm)
         ctx.temperature, ctx.chunk_size, ctx.backward_kernel = temperature, chunk_size, kernels[1]
         ctx.mark_non_differentiable(entropy)
@@ -323,7 +341,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):
         if grad_logp is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         logits, input_ids, norm = ctx.saved_tensors
         grad = torch.empty_like(logits)
         grad[:, -1:] = 0  # the last position predicts nothing
@@ -331,7 +349,7 @@ class _TokenLogprobs(torch.autograd.Function):
             grad[:, t0 - 1 : t1 - 1] = ctx.backward_kernel(
                 chunk, input_ids[:, t0:t1], norm[:, t0:t1], grad_logp[:, t0:t1].float(), ctx.temperature
             )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int | None = 1024) -> Tensor:
@@ -341,8 +359,6 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int |
         raise ValueError(f"token_entropy: logits must be [B, T, V], got {tuple(logits.shape)}")
     pieces = [logits.new_zeros(logits.shape[0], min(1, logits.shape[1]), dtype=torch.float32)]
     for _, _, chunk in _shifted_chunks(logits, chunk_size):
-        chunk = chunk.float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        pieces.append(torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(dim=-1))
+        z = chunk.float() / temperature
+        pieces.append(_entropy(z, torch.logsumexp(z, dim=-1)))
     return torch.cat(pieces, dim=1)
