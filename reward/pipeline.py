@@ -15,6 +15,7 @@ from typing import Any
 from reward.http import HttpReward
 from reward.model import RewardModelActor
 from reward.rules import RewardError, RuleReward, score_each
+from rlhf.actor_group import ActorGroup, gather, split_evenly
 from rlhf.config import RewardConfig, RewardSourceConfig
 from rlhf.types import Sample
 
@@ -68,8 +69,9 @@ class _ModelSource:
             remote_cls.options(**opts).remote(cfg.path, device, batch_size, args.get("max_length"))
             for opts in (actor_options or [default])
         ]
+        self.group = ActorGroup(self.actors, label)
         try:
-            ray.get([actor.ready.remote() for actor in self.actors])
+            self.group.call("ready")
         except Exception as exc:
             self.shutdown()
             raise RewardError(f"{label}: could not load reward model {cfg.path!r}: {exc}") from exc
@@ -77,17 +79,14 @@ class _ModelSource:
     def submit(self, samples: list[Sample]):
         prompts = [s.prompt.text for s in samples]
         responses = [s.response_text for s in samples]
-        per_actor = math.ceil(len(samples) / len(self.actors)) or 1
-        return [
-            actor.score.remote(prompts[start : start + per_actor], responses[start : start + per_actor])
-            for actor, start in zip(self.actors, range(0, len(samples), per_actor))
-        ]
+        bounds = [(a, b) for a, b in split_evenly(len(samples), len(self.actors)) if b > a]
+        per_rank = [(prompts[a:b], responses[a:b]) for a, b in bounds]
+        refs, ranks = self.group.submit("score", per_rank=per_rank, ranks=range(len(bounds)))
+        return refs, self.group.who(ranks)
 
     def collect(self, pending, samples: list[Sample], on_error: str) -> tuple[list[float], int]:
-        import ray
-
         try:
-            values = [v for chunk in ray.get(pending) for v in chunk]
+            values = [v for chunk in gather(*pending, "score") for v in chunk]
         except Exception as exc:
             return _fail_all(self.label, exc, samples, on_error)
         return score_each(self.label, samples, lambda i, _: values[i], on_error)

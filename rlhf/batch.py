@@ -19,13 +19,15 @@ def make_train_batch(samples: list[Sample], pad_token_id: int) -> TrainBatch:
     input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((b, width), dtype=torch.long)
     loss_mask = torch.zeros((b, width), dtype=torch.float32)
-    rollout_logprobs = torch.zeros((b, width), dtype=torch.float32)
+    # The engine returns logprobs only where the algorithm needs them (rlhf.algorithms.old_logprobs).
+    with_logprobs = all(s.logprobs is not None for s in samples)
+    rollout_logprobs = torch.zeros((b, width), dtype=torch.float32) if with_logprobs else None
     for i, s in enumerate(samples):
         p, r = len(s.prompt.token_ids), len(s.response_ids)
         input_ids[i, : p + r] = torch.tensor(s.prompt.token_ids + s.response_ids, dtype=torch.long)
         attention_mask[i, : p + r] = 1
         loss_mask[i, p : p + r] = 1.0
-        if r:
+        if r and with_logprobs:
             rollout_logprobs[i, p : p + r] = torch.tensor(s.logprobs[:r], dtype=torch.float32)
     return TrainBatch(
         input_ids=input_ids,

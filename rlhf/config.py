@@ -110,9 +110,12 @@ class AlgorithmConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in: Literal["loss", "reward"] = "loss"
     entropy_coef: float = 0.0
-    # Recompute old logprobs with the learner before the update; then truncated importance sampling
-    # corrects the rollout/train mismatch with weight min(exp(old - rollout), tis_cap).
-    recompute_old_logprobs: bool = False
+    # Where pi_old comes from (rlhf/algorithms/old_logprobs.py). null: the learner's own logprobs,
+    # from the training pass when the batch feeds one optimizer step, else from one forward pass before
+    # training; true: always that extra pass; false: the engine's sampled-token logprobs (the engines
+    # then return logprobs, which costs generation time). With tis_cap set the engines return logprobs
+    # and truncated importance sampling weights each token by min(exp(old - engine), tis_cap).
+    recompute_old_logprobs: bool | None = None
     tis_cap: float | None = None
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer steps per rollout batch (per epoch)
@@ -152,6 +155,10 @@ class TrainerConfig:
     micro_batch_tokens: int = 4096
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
+    # Colocated on GPUs: move the policy's weights, gradients and optimizer states to host memory
+    # while vLLM generates (more KV cache for the engines), back before the learners compute. Costs a
+    # host round trip per step; pays only when the engines are short of memory (docs/trainer.md).
+    offload_during_generation: bool = False
     # GPU learners: torch.compile the per-token logprob/entropy kernels (fused passes over the logits).
     compile_logprobs: bool = True
     # Name the parameters whose gradients turned inf/NaN when an optimizer step is skipped (small cost).

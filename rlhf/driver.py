@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from rlhf import checkpoint as ckpt
 from rlhf.algorithms import advantages as adv_fns
-from rlhf.algorithms import filters, kl
+from rlhf.algorithms import filters, kl, old_logprobs
 from rlhf.algorithms.gae import gae
 from rlhf.batch import make_train_batch
 from rlhf.config import RunConfig
@@ -104,6 +104,7 @@ class Trainer:
             self.pad_id = self.tokenizer.eos_token_id
         self.data = PromptData(cfg.data, self.tokenizer)
         self.step = 0
+        self.engine_logprobs = old_logprobs.engine_logprobs_needed(cfg.algorithm)
         self.started_ray = False
         self.roles: Roles | None = None
         self.metrics = MetricsLogger(
@@ -169,7 +170,9 @@ class Trainer:
         cfg, rollout = self.cfg, self.roles.rollout
         want = cfg.rollout.prompts_per_step
         with timer.phase("generate"):
-            samples = rollout.generate(self.data.next_batch(want), cfg.rollout.sampling)
+            samples = rollout.generate(
+                self.data.next_batch(want), cfg.rollout.sampling, logprobs=self.engine_logprobs
+            )
         if not cfg.algorithm.dynamic_sampling:
             return samples
         kept: list[Sample] = []
@@ -187,7 +190,9 @@ class Trainer:
             with timer.phase("generate"):
                 offset = max(s.group for s in samples) + 1
                 more = self.data.next_batch(want)
-                samples = rollout.generate(more, cfg.rollout.sampling, group_offset=offset)
+                samples = rollout.generate(
+                    more, cfg.rollout.sampling, group_offset=offset, logprobs=self.engine_logprobs
+                )
             extra += len(more) * cfg.rollout.sampling.n
         if not kept:  # every group was uninformative: train on the last round (zero advantages)
             log("warning: dynamic sampling kept no group; training on the last round's samples")
@@ -225,13 +230,14 @@ class Trainer:
         if roles.reference is not None:
             with timer.phase("ref_logprobs"):
                 batch.ref_logprobs = roles.reference.logprobs(batch)
-        if alg.recompute_old_logprobs:
+        if old_logprobs.learner_pass_needed(alg, roles.reference is not None):
             with timer.phase("old_logprobs"):
                 batch.old_logprobs = roles.policy.logprobs(batch)
+        # pi_old known before training: from the pass above or the engine (else the training pass has it)
         policy_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
         rewards = batch.rewards
         token_kl = None
-        if batch.ref_logprobs is not None:
+        if batch.ref_logprobs is not None and policy_logprobs is not None:
             token_kl = kl.kl_estimate(policy_logprobs, batch.ref_logprobs, alg.kl_estimator) * batch.loss_mask
             metrics["reward/kl_to_ref"] = float(token_kl.sum(1).mean())
         with timer.phase("advantages"):
@@ -286,23 +292,17 @@ class Trainer:
         self.dump_samples(samples)
         self._finish_reasons = [s.finish_reason for s in samples]
         batch = make_train_batch(samples, self.pad_id)
+        self.gpus_to_learners(timer)
         self.advantages(batch, timer, metrics)
-        # Colocated on one GPU: vLLM releases weights and KV cache while the learners train, then
-        # wakes and receives the new weights (learners stay resident: their pages are needed by the sync).
-        sleep = self.engine_sleeps()
-        if sleep:
-            with timer.phase("sleep"):
-                roles.rollout.sleep()
         with timer.phase("train"):
             stats = roles.policy.train(batch)
             if roles.critic is not None:
                 stats.update({f"critic/{k}": v for k, v in roles.critic.train(batch).items()})
-        if sleep:
-            with timer.phase("wake"):
-                roles.rollout.wake()
+        self.wake_engines(timer)
         with timer.phase("sync"):
             metrics.update(roles.sync.push())
         self.audit(samples, timer, metrics)
+        self.offload_learners(timer)
         elapsed = time.perf_counter() - t0
         metrics.update(self.sample_metrics(samples))
         metrics.update({f"train/{k}": v for k, v in stats.items() if not k.startswith("critic/")})
@@ -335,10 +335,36 @@ class Trainer:
                 }
                 f.write(json.dumps(row) + "\n")
 
+    # ------------------------------------------------------------------ sharing the GPUs (colocated)
+    # Colocated on GPUs, engines and learners take turns: vLLM releases its weights and KV cache while
+    # the learners compute (and wakes before the sync, which needs both sides' weights resident); with
+    # trainer.offload_during_generation the learners move their states to host memory while vLLM works.
     def engine_sleeps(self) -> bool:
         colocated_gpu = self.device == "cuda" and self.roles.placement.colocated("rollout", "learner")
         wanted = self.cfg.rollout.sleep_between_steps
         return colocated_gpu if wanted is None else bool(wanted and colocated_gpu)
+
+    def learner_offloads(self) -> bool:
+        colocated_gpu = self.device == "cuda" and self.roles.placement.colocated("rollout", "learner")
+        return colocated_gpu and bool(self.cfg.trainer.offload_during_generation)
+
+    def gpus_to_learners(self, timer: Timer) -> None:
+        if self.engine_sleeps():
+            with timer.phase("sleep"):
+                self.roles.rollout.sleep()
+        if self.learner_offloads():
+            with timer.phase("reload"):
+                self.roles.policy.reload()
+
+    def wake_engines(self, timer: Timer) -> None:
+        if self.engine_sleeps():
+            with timer.phase("wake"):
+                self.roles.rollout.wake()
+
+    def offload_learners(self, timer: Timer) -> None:
+        if self.learner_offloads():
+            with timer.phase("offload"):
+                self.roles.policy.offload()
 
     @staticmethod
     def sample_metrics(samples: list[Sample]) -> dict[str, float]:

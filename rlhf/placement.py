@@ -1000,6 +1000,15 @@ class RayPlacement:
             }
             if a.resources:
                 opts["resources"] = dict(a.resources)
+            if role == "rollout" and len(a.bundles) > 1:
+                # A tensor-parallel engine: vLLM's Ray executor starts one worker per bundle of this
+                # replica, each taking the role's share of that bundle's GPU (colocated: a fraction).
+                share = self.plan.gpu_share.get(role, 1.0) or 1.0
+                env = {
+                    "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, a.bundles)),
+                    "VLLM_RAY_PER_WORKER_GPUS": f"{share:g}",
+                }
+                opts["runtime_env"] = {"env_vars": env}
             options.append(opts)
         return options
 

@@ -32,7 +32,7 @@ class Sample:
     prompt: Prompt
     response_ids: list[int]
     response_text: str
-    logprobs: list[float]  # rollout-engine logprob of each response token
+    logprobs: list[float] | None  # rollout-engine logprob of each response token (None: not asked for)
     finish_reason: str  # "stop" | "length" | ...
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)  # per reward source, unweighted
@@ -49,7 +49,9 @@ class TrainBatch:
     input_ids: torch.Tensor  # long
     attention_mask: torch.Tensor  # long, 1 on real tokens
     loss_mask: torch.Tensor  # float, 1 on response tokens that enter the loss
-    rollout_logprobs: torch.Tensor  # float, rollout-engine logprobs (0 off the response)
+    rollout_logprobs: (
+        torch.Tensor | None
+    )  # float, engine (behaviour) logprobs, 0 off the response; None: not returned
     advantages: torch.Tensor  # float, per token (sequence advantages are broadcast)
     rewards: torch.Tensor  # float [B], final scalar reward per sample
     ref_logprobs: torch.Tensor | None = None  # reference-model logprobs (KL)

@@ -1,4 +1,4 @@
-"""Weight sync: learner rank 0 -> every vLLM worker, one bucket of tensors at a time.
+"""Weight sync: learner ranks -> every vLLM worker, one bucket of tensors at a time.
 
 Three transports share one wire format, a `PackedBucket` (one flat uint8 buffer + per-tensor
 metadata), so the engine pays one copy per bucket whatever the transport:
@@ -9,8 +9,12 @@ metadata), so the engine pays one copy per bucket whatever the transport:
   and every vLLM worker of every engine (ranks 1..). The driver hosts the `TCPStore` used for
   rendezvous and for the per-bucket metadata, so the group is independent of the learners'
   training group and of vLLM's own groups.
-* `cuda_ipc`: learner and engine share one GPU; rank 0 hands out CUDA IPC handles of each packed
-  bucket through the store and waits for the receiver's acknowledgement before freeing it.
+* `cuda_ipc`: learner rank and engine worker share one GPU; the rank hands out CUDA IPC handles of
+  each packed bucket through the store and waits for the receivers' acknowledgements before freeing
+  it. A colocated run on N GPUs has N such channels, one per GPU, running in parallel.
+
+Which rank feeds which worker over which transport is planned in `rlhf.sync_routes` (a "channel"
+is one sender and its receivers; each gets its own `SyncSpec` and store prefix).
 
 Groups are created lazily on the first `send_buckets` / `receive_buckets` of a spec, which the
 driver (`WeightSync.push`) always starts on both sides at once, so the handshake cannot deadlock.
@@ -30,9 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlhf.sync_routes import TRANSPORTS, Channel, Route, plan_routes
+
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("object_store", "broadcast", "cuda_ipc")
 NamedTensors = list[tuple[str, torch.Tensor]]
 _ALIGN = 64  # byte alignment of every tensor inside a packed buffer (any dtype view stays legal)
 
@@ -123,11 +128,6 @@ def make_spec(
     if transport in ("broadcast", "cuda_ipc") and (host is None or port is None):
         raise ValueError(f"sync transport {transport!r} needs the store host and port")
     world_size = 1 + num_engines * workers_per_engine
-    if transport == "cuda_ipc" and world_size != 2:
-        raise ValueError(
-            f"sync.transport 'cuda_ipc' needs exactly one single-GPU engine on the learner's GPU, "
-            f"got {num_engines} engine(s) x {workers_per_engine} worker(s); use 'broadcast'"
-        )
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -316,27 +316,27 @@ def destroy_groups() -> None:
 # Sender (learner rank 0) and receiver (inside each vLLM worker)
 
 
-def send_buckets(spec: SyncSpec, buckets: Iterable[NamedTensors]) -> SyncPayload:
-    """Learner rank 0: ship every bucket; returns the payload the engines' `receive_weights` take."""
-    payload = SyncPayload(spec.transport)
-    device = _comm_device(spec)
-    if spec.transport == "object_store":
-        import ray
+class BucketSender:
+    """One channel's sending side: `send` each bucket as the learner produces it, then `finish`."""
 
-        for bucket in buckets:
-            packed = pack_bucket(bucket, spec.dtype, device)
+    def __init__(self, spec: SyncSpec):
+        self.spec = spec
+        self.payload = SyncPayload(spec.transport)
+        self.device = _comm_device(spec)
+        self.group = None
+        if spec.transport != "object_store":
+            self.group = join_group(spec, 0, self.device)
+            self.group.forget_previous_push()
+
+    def send(self, bucket: NamedTensors) -> None:
+        spec, group, payload = self.spec, self.group, self.payload
+        packed = pack_bucket(bucket, spec.dtype, self.device)
+        index = payload.num_buckets
+        if spec.transport == "object_store":
+            import ray
+
             payload.refs.append(ray.put(packed))
-            payload.num_bytes += packed.nbytes
-            payload.num_tensors += len(packed.metas)
-            payload.num_buckets += 1
-        return payload
-
-    group = join_group(spec, 0, device)
-    group.forget_previous_push()
-    receivers = range(1, spec.world_size)
-    for index, bucket in enumerate(buckets):
-        packed = pack_bucket(bucket, spec.dtype, device)
-        if spec.transport == "broadcast":
+        elif spec.transport == "broadcast":
             group.publish(_key(spec, index), (packed.metas, packed.nbytes))
             group.broadcast(packed.buffer)
         else:  # cuda_ipc
@@ -344,15 +344,33 @@ def send_buckets(spec: SyncSpec, buckets: Iterable[NamedTensors]) -> SyncPayload
 
             torch.cuda.current_stream().synchronize()
             group.publish(_key(spec, index), (packed.metas, reduce_tensor(packed.buffer)))
-            acks = [_key(spec, index, f"/ack{r}") for r in receivers]
+            acks = [_key(spec, index, f"/ack{r}") for r in range(1, spec.world_size)]
             group.store.wait(acks, timedelta(seconds=spec.timeout_s))
             group.sent_keys.extend(acks)
         payload.num_bytes += packed.nbytes
         payload.num_tensors += len(packed.metas)
         payload.num_buckets += 1
-        del packed  # cuda_ipc: the receiver has acknowledged, the buffer may go
-    group.publish(_key(spec, payload.num_buckets), None)  # end of this push
-    return payload
+        del packed  # cuda_ipc: the receivers have acknowledged, the buffer may go
+
+    def finish(self) -> SyncPayload:
+        if self.group is not None:
+            self.group.publish(_key(self.spec, self.payload.num_buckets), None)  # end of this push
+        return self.payload
+
+
+def send_buckets(spec: SyncSpec, buckets: Iterable[NamedTensors]) -> SyncPayload:
+    """Ship every bucket over one channel; returns the payload the engines' `receive_weights` take."""
+    return send_to_channels([spec], buckets)[0]
+
+
+def send_to_channels(specs: list[SyncSpec], buckets: Iterable[NamedTensors]) -> list[SyncPayload]:
+    """One learner rank: ship every bucket over each of its channels (none: just drain `buckets`,
+    which under ZeRO-3 is this rank's part of the all-gathers). One payload per spec."""
+    senders = [BucketSender(spec) for spec in specs]
+    for bucket in buckets:
+        for sender in senders:
+            sender.send(bucket)
+    return [sender.finish() for sender in senders]
 
 
 def _rebuild_ipc_tensor(handle: tuple, device: torch.device) -> torch.Tensor:
@@ -424,25 +442,6 @@ def receive_buckets(
 # Driver side
 
 
-def choose_transport(
-    requested: str, device: str, colocated: bool, num_engines: int, workers_per_engine: int
-) -> str:
-    """`auto`: object_store on CPU, cuda_ipc for one engine sharing the learner's GPU, else broadcast."""
-    if requested != "auto":
-        if requested not in TRANSPORTS:
-            raise ValueError(
-                f"sync.transport: unknown transport {requested!r}; expected auto or one of {TRANSPORTS}"
-            )
-        if requested == "cuda_ipc" and device != "cuda":
-            raise ValueError("sync.transport 'cuda_ipc' needs device 'cuda'")
-        return requested
-    if device != "cuda":
-        return "object_store"
-    if colocated and num_engines == 1 and workers_per_engine == 1:
-        return "cuda_ipc"
-    return "broadcast"
-
-
 def logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
     """Mean |a - b| over all tokens of aligned per-sequence logprob lists (the sync audit metric)."""
     if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
@@ -455,71 +454,98 @@ def logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
 class WeightSync:
     """Driver-side orchestration of one learner group -> one rollout group sync.
 
-    `learners.actors` are the learner ranks (each has `send_weights(spec)`); `rollout.engines` the
-    engine actors (each has `receive_weights(spec, payload)`). Optional attributes read from
-    `rollout`: `colocated`, `dtype`, `workers_per_engine`.
+    `learners.actors` are the learner ranks (each has `send_weights(specs, bucket_bytes)` and, on GPU,
+    `device_uuid()`); `rollout.engines` the engine actors (each has `receive_weights(routes, payload)`
+    and, on GPU, `device_uuids()`). `rollout.dtype` (optional) is the engines' weight dtype. The
+    channels come from `rlhf.sync_routes.plan_routes` on the GPUs the actors report.
     """
 
-    def __init__(self, cfg, learners, rollout, device: str, colocated: bool | None = None):
+    def __init__(self, cfg, learners, rollout, device: str):
         self.cfg = cfg
         self.learners = learners
         self.rollout = rollout
         self.device = device
-        self.colocated = bool(getattr(rollout, "colocated", False)) if colocated is None else colocated
-        self.spec: SyncSpec | None = None
+        self.channels: list[Channel] = []
+        self.specs: list[SyncSpec] = []
+        self.routes: list[list[Route]] = []
         self._store: dist.TCPStore | None = None
         self._pushes = 0
 
-    def setup(self) -> SyncSpec:
+    def _gpus(self) -> tuple[list[str | None], list[list[str | None]]]:
+        from rlhf.actor_group import ActorGroup
+
+        learners, engines = list(self.learners.actors), list(self.rollout.engines)
+        if self.device != "cuda":
+            workers = int(getattr(self.rollout, "workers_per_engine", 1))
+            return [None] * len(learners), [[None] * workers for _ in engines]
+        return ActorGroup(learners, "learner").call("device_uuid"), ActorGroup(engines, "rollout").call(
+            "device_uuids"
+        )
+
+    def setup(self) -> list[SyncSpec]:
         import ray
 
-        engines = list(self.rollout.engines)
-        workers = int(getattr(self.rollout, "workers_per_engine", 1))
-        transport = choose_transport(self.cfg.transport, self.device, self.colocated, len(engines), workers)
+        learner_gpus, worker_gpus = self._gpus()
+        self.channels, self.routes = plan_routes(self.cfg.transport, self.device, learner_gpus, worker_gpus)
         host = port = None
-        if transport != "object_store":
+        if any(ch.transport != "object_store" for ch in self.channels):
             host = ray.util.get_node_ip_address()
             self._store = dist.TCPStore(
                 host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600)
             )
             port = self._store.port
-        self.spec = make_spec(
-            transport,
-            int(self.cfg.bucket_mb * 2**20),
-            dtype=getattr(self.rollout, "dtype", None),
-            host=host,
-            port=port,
-            num_engines=len(engines),
-            workers_per_engine=workers,
-            backend="nccl" if self.device == "cuda" else "gloo",
-            group=f"rlhf-weight-sync-{id(self):x}",
+        base = f"rlhf-weight-sync-{id(self):x}"
+        self.specs = [
+            make_spec(
+                ch.transport,
+                int(self.cfg.bucket_mb * 2**20),
+                dtype=getattr(self.rollout, "dtype", None),
+                host=host,
+                port=port,
+                num_engines=len(ch.receivers),
+                backend="nccl" if self.device == "cuda" else "gloo",
+                group=f"{base}-c{c}",
+            )
+            for c, ch in enumerate(self.channels)
+        ]
+        logger.info("weight sync: %s", self.describe())
+        return self.specs
+
+    def describe(self) -> str:
+        """One line per channel: who sends to whom, over what."""
+        return "; ".join(
+            f"{ch.transport} learner {ch.sender} -> "
+            + ", ".join(f"engine {e}" + (f"/tp{w}" if w else "") for e, w in ch.receivers)
+            for ch in self.channels
         )
-        logger.info(
-            "weight sync: transport=%s bucket=%d MiB world=%d",
-            transport,
-            self.cfg.bucket_mb,
-            self.spec.world_size,
-        )
-        return self.spec
 
     def push(self) -> dict[str, float]:
         """Send the learner's current weights to every engine; returns timing/bytes metrics."""
+        from rlhf.actor_group import ActorGroup, gather
 
-        if self.spec is None:
+        if not self.specs:
             self.setup()
-        spec = replace(self.spec, version=self._pushes)
+        specs = [replace(spec, version=self._pushes) for spec in self.specs]
         self._pushes += 1
-        engines = list(self.rollout.engines)
+        learners = ActorGroup(self.learners.actors, "learner")
+        engines = ActorGroup(self.rollout.engines, "rollout")
+        per_rank = [
+            ([specs[c] for c, ch in enumerate(self.channels) if ch.sender == rank],)
+            for rank in range(len(learners))
+        ]
+        routes = [([(specs[r.channel], r.rank) for r in workers],) for workers in self.routes]
+        bucket_bytes = specs[0].bucket_bytes  # every rank cuts the same buckets (ZeRO-3 gathers them)
+        timeout = specs[0].timeout_s
         start = time.perf_counter()
-        senders = [actor.send_weights.remote(spec) for actor in self.learners.actors]
-        if spec.transport == "object_store":
-            payload = _wait_all(senders, spec.timeout_s)[0]  # the engines need the refs first
-            receivers = [engine.receive_weights.remote(spec, payload) for engine in engines]
-            loaded = _wait_all(receivers, spec.timeout_s)
-        else:  # both sides join the same collective: start them together
-            receivers = [engine.receive_weights.remote(spec, None) for engine in engines]
-            results = _wait_all(senders + receivers, spec.timeout_s)
-            payload, loaded = results[0], results[len(senders) :]
+        senders, ranks = learners.submit("send_weights", bucket_bytes, per_rank=per_rank)
+        if specs[0].transport == "object_store":  # the engines need the refs first
+            payload = gather(senders, learners.who(ranks), "send_weights", timeout)[0][0]
+            loaded = engines.call("receive_weights", payload, per_rank=routes, timeout_s=timeout)
+        else:  # both sides join the same collectives: start them together
+            receivers, engine_ranks = engines.submit("receive_weights", None, per_rank=routes)
+            who = learners.who(ranks) + engines.who(engine_ranks)
+            results = gather(senders + receivers, who, "weight sync", timeout)
+            payload, loaded = results[0][0], results[len(senders) :]
         elapsed = time.perf_counter() - start
         for index, stats in enumerate(loaded):
             if isinstance(stats, dict) and stats.get("params_loaded", 0) < stats.get("params_total", 0):
@@ -529,27 +555,14 @@ class WeightSync:
                     stats["params_loaded"],
                     stats["params_total"],
                 )
-        num_bytes = payload.num_bytes if isinstance(payload, SyncPayload) else 0
+        num_bytes = payload.num_bytes
         return {
             "sync/time_s": elapsed,
             "sync/bytes": float(num_bytes),
             "sync/gbps": num_bytes * 8 / 1e9 / max(elapsed, 1e-9),
-            "sync/buckets": float(payload.num_buckets if isinstance(payload, SyncPayload) else 0),
+            "sync/buckets": float(payload.num_buckets),
+            "sync/channels": float(len(self.channels)),
         }
 
     def shutdown(self) -> None:
         self._store = None
-
-
-def _wait_all(refs: list, timeout_s: float) -> list:
-    """ray.get that fails fast: the first error surfaces instead of hanging on a peer's collective."""
-    import ray
-
-    pending = list(refs)
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
-        if not ready:
-            raise TimeoutError(f"weight sync: {len(pending)} call(s) still running after {timeout_s:.0f}s")
-        ray.get(ready)
-    return ray.get(refs)

@@ -86,6 +86,10 @@ class RolloutEngine:
             kwargs["kv_cache_memory_bytes"] = int(memory * psutil.virtual_memory().total)
         else:
             kwargs["gpu_memory_utilization"] = memory
+            if self.tensor_parallel > 1:
+                # Workers as Ray actors in this engine's placement bundles (VLLM_RAY_BUNDLE_INDICES,
+                # set by rlhf.placement), so colocated learners and engine workers share each GPU.
+                kwargs["distributed_executor_backend"] = "ray"
         if self.colocated:
             kwargs["enable_sleep_mode"] = True
         self.cfg = cfg
@@ -100,8 +104,14 @@ class RolloutEngine:
     # Generation and scoring
 
     def sampling_params(
-        self, sampling: SamplingConfig, n: int | None = None, temperature: float | None = None
+        self,
+        sampling: SamplingConfig,
+        n: int | None = None,
+        temperature: float | None = None,
+        logprobs: bool = False,
     ):
+        """vLLM sampling parameters; `logprobs` asks for each sampled token's logprob, which at a
+        large vocabulary costs more than half of the generation time (see docs/weight_sync.md)."""
         from vllm import SamplingParams
 
         return SamplingParams(
@@ -112,7 +122,7 @@ class RolloutEngine:
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
             ignore_eos=sampling.ignore_eos,
-            logprobs=0,  # only the sampled token's logprob
+            logprobs=0 if logprobs else None,  # 0: only the sampled token's logprob
         )
 
     def generate(
@@ -122,11 +132,18 @@ class RolloutEngine:
         n: int | None = None,
         temperature: float | None = None,
         group_offset: int = 0,
+        groups: list[int] | None = None,
+        logprobs: bool = False,
     ) -> list[Sample]:
-        """n samples per prompt, prompt-major; `Sample.group` = group_offset + prompt position."""
+        """n samples per prompt, prompt-major; `Sample.group` = `groups[i]` for prompt i (default
+        group_offset + i). With `logprobs` each sample carries its tokens' engine logprobs, else None."""
         if not prompts:
             return []
-        params = self.sampling_params(sampling or self.cfg.sampling, n, temperature)
+        if groups is None:
+            groups = [group_offset + i for i in range(len(prompts))]
+        elif len(groups) != len(prompts):
+            raise ValueError(f"rollout: {len(groups)} group ids for {len(prompts)} prompts")
+        params = self.sampling_params(sampling or self.cfg.sampling, n, temperature, logprobs)
         empty = [p.index for p in prompts if not p.token_ids]
         if empty:
             raise ValueError(
@@ -135,16 +152,16 @@ class RolloutEngine:
         inputs = [{"prompt_token_ids": list(p.token_ids)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
-        for position, (prompt, output) in enumerate(zip(prompts, outputs)):
+        for group, prompt, output in zip(groups, prompts, outputs):
             for completion in output.outputs:
                 token_ids = list(completion.token_ids)
                 samples.append(
                     Sample(
-                        group=group_offset + position,
+                        group=group,
                         prompt=prompt,
                         response_ids=token_ids,
                         response_text=completion.text,
-                        logprobs=_token_logprobs(completion.logprobs, token_ids, 0),
+                        logprobs=_token_logprobs(completion.logprobs, token_ids, 0) if logprobs else None,
                         finish_reason=completion.finish_reason or "length",
                     )
                 )
@@ -167,13 +184,21 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------------
     # Weights and memory
 
-    def receive_weights(self, spec: SyncSpec, payload: SyncPayload | list | None = None) -> dict[str, int]:
-        """Load one weight push (see rlhf.weight_sync) into every worker, then drop stale KV."""
+    def receive_weights(
+        self, routes: list[tuple[SyncSpec, int]] | SyncSpec, payload: SyncPayload | list | None = None
+    ) -> dict[str, int]:
+        """Load one weight push (see rlhf.weight_sync) into every worker, then drop stale KV.
+
+        `routes[w]` = (channel spec, rank in that channel) of tensor-parallel worker w (planned by
+        rlhf.sync_routes); a bare spec means one channel with this engine's workers at consecutive ranks."""
+        if isinstance(routes, SyncSpec):
+            first = engine_first_rank(routes, self.engine_index)
+            routes = [(routes, first + w) for w in range(self.tensor_parallel)]
         if "weights" in self._asleep:
             self.llm.wake_up(tags=["weights"])  # KV cache may stay released while weights load
             self._asleep.discard("weights")
-        first_rank = engine_first_rank(spec, self.engine_index)
-        if spec.transport == "object_store" and not self.in_process:
+        transport = routes[0][0].transport
+        if transport == "object_store" and not self.in_process:
             # Worker processes are not Ray workers and vLLM serializes RPC args: fetch here and
             # ship plain bytes, one bucket per call.
             import ray
@@ -182,21 +207,19 @@ class RolloutEngine:
             stats: dict[str, int] = {}
             for ref in refs:
                 bucket = bucket_to_bytes(ray.get(ref))
-                results = self.llm.collective_rpc("receive_weights", args=(spec, [bucket], first_rank))
+                results = self.llm.collective_rpc("receive_weights", args=(routes, [bucket]))
                 for key, value in results[0].items():
                     stats[key] = value if key.startswith("params") else stats.get(key, 0) + value
         else:
             # broadcast / cuda_ipc read the store, not the payload (which would not survive serialisation)
-            payload = payload if spec.transport == "object_store" else None
-            stats = self.llm.collective_rpc("receive_weights", args=(spec, payload, first_rank))[0]
+            payload = payload if transport == "object_store" else None
+            stats = self.llm.collective_rpc("receive_weights", args=(routes, payload))[0]
         self.llm.reset_prefix_cache()
         return stats
 
-    def init_weight_group(self, spec: SyncSpec) -> list[bool]:
-        """Join the sync group now; blocks until the learner side joins too (start both at once)."""
-        return self.llm.collective_rpc(
-            "init_weight_group", args=(spec, engine_first_rank(spec, self.engine_index))
-        )
+    def device_uuids(self) -> list[str | None]:
+        """The CUDA device UUID of each tensor-parallel worker (None on CPU), for sync routing."""
+        return list(self.llm.collective_rpc("rlhf_device_uuid"))
 
     def weight_checksum(self) -> float:
         return float(self.llm.collective_rpc("rlhf_weight_checksum")[0])

@@ -1,4 +1,5 @@
-"""A group of `RolloutEngine` Ray actors; prompts are split evenly and results come back in order."""
+"""A group of `RolloutEngine` Ray actors; prompts go to engines by whole groups, balanced by tokens,
+and the samples come back in prompt order."""
 
 from __future__ import annotations
 
@@ -10,22 +11,10 @@ from typing import Any
 
 import ray
 
+from rlhf.actor_group import ActorGroup, balance
 from rlhf.config import RunConfig, SamplingConfig
 from rlhf.types import Prompt, Sample
 from rollout.engine import RolloutEngine, resolve_dtype
-
-
-def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) chunks whose sizes differ by at most one (earlier chunks larger)."""
-    if num_parts < 1:
-        raise ValueError(f"split_evenly: need at least one part, got {num_parts}")
-    base, extra = divmod(num_items, num_parts)
-    bounds, start = [], 0
-    for part in range(num_parts):
-        end = start + base + (1 if part < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
 def is_colocated(cfg: RunConfig, device: str) -> bool:
@@ -96,11 +85,18 @@ class RolloutGroup:
             )
             for i in range(replicas)
         ]
-        ray.get([engine.ready.remote() for engine in self._engines])
+        self.group = ActorGroup(self._engines, "rollout")
+        self.group.call("ready")
 
     @property
     def engines(self) -> list:
         return list(self._engines)
+
+    def assign(self, prompts: list[Prompt], n: int, max_new_tokens: int) -> list[list[int]]:
+        """Prompt indices per engine: whole prompts (all n samples of a group stay on one engine),
+        longest first to the least-loaded engine, by prompt + generated-token budget."""
+        costs = [n * (len(p.token_ids) + max_new_tokens) for p in prompts]
+        return balance(costs, len(self._engines))
 
     def generate(
         self,
@@ -109,34 +105,36 @@ class RolloutGroup:
         n: int | None = None,
         temperature: float | None = None,
         group_offset: int = 0,
+        logprobs: bool = False,
     ) -> list[Sample]:
-        """n samples per prompt, in prompt order; `Sample.group` = group_offset + index in `prompts`."""
+        """n samples per prompt, in prompt order; `Sample.group` = group_offset + index in `prompts`.
+
+        `logprobs`: return each sampled token's engine logprob (only where the algorithm needs them)."""
         sampling = sampling or self.cfg.rollout.sampling
-        calls = [
-            engine.generate.remote(prompts[start:end], sampling, n, temperature, group_offset + start)
-            for engine, (start, end) in zip(self._engines, split_evenly(len(prompts), len(self._engines)))
-            if end > start
+        count = sampling.n if n is None else n
+        rows = self.assign(prompts, count, sampling.max_new_tokens)
+        ranks = [r for r, chosen in enumerate(rows) if chosen]
+        per_rank = [
+            ([prompts[i] for i in rows[r]], sampling, n, temperature, 0, [group_offset + i for i in rows[r]])
+            for r in ranks
         ]
-        return [sample for chunk in ray.get(calls) for sample in chunk]
+        chunks = self.group.call("generate", per_rank=per_rank, ranks=ranks, logprobs=logprobs)
+        samples = [sample for chunk in chunks for sample in chunk]
+        return sorted(samples, key=lambda s: s.group)  # stable: sample order within a group is kept
 
     def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Raw engine logprobs of each response token (see RolloutEngine.logprobs)."""
-        calls = [
-            engine.logprobs.remote(seqs[start:end])
-            for engine, (start, end) in zip(self._engines, split_evenly(len(seqs), len(self._engines)))
-            if end > start
-        ]
-        return [row for chunk in ray.get(calls) for row in chunk]
+        return self.group.split_call("logprobs", seqs)
 
     def receive_weights(self, spec, payload=None) -> list[dict[str, int]]:
         """Every engine loads the same push concurrently (broadcast needs them all at once)."""
-        return ray.get([engine.receive_weights.remote(spec, payload) for engine in self._engines])
+        return self.group.call("receive_weights", spec, payload)
 
     def sleep(self, level: int = 1) -> bool:
-        return all(ray.get([engine.sleep.remote(level) for engine in self._engines]))
+        return all(self.group.call("sleep", level))
 
     def wake(self, tags: list[str] | None = None) -> bool:
-        return all(ray.get([engine.wake.remote(tags) for engine in self._engines]))
+        return all(self.group.call("wake", tags))
 
     def shutdown(self) -> None:
         for engine in self._engines:

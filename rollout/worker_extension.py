@@ -60,10 +60,12 @@ class WeightUpdateExtension:
         # GPU runners wrap the model (CUDA graphs); get_model() returns the bare nn.Module.
         return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
-    def receive_weights(
-        self, spec: weight_sync.SyncSpec | dict, payload: Any = None, first_rank: int = 1
-    ) -> dict[str, int]:
-        """Load one push of weights (every bucket) into this worker's model."""
+    def receive_weights(self, routes: list, payload: Any = None) -> dict[str, int]:
+        """Load one push of weights (every bucket) into this worker's model.
+
+        `routes[self.rank]` is this worker's (channel spec, rank in the channel); vLLM's RPC may
+        deliver the specs as dicts and the pairs as lists."""
+        spec, rank = routes[int(getattr(self, "rank", 0))]
         spec = weight_sync.as_spec(spec)
         model = self.rlhf_model()
         device = next(model.parameters()).device
@@ -74,13 +76,12 @@ class WeightUpdateExtension:
             if names:
                 loaded.update(names)
 
-        rank = first_rank + int(getattr(self, "rank", 0))
         reload_api = _layerwise_reload_api()
         tied = _tied_followers(model)
         with self.rlhf_config_context(), torch.no_grad():
             if reload_api:
                 reload_api[0](model)
-            stats = weight_sync.receive_buckets(spec, payload, load_weights, device=device, rank=rank)
+            stats = weight_sync.receive_buckets(spec, payload, load_weights, device=device, rank=int(rank))
             if reload_api:
                 reload_api[1](model, self.vllm_config.model_config)
                 _reprocess(tied)
@@ -88,26 +89,17 @@ class WeightUpdateExtension:
         stats["params_total"] = sum(1 for _ in model.named_parameters())
         return stats
 
+    def rlhf_device_uuid(self) -> str | None:
+        """This worker's GPU (CUDA device UUID), None on CPU: the sync planner matches it to learners."""
+        device = next(self.rlhf_model().parameters()).device
+        return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+
     def rlhf_config_context(self):
         try:
             from vllm.config import set_current_vllm_config
         except ImportError:
             return contextlib.nullcontext()
         return set_current_vllm_config(self.vllm_config)
-
-    def init_weight_group(self, spec: weight_sync.SyncSpec | dict, first_rank: int = 1) -> bool:
-        """Join the sync group now (otherwise the first `receive_weights` joins it).
-
-        Blocks until every rank, learner rank 0 included, has joined: start it together with the
-        learner side.
-        """
-        spec = weight_sync.as_spec(spec)
-        model = self.rlhf_model()
-        device = next(model.parameters()).device
-        if spec.transport == "object_store":
-            return False
-        weight_sync.join_group(spec, first_rank + int(getattr(self, "rank", 0)), device)
-        return True
 
     def rlhf_weight_checksum(self) -> float:
         """Sum of all parameters in float64: a cheap cross-process "did the weights change" probe."""

@@ -15,7 +15,8 @@ import torch
 
 from rlhf.config import RunConfig, SamplingConfig
 from rollout.engine import _token_logprobs, resolve_dtype
-from rollout.group import _engine_options, is_colocated, split_evenly
+from rlhf.actor_group import balance, split_evenly
+from rollout.group import _engine_options, is_colocated
 
 
 def test_split_evenly():
@@ -25,6 +26,15 @@ def test_split_evenly():
     assert split_evenly(6, 1) == [(0, 6)]
     with pytest.raises(ValueError):
         split_evenly(3, 0)
+
+
+def test_balance_by_cost_keeps_parts_even():
+    # largest first to the least-loaded part: 9 | 8+1 | 5+3 (a tie goes to the part with fewer items)
+    assert balance([5, 9, 1, 8, 3], 3) == [[1], [2, 3], [0, 4]]
+    assert balance([1, 1, 1, 1], 2) == [[0, 2], [1, 3]]
+    assert balance([], 2) == [[], []]
+    with pytest.raises(ValueError):
+        balance([1], 0)
 
 
 def test_engine_options_cpu_and_gpu():
@@ -105,7 +115,7 @@ def hf_logprobs(hf, prompt: list[int], response: list[int], temperature: float =
 @pytest.mark.slow
 def test_generate_shapes_groups_and_finish(engine):
     sampling = SamplingConfig(n=3, temperature=1.0, max_new_tokens=12)
-    samples = engine.group.generate(engine.prompts, sampling, group_offset=10)
+    samples = engine.group.generate(engine.prompts, sampling, group_offset=10, logprobs=True)
     assert len(samples) == 3 * len(engine.prompts)
     assert [s.group for s in samples] == [10, 10, 10, 11, 11, 11, 12, 12, 12]
     assert [s.prompt.index for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -119,6 +129,8 @@ def test_generate_shapes_groups_and_finish(engine):
         full = engine.tok.decode(s.response_ids, skip_special_tokens=True)
         assert full.startswith(s.response_text) and set(full[len(s.response_text) :]) <= {"\ufffd"}
     assert engine.group.generate([], sampling) == []
+    # By default the engine returns no logprobs (the learner supplies pi_old)
+    assert all(s.logprobs is None for s in engine.group.generate(engine.prompts, sampling))
 
 
 @pytest.mark.slow
@@ -126,7 +138,7 @@ def test_logprob_conventions_match_hf(engine):
     """Sampled-token logprobs are log_softmax(logits / T); scoring logprobs are at T = 1."""
     temperature = 0.7
     samples = engine.group.generate(
-        engine.prompts, SamplingConfig(n=2, temperature=temperature, max_new_tokens=16)
+        engine.prompts, SamplingConfig(n=2, temperature=temperature, max_new_tokens=16), logprobs=True
     )
     seqs = [(s.prompt.token_ids, s.response_ids) for s in samples]
     for s in samples:

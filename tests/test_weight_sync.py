@@ -70,21 +70,10 @@ def test_make_spec_validation():
         ws.make_spec("carrier_pigeon", 1024)
     with pytest.raises(ValueError, match="host and port"):
         ws.make_spec("broadcast", 1024)
-    with pytest.raises(ValueError, match="exactly one single-GPU engine"):
-        ws.make_spec("cuda_ipc", 1024, host="h", port=1, num_engines=2)
+    assert ws.make_spec("cuda_ipc", 1024, host="h", port=1, num_engines=2).world_size == 3
     with pytest.raises(ValueError, match="bucket_mb"):
         ws.make_spec("object_store", 0)
     assert ws.make_spec("object_store", 8, dtype=torch.bfloat16).dtype == "bfloat16"
-
-
-def test_choose_transport():
-    assert ws.choose_transport("auto", "cpu", False, 1, 1) == "object_store"
-    assert ws.choose_transport("auto", "cuda", True, 1, 1) == "cuda_ipc"
-    assert ws.choose_transport("auto", "cuda", True, 2, 1) == "broadcast"
-    assert ws.choose_transport("auto", "cuda", False, 1, 1) == "broadcast"
-    assert ws.choose_transport("broadcast", "cpu", False, 1, 1) == "broadcast"
-    with pytest.raises(ValueError, match="needs device 'cuda'"):
-        ws.choose_transport("cuda_ipc", "cpu", False, 1, 1)
 
 
 def test_logprob_diff():
@@ -185,8 +174,8 @@ class TinyLearner:
     def named_weight_buckets(self, bucket_bytes: int):
         return ws.iter_buckets(self.model.named_parameters(), bucket_bytes)
 
-    def send_weights(self, spec: ws.SyncSpec) -> ws.SyncPayload:
-        return ws.send_buckets(spec, self.named_weight_buckets(spec.bucket_bytes))
+    def send_weights(self, specs: list[ws.SyncSpec], bucket_bytes: int) -> list[ws.SyncPayload]:
+        return ws.send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
 
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 import torch
 
+from rlhf.actor_group import ActorGroup, balance
 from rlhf.config import RolePlacement, RunConfig
 from rlhf.types import TrainBatch
 from trainer.learner import ROLES, Learner, pack_micro_batches, row_lengths
@@ -24,13 +25,7 @@ PLACEMENT_KEY = {"policy": "learner", "reference": "reference", "critic": "criti
 
 def split_rows(lengths: list[int], world_size: int) -> list[list[int]]:
     """Assign rows to ranks, longest first to the least-loaded rank (tokens, then rows); sorted per rank."""
-    loads = [0] * world_size
-    shards: list[list[int]] = [[] for _ in range(world_size)]
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        rank = min(range(world_size), key=lambda r: (loads[r], len(shards[r])))
-        shards[rank].append(i)
-        loads[rank] += lengths[i]
-    return [sorted(rows) for rows in shards]
+    return balance(lengths, world_size)
 
 
 def chunk(items: list[int], parts: int) -> list[list[int]]:
@@ -152,8 +147,9 @@ class LearnerGroup:
             self._actors.append(
                 remote_cls.options(**opts).remote(cfg, model_path, role, device, rank, world_size)
             )
-        master_addr, master_port = ray.get(self._actors[0].node_ip_and_free_port.remote())
-        ray.get([a.setup.remote(master_addr, master_port) for a in self._actors])
+        self.group = ActorGroup(self._actors, role)
+        master_addr, master_port = self.group.call("node_ip_and_free_port", ranks=[0])[0]
+        self.group.call("setup", master_addr, master_port)
 
     def _actor_options(self, placement: RolePlacement, given: dict[str, Any] | None) -> dict[str, Any]:
         if given is None:
@@ -201,7 +197,7 @@ class LearnerGroup:
             raise ValueError("train: the reference model is frozen")
         shards, steps = self.plan(batch)
         self._train_calls += 1
-        results = ray.get([a.train.remote(s, st) for a, s, st in zip(self._actors, shards, steps)])
+        results = self.group.call("train", per_rank=list(zip(shards, steps)))
         return combine_stats(results)
 
     # ------------------------------------------------------------------ inference
@@ -227,12 +223,7 @@ class LearnerGroup:
             for s, rows in zip(shards, rows_per_rank)
         ]
         num_micro = max(len(m) for m in micro)
-        outs = ray.get(
-            [
-                getattr(a, method).remote(s, m, num_micro, **kwargs)
-                for a, s, m in zip(self._actors, shards, micro)
-            ]
-        )
+        outs = self.group.call(method, num_micro, per_rank=list(zip(shards, micro)), **kwargs)
         result = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         for rows, out in zip(rows_per_rank, outs):
             if rows:
@@ -242,26 +233,26 @@ class LearnerGroup:
     # ------------------------------------------------------------------ weights, checkpoints
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full HF-named weights (CPU copies) from rank 0; all ranks take part (ZeRO-3 gathers)."""
-        return ray.get([a.full_state_dict.remote() for a in self._actors])[0]
+        return self.group.call("full_state_dict")[0]
 
     def save(self, directory: str) -> None:
         """DeepSpeed checkpoint + `directory/hf` (HF model). Every rank writes: `directory` must be on a
         file system all learner nodes share."""
         os.makedirs(directory, exist_ok=True)
-        ray.get([a.save.remote(directory) for a in self._actors])
+        self.group.call("save", directory)
 
     def load(self, directory: str) -> int:
         """Restore `save`'s checkpoint; returns the optimizer step count."""
-        return ray.get([a.load.remote(directory) for a in self._actors])[0]
+        return self.group.call("load", directory)[0]
 
     def global_steps(self) -> int:
-        return ray.get(self._actors[0].global_steps.remote())
+        return self.group.call("global_steps", ranks=[0])[0]
 
     def offload(self) -> None:
-        ray.get([a.offload.remote() for a in self._actors])
+        self.group.call("offload")
 
     def reload(self) -> None:
-        ray.get([a.reload.remote() for a in self._actors])
+        self.group.call("reload")
 
     def shutdown(self) -> None:
         for actor in self._actors:

@@ -405,16 +405,27 @@ class Learner:
         )
         if alg.entropy_coef != 0:  # ... unless it is in the loss: then through autograd
             entropy = token_entropy(logits, temperature=self.temperature)
-        recomputed = mb.old_logprobs is not None
+        # pi_old (rlhf/algorithms/old_logprobs.py): a learner pass, the engine's, or this very pass
+        # (one optimizer step per batch: the weights have not moved yet); `behaviour` feeds TIS.
+        if mb.old_logprobs is not None:
+            old, behaviour = mb.old_logprobs, mb.rollout_logprobs
+        elif alg.recompute_old_logprobs is False:
+            if mb.rollout_logprobs is None:
+                raise ValueError(
+                    "algorithm.recompute_old_logprobs=false needs the engine's logprobs, but the batch has none"
+                )
+            old, behaviour = mb.rollout_logprobs, None
+        else:
+            old, behaviour = logprobs.detach(), mb.rollout_logprobs
         return policy_loss(
             logprobs,
-            mb.old_logprobs if recomputed else mb.rollout_logprobs,
+            old,
             mb.advantages,
             mb.loss_mask,
             alg,
             ref_logprobs=mb.ref_logprobs,
             entropy=entropy,
-            rollout_logprobs=mb.rollout_logprobs if recomputed else None,
+            rollout_logprobs=behaviour,
             num_tokens=num_tokens,
             num_sequences=num_sequences,
         )
@@ -446,19 +457,23 @@ class Learner:
             # Copies: the gathered storage is released when the context exits.
             return [(name, p.detach().clone()) for name, p in bucket]
 
-    def send_weights(self, spec) -> Any:
-        """Weight-sync sender: rank 0 ships the buckets (returns the payload); other ranks only gather."""
-        from rlhf.weight_sync import send_buckets
+    def send_weights(self, specs, bucket_bytes: int | None = None) -> Any:
+        """Weight-sync sender: ship the weights over each channel this rank feeds (`specs`, planned
+        by rlhf.sync_routes; may be empty), one payload per spec. Every rank calls it together: under
+        ZeRO-3 each bucket is all-gathered. A bare spec (old form) means: rank 0 sends, returns its
+        payload (None elsewhere)."""
+        from rlhf.weight_sync import send_to_channels
 
-        buckets = self.named_weight_buckets(spec.bucket_bytes)
-        if self.rank == 0:
-            payload = send_buckets(spec, buckets)
-            for _ in buckets:  # in case the sender stopped early: the other ranks are still gathering
-                pass
-            return payload
-        for _ in buckets:
-            pass
-        return None
+        single = not isinstance(specs, list | tuple)
+        specs = ([specs] if self.rank == 0 else []) if single else list(specs)
+        if bucket_bytes is None:
+            bucket_bytes = specs[0].bucket_bytes if specs else int(self.cfg.sync.bucket_mb * 2**20)
+        payloads = send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
+        return (payloads[0] if payloads else None) if single else payloads
+
+    def device_uuid(self) -> str | None:
+        """This rank's GPU (CUDA device UUID), None on CPU: the sync planner matches it to engines."""
+        return str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
 
     def full_state_dict(
         self, bucket_bytes: int = 256 * 2**20, all_ranks: bool = False

@@ -1,0 +1,144 @@
+"""One way to call every actor of a group: split the work, call, gather in rank order, fail fast.
+
+Every role (rollout engines, learner ranks, reward-model replicas) is a list of Ray actors that the
+driver calls together. `ActorGroup` is the only place that fans calls out and gathers them, so all
+roles report a failed call the same way: the first error, with the group's name and the actor's
+rank, as soon as it happens (a rank blocked in a collective would otherwise hang `ray.get`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class GroupCallError(RuntimeError):
+    """A call on one actor failed; `who` names it ("rollout rank 1"), `rank` is its rank if known."""
+
+    def __init__(self, who: str, method: str, cause: BaseException, rank: int | None = None):
+        self.who, self.method, self.cause, self.rank = who, method, cause, rank
+        super().__init__(f"{who}: {method} failed: {type(cause).__name__}: {cause}")
+
+
+def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) chunks whose sizes differ by at most one (earlier chunks larger)."""
+    if num_parts < 1:
+        raise ValueError(f"split_evenly: need at least one part, got {num_parts}")
+    base, extra = divmod(num_items, num_parts)
+    bounds, start = [], 0
+    for part in range(num_parts):
+        end = start + base + (1 if part < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def gather(refs: Sequence[Any], who: Sequence[str], method: str, timeout_s: float | None = None) -> list:
+    """`ray.get(refs)` in order, but the first failure raises at once as a `GroupCallError` naming
+    `who[i]`, the actor of `refs[i]` (a peer blocked in a collective would otherwise hang)."""
+    import ray
+
+    index_of = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending:
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
+        if not ready:
+            late = [who[index_of[r]] for r in pending]
+            raise TimeoutError(f"{method} still running on {', '.join(late)} after {timeout_s:.0f}s")
+        try:
+            ray.get(ready[0])
+        except Exception as exc:
+            i = index_of[ready[0]]
+            rank = getattr(who, "ranks", None)
+            raise GroupCallError(who[i], method, exc, rank[i] if rank else None) from exc
+    return ray.get(list(refs))
+
+
+class _Who(list):
+    """Names of the called actors, with their ranks attached (for `GroupCallError.rank`)."""
+
+    def __init__(self, label: str, ranks: Sequence[int]):
+        super().__init__(f"{label} rank {r}" for r in ranks)
+        self.ranks = list(ranks)
+
+
+class ActorGroup:
+    """The actors of one role, addressed by rank."""
+
+    def __init__(self, actors: Sequence[Any], label: str):
+        self.actors = list(actors)
+        self.label = label
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def submit(
+        self,
+        method: str,
+        *args: Any,
+        per_rank: Sequence[Sequence[Any]] | None = None,
+        ranks: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> tuple[list[Any], list[int]]:
+        """Start `method` on each rank in `ranks` (default all): `per_rank[i]` are rank i's leading
+        positional arguments, followed by `args` and `kwargs` shared by all. Returns (refs, ranks)."""
+        ranks = list(range(len(self.actors))) if ranks is None else list(ranks)
+        if per_rank is not None and len(per_rank) != len(ranks):
+            raise ValueError(f"{self.label}: {len(per_rank)} argument sets for {len(ranks)} ranks")
+        refs = [
+            getattr(self.actors[r], method).remote(
+                *(per_rank[i] if per_rank is not None else ()), *args, **kwargs
+            )
+            for i, r in enumerate(ranks)
+        ]
+        return refs, ranks
+
+    def call(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
+        """Call `method` on the chosen ranks (see `submit`) and return their results in rank order."""
+        refs, ranks = self.submit(method, *args, **kwargs)
+        return gather(refs, self.who(ranks), method, timeout_s)
+
+    def who(self, ranks: Sequence[int]) -> list[str]:
+        """Names of these ranks for `gather` ("policy rank 1")."""
+        return _Who(self.label, ranks)
+
+    def split_call(
+        self,
+        method: str,
+        items: Sequence[Any],
+        *args: Any,
+        bounds: Sequence[tuple[int, int]] | None = None,
+        offset_arg: Callable[[int], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Give rank i `items[start_i:end_i]` (even split unless `bounds`), concatenate their lists.
+
+        `offset_arg(start)` adds per-rank keyword arguments that depend on the chunk's position."""
+        bounds = list(bounds) if bounds is not None else split_evenly(len(items), len(self.actors))
+        if len(bounds) != len(self.actors):
+            raise ValueError(f"{self.label}: {len(bounds)} chunks for {len(self.actors)} actors")
+        used = [r for r, (start, end) in enumerate(bounds) if end > start]
+        refs = []
+        for r in used:
+            start, end = bounds[r]
+            extra = offset_arg(start) if offset_arg else {}
+            refs.append(getattr(self.actors[r], method).remote(items[start:end], *args, **kwargs, **extra))
+        chunks = gather(refs, self.who(used), method)
+        return [item for chunk in chunks for item in chunk]
+
+
+def balance(costs: Sequence[float], num_parts: int) -> list[list[int]]:
+    """Item indices per part: largest cost first to the least-loaded part (cost, then count); each
+    part's indices sorted. Used for learner rows (tokens) and rollout prompts (token budget)."""
+    if num_parts < 1:
+        raise ValueError(f"balance: need at least one part, got {num_parts}")
+    loads = [0.0] * num_parts
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        part = min(range(num_parts), key=lambda p: (loads[p], len(parts[p])))
+        parts[part].append(i)
+        loads[part] += costs[i]
+    return [sorted(p) for p in parts]

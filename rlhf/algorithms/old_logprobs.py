@@ -1,0 +1,45 @@
+"""Where the old (pre-update) logprobs of a batch come from, and whether the engines return logprobs.
+
+Returning each sampled token's logprob makes vLLM compute a log-softmax over the whole vocabulary at
+every step: at vocab 152k that costs more than the rest of the generation. So by default the engines
+return none, and the learner supplies pi_old itself:
+
+* `recompute_old_logprobs: null` (default, "auto"): when the batch feeds a single optimizer step and
+  nothing reads pi_old before training, pi_old is the training pass's own logprobs, detached (the
+  weights have not moved yet, so they are the same numbers; no extra pass). Otherwise (several
+  epochs or mini-batches, or KL to the reference folded into the reward) one learner forward pass
+  computes them before training.
+* `true`: always one learner forward pass before training.
+* `false`: pi_old is the engine's logprob of each sampled token (the engine must return them).
+
+The engines return logprobs only where they are used: `recompute_old_logprobs: false`, or truncated
+importance sampling (`tis_cap`), whose weight min(pi_old / pi_engine, cap) needs the engine's side.
+"""
+
+from __future__ import annotations
+
+from rlhf.config import AlgorithmConfig
+
+
+def engine_logprobs_needed(alg: AlgorithmConfig) -> bool:
+    """Whether generation must return each sampled token's logprob."""
+    return alg.recompute_old_logprobs is False or alg.tis_cap is not None
+
+
+def single_update(alg: AlgorithmConfig) -> bool:
+    return alg.ppo_epochs == 1 and alg.mini_batches == 1
+
+
+def learner_pass_needed(alg: AlgorithmConfig, has_reference: bool) -> bool:
+    """Whether the driver runs one learner forward pass for pi_old before training."""
+    if alg.recompute_old_logprobs is not None:
+        return alg.recompute_old_logprobs
+    kl_before_training = has_reference and alg.kl_in == "reward"
+    return not single_update(alg) or kl_before_training
+
+
+def source(alg: AlgorithmConfig, has_reference: bool) -> str:
+    """'engine', 'learner_pass' or 'training_pass' (for docs, logs and tests)."""
+    if alg.recompute_old_logprobs is False:
+        return "engine"
+    return "learner_pass" if learner_pass_needed(alg, has_reference) else "training_pass"
