@@ -265,22 +265,32 @@ class Trainer:
         probe = [s for s in samples if s.response_ids][:k]
         if not probe:
             return
+        seqs = [(s.prompt.token_ids, s.response_ids) for s in probe]
         with timer.phase("audit"):
-            engine_lp = self.roles.rollout.logprobs([(s.prompt.token_ids, s.response_ids) for s in probe])
+            # every engine scores the whole (small) probe: a sync that missed one engine shows
+            per_engine = self.roles.rollout.group.call("logprobs", seqs)
             batch = make_train_batch(probe, self.pad_id)
             learner_lp = self.roles.policy.logprobs(batch, temperature=1.0)  # the engine scores at T=1
-        diffs = []
-        for i, s in enumerate(probe):
-            p = len(s.prompt.token_ids)
-            learner = learner_lp[i, p : p + len(s.response_ids)]
-            diffs.append((learner - torch.tensor(engine_lp[i], dtype=learner.dtype)).abs())
-        diff = torch.cat(diffs)
-        metrics["sync/audit_logprob_diff"] = float(diff.mean())
-        metrics["sync/audit_logprob_diff_max"] = float(diff.max())
+        engine_means = []
+        for engine_lp in per_engine:
+            diffs = []
+            for i, s in enumerate(probe):
+                p = len(s.prompt.token_ids)
+                learner = learner_lp[i, p : p + len(s.response_ids)]
+                diffs.append((learner - torch.tensor(engine_lp[i], dtype=learner.dtype)).abs())
+            diff = torch.cat(diffs)
+            engine_means.append(float(diff.mean()))
+            metrics["sync/audit_logprob_diff_max"] = max(
+                metrics.get("sync/audit_logprob_diff_max", 0.0), float(diff.max())
+            )
+        metrics["sync/audit_logprob_diff"] = sum(engine_means) / len(engine_means)
+        metrics["sync/audit_worst_engine_diff"] = max(engine_means)
         tol = self.cfg.sync.audit_tolerance or (5e-3 if self.device == "cpu" else 5e-2)
-        if float(diff.mean()) > tol:
+        worst = max(range(len(engine_means)), key=engine_means.__getitem__)
+        if engine_means[worst] > tol:
             log(
-                f"warning: weight-sync audit: mean |engine - learner| logprob = {float(diff.mean()):.2e} > {tol:.0e}"
+                f"warning: weight-sync audit: engine {worst}: mean |engine - learner| logprob = "
+                f"{engine_means[worst]:.2e} > {tol:.0e}"
             )
 
     def step_once(self) -> dict[str, float]:

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf.actor_group import balance, split_evenly
 from rlhf.config import RunConfig, SamplingConfig
 from rollout.engine import _token_logprobs, resolve_dtype
-from rlhf.actor_group import balance, split_evenly
 from rollout.group import _engine_options, is_colocated
 
 
