@@ -31,7 +31,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides; resume=RUN_DIR continues a run")
         return p
 
-    command("validate", "load and validate a recipe, print the resolved YAML")
+    validate = command(
+        "validate", "load and validate a recipe (and its placement, given a cluster), print the resolved YAML"
+    )
+    validate.add_argument(
+        "--inventory",
+        help="also check the placement against this cluster description YAML (default: placement.inventory, "
+        "else this machine's GPUs if it has any)",
+    )
     plan = command("plan", "show where every role runs (node, GPU, estimated memory)")
     plan.add_argument(
         "--inventory", help="cluster description YAML (default: $RAY_ADDRESS cluster, else this machine)"
@@ -65,7 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf.placement import local_inventory, make_plan
+
     cfg = load_config(args.config, overrides)
+    # The placement too, where a cluster is known: more replicas than GPUs, a tensor-parallel engine
+    # wider than its GPUs, memory that does not fit, all fail here with one line, before anything starts.
+    if args.inventory or cfg.placement.inventory:
+        make_plan(cfg, _inventory(cfg, args.inventory))
+    elif local_inventory().total_gpus > 0:
+        make_plan(cfg, local_inventory())
     print(to_yaml(cfg), end="")
     return 0
 

@@ -418,6 +418,24 @@ def test_cli_validate_error_exit_code(recipe, capsys):
     assert err == "error: <override>: rollout.samplng: unknown key; did you mean 'rollout.sampling'?\n"
 
 
+def test_cli_validate_checks_the_placement_against_an_inventory(recipe, capsys):
+    h100x2 = str(REPO / "configs/inventories/h100x2.yaml")
+    hybrid = [
+        "placement.device=cuda",
+        "placement.colocate=[[rollout,learner]]",
+        "placement.learner.replicas=2",
+    ]
+    assert (
+        main(["validate", str(recipe), "--inventory", h100x2, *hybrid, "placement.rollout.replicas=2"]) == 0
+    )
+    capsys.readouterr()
+    # more engines than GPUs, and a tensor-parallel engine wider than the machine: one line each
+    for bad in (["placement.rollout.replicas=3"], ["rollout.tensor_parallel=4"]):
+        assert main(["validate", str(recipe), "--inventory", h100x2, *hybrid, *bad]) == 3
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "GPUs but the cluster has 2" in err, err
+
+
 def test_cli_train_reports_config_errors_before_starting(recipe, capsys):
     assert main(["train", str(recipe), "trainer.lr=0"]) == 2
     assert capsys.readouterr().err == "error: <override>: trainer.lr: must be > 0 (got 0.0)\n"

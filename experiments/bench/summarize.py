@@ -1,0 +1,59 @@
+"""Turn `run_matrix.py` outputs into `experiments/results/gpu/summary.json` entries.
+
+Every entry takes its baselines (raw vLLM without logprobs, raw DeepSpeed) from a run on the same
+machine in the same session (`--baseline FILE:NAME`), never from another machine.
+
+  python experiments/bench/summarize.py --session h100x2_20261125 --baseline run2.json:raw \\
+      --entry run2.json:gpu1_coloc --entry run3.json:disagg2 ... >> summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load(spec: str, root: Path) -> dict:
+    path, _, name = spec.rpartition(":")
+    return json.loads((root / path).read_text())[name]
+
+
+def entry(run: dict, raw: dict, session: str, source: str) -> dict:
+    s, args = run["summary"], run["args"]
+    parts = s["breakdown_s"]
+    return {
+        "session": session,
+        "source": source,
+        "device": run["device"],
+        "gpus": args["gpus"],
+        "mode": args["mode"],
+        "tensor_parallel": args.get("tp", 1),
+        "zero_stage": args.get("zero", 2),
+        "max_staleness": 0,
+        "step_s": round(s["step_s"], 3),
+        "tokens_per_s": round(s["end_to_end_tokens_per_s"]),
+        "generate_s": round(parts["generate"], 3),
+        "train_s": round(parts["train"], 3),
+        "sync_s": round(parts["sync"], 3),
+        "raw_vllm_nologprobs_s": round(raw["vllm"]["generate_no_logprobs_s"], 3),
+        "raw_vllm_logprobs_s": round(raw["vllm"]["generate_s"], 3),
+        "raw_deepspeed_train_s": round(raw["deepspeed"]["train_s"], 3),
+        "audit_logprob_diff": round(s["audit_logprob_diff"], 4),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="experiments/results/gpu", help="folder the FILE paths are under")
+    ap.add_argument("--session", required=True)
+    ap.add_argument("--baseline", required=True, help="FILE:NAME of the raw (a,b) run")
+    ap.add_argument("--entry", action="append", default=[], help="FILE:NAME of an rlhf (c) run")
+    args = ap.parse_args()
+    root = Path(args.root)
+    raw = load(args.baseline, root)
+    print(json.dumps([entry(load(e, root), raw, args.session, e) for e in args.entry], indent=1))
+
+
+if __name__ == "__main__":
+    main()
