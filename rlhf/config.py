@@ -70,6 +70,10 @@ class RolloutConfig:
     sleep_between_steps: bool | None = None  # None: True when colocated on GPU
     load_format: str = "auto"  # "dummy" for throughput benchmarks
     seed: int = 0
+    # Asynchronous RL (docs/async.md): 0 = synchronous loop. k >= 1: the engines keep generating the next
+    # batches while the learner trains, and a sample generated more than k policy versions before the
+    # learner's current one is dropped (its prompt is served again).
+    max_staleness: int = 0
 
 
 @dataclass
@@ -117,6 +121,10 @@ class AlgorithmConfig:
     # and truncated importance sampling weights each token by min(exp(old - engine), tis_cap).
     recompute_old_logprobs: bool | None = None
     tis_cap: float | None = None
+    # How samples from another policy than pi_old are corrected (docs/algorithms.md): none; tis
+    # (weight min(pi_old / pi_engine, tis_cap)); decoupled_ppo (weight pi_old / pi_engine, tokens above
+    # tis_cap dropped). auto: tis when tis_cap is set, decoupled_ppo when rollout.max_staleness >= 1.
+    off_policy_correction: Literal["auto", "none", "tis", "decoupled_ppo"] = "auto"
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer steps per rollout batch (per epoch)
     # GAE (advantage: gae)
@@ -197,6 +205,7 @@ class SyncConfig:
     bucket_mb: int = 256
     audit: bool = True  # compare engine and learner logprobs on a probe batch after each sync
     audit_samples: int = 4
+    audit_every: int | None = None  # steps between audits (None: 1 synchronous, 10 asynchronous; 0: never)
     audit_tolerance: float | None = None  # warn above this mean |diff| (None: 5e-3 fp32, 5e-2 bf16)
 
 

@@ -473,6 +473,7 @@ def validate(
     at_least("rollout.sampling.max_new_tokens", sp.max_new_tokens, 1)
     at_least("rollout.eval_temperature", ro.eval_temperature, 0)
     at_least("rollout.tensor_parallel", ro.tensor_parallel, 1)
+    at_least("rollout.max_staleness", ro.max_staleness, 0)
     if ro.gpu_memory_utilization is not None:
         fraction("rollout.gpu_memory_utilization", ro.gpu_memory_utilization)
     check(
@@ -514,6 +515,25 @@ def validate(
         positive("algorithm.loss_agg_constant", al.loss_agg_constant)
     if al.tis_cap is not None:
         positive("algorithm.tis_cap", al.tis_cap)
+    check(
+        al.off_policy_correction != "tis" or al.tis_cap is not None,
+        "algorithm.off_policy_correction",
+        "tis needs algorithm.tis_cap (the truncation)",
+        al.off_policy_correction,
+    )
+    check(
+        not (al.recompute_old_logprobs is False and ro.max_staleness > 0),
+        "algorithm.recompute_old_logprobs",
+        "false (pi_old from the engine) cannot be used with rollout.max_staleness >= 1: the behaviour policy "
+        "is several versions old; leave it null",
+        al.recompute_old_logprobs,
+    )
+    check(
+        not (al.dynamic_sampling and ro.max_staleness > 0),
+        "algorithm.dynamic_sampling",
+        "is not supported with rollout.max_staleness >= 1 yet",
+        al.dynamic_sampling,
+    )
     at_least("algorithm.ppo_epochs", al.ppo_epochs, 1)
     at_least("algorithm.mini_batches", al.mini_batches, 1)
     check(0 <= al.gamma <= 1, "algorithm.gamma", "must be in [0, 1]", al.gamma)
@@ -665,3 +685,14 @@ def _validate_placement(cfg: RunConfig, fail) -> None:
         explicit = sum(getattr(pl, r).gpus for r in group if 0 < getattr(pl, r).gpus < 1)
         if explicit > 1 + 1e-9:
             raise fail(key, f"fractional gpus of colocated roles sum to {explicit:g} > 1 per GPU", group)
+        if (
+            cfg.rollout.max_staleness > 0
+            and {"rollout", "learner"} <= set(group)
+            and resolve_device(cfg) == "cuda"
+        ):
+            raise fail(
+                key,
+                "rollout.max_staleness >= 1 overlaps generation with training, which needs the rollout and "
+                "the learner on different GPUs; drop this colocation or set rollout.max_staleness=0",
+                group,
+            )

@@ -6,6 +6,7 @@ prompts come next: that triple is all a checkpoint needs to resume the stream.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -33,6 +34,7 @@ class PromptData:
         self.epoch = 0
         self.position = 0
         self.num_dropped = 0
+        self.requeued: list[Prompt] = []  # served again before new prompts (see `requeue`)
         generator_args = {k: v for k, v in cfg.task_args.items() if k != "task"}
 
         if cfg.source.startswith(BUILTIN_PREFIX):
@@ -214,8 +216,13 @@ class PromptData:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_rows))
 
     def next_batch(self, k: int) -> list[Prompt]:
-        """The next k training prompts; crossing the end of an epoch reshuffles and continues."""
+        """The next k training prompts; crossing the end of an epoch reshuffles and continues.
+
+        Prompts handed back with `requeue` come first. Each prompt's `metadata["epoch"]` says which
+        pass over the data it belongs to."""
         batch: list[Prompt] = []
+        while self.requeued and len(batch) < k:
+            batch.append(self.requeued.pop(0))
         while len(batch) < k:
             if self.position >= len(self._order):
                 if self.num_dropped == len(self.train_rows):
@@ -231,14 +238,27 @@ class PromptData:
             new = [i for i in take if i not in self._train_cache]
             for i, prompt in zip(new, self._encode([self.train_rows[i] for i in new], "train")):
                 self._train_cache[i] = prompt
-            batch += [self._train_cache[i] for i in take if self._train_cache[i] is not None]
+            batch += [
+                dataclasses.replace(
+                    self._train_cache[i], metadata={**self._train_cache[i].metadata, "epoch": self.epoch}
+                )
+                for i in take
+                if self._train_cache[i] is not None
+            ]
         return batch
+
+    def requeue(self, prompts: list[Prompt]) -> None:
+        """Serve these prompts again before any new one (asynchronous RL: their samples went stale)."""
+        self.requeued.extend(prompts)
 
     def eval_prompts(self) -> list[Prompt]:
         return list(self.eval)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+    def state_dict(self, pending: list[Prompt] = ()) -> dict:
+        """Position in the prompt stream. `pending`: prompts handed out but not trained on yet (an
+        asynchronous run's buffer); they are saved with the requeued ones and served first on resume."""
+        again = [(p.index, p.metadata.get("epoch", self.epoch)) for p in [*self.requeued, *pending]]
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "requeued": again}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed:
@@ -250,3 +270,10 @@ class PromptData:
             raise ValueError(f"data state position {state['position']} outside 0..{len(self.train_rows)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+        self.requeued = []
+        for index, epoch in state.get("requeued", []):
+            prompt = self._train_cache.get(index)
+            if prompt is None:
+                (prompt,) = self._encode([self.train_rows[index]], "train")
+                self._train_cache[index] = prompt
+            self.requeued.append(dataclasses.replace(prompt, metadata={**prompt.metadata, "epoch": epoch}))

@@ -104,9 +104,10 @@ class Trainer:
             self.pad_id = self.tokenizer.eos_token_id
         self.data = PromptData(cfg.data, self.tokenizer)
         self.step = 0
-        self.engine_logprobs = old_logprobs.engine_logprobs_needed(cfg.algorithm)
+        self.engine_logprobs = old_logprobs.engine_logprobs_needed(cfg.algorithm, cfg.rollout.max_staleness)
         self.started_ray = False
         self.roles: Roles | None = None
+        self.loop = None  # the asynchronous loop (rollout.max_staleness >= 1), started by run()
         self.metrics = MetricsLogger(
             self.run_dir, cfg.logging.project, self.run_name, cfg.logging.wandb_mode, to_dict(cfg)
         )
@@ -311,9 +312,15 @@ class Trainer:
         self.wake_engines(timer)
         with timer.phase("sync"):
             metrics.update(roles.sync.push())
-        self.audit(samples, timer, metrics)
+        if self.audit_due():
+            self.audit(samples, timer, metrics)
         self.offload_learners(timer)
-        elapsed = time.perf_counter() - t0
+        return self.step_metrics(metrics, samples, stats, timer, time.perf_counter() - t0)
+
+    def step_metrics(
+        self, metrics: dict, samples: list[Sample], stats: dict, timer: Timer, elapsed: float
+    ) -> dict[str, float]:
+        """The per-step figures every loop logs (synchronous and asynchronous alike)."""
         metrics.update(self.sample_metrics(samples))
         metrics.update({f"train/{k}": v for k, v in stats.items() if not k.startswith("critic/")})
         metrics.update({k: v for k, v in stats.items() if k.startswith("critic/")})
@@ -325,6 +332,14 @@ class Trainer:
         if "generate" in timer.seconds:
             metrics["perf/generate_tokens_per_s"] = gen_tokens / timer.seconds["generate"]
         return metrics
+
+    def audit_due(self) -> bool:
+        """Every step when synchronous; every 10th when asynchronous, where the engines' scoring pass
+        waits behind a generate call (`sync.audit_every` overrides)."""
+        every = self.cfg.sync.audit_every
+        if every is None:
+            every = 10 if self.cfg.rollout.max_staleness > 0 else 1
+        return every > 0 and (self.step + 1) % every == 0
 
     def dump_samples(self, samples: list[Sample]) -> None:
         """The first `logging.samples_per_step` samples of each step, for reading what the policy writes."""
@@ -342,6 +357,9 @@ class Trainer:
                     "reward": s.reward,
                     "parts": s.reward_parts,
                     "finish_reason": s.finish_reason,
+                    "index": s.prompt.index,
+                    "epoch": s.prompt.metadata.get("epoch", 0),
+                    "policy_version": s.policy_version,
                 }
                 f.write(json.dumps(row) + "\n")
 
@@ -413,7 +431,9 @@ class Trainer:
             if roles.critic is not None:
                 roles.critic.save(str(tmp / "critic"))
 
-        state = {"data": self.data.state_dict(), "rng": ckpt.rng_state(), "run_name": self.run_name}
+        # An asynchronous run saves the prompts in its buffer as not yet served: a resume regenerates them.
+        data = self.loop.producer.data_state() if self.loop else self.data.state_dict()
+        state = {"data": data, "rng": ckpt.rng_state(), "run_name": self.run_name}
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, save_models, state, self.cfg.checkpoint.keep_last
         )
@@ -430,9 +450,15 @@ class Trainer:
                 before = self.evaluate()
                 self.metrics.log(0, before)
                 log(f"eval before training: reward {before.get('eval/reward_mean', float('nan')):.3f}")
+            if cfg.rollout.max_staleness > 0:
+                from rlhf.async_loop import AsyncLoop
+
+                self.loop = AsyncLoop(self)
+                self.loop.start()
+                log(f"asynchronous: the engines run up to {cfg.rollout.max_staleness} step(s) ahead")
             bar = tqdm(total=cfg.steps, initial=self.step, desc="rlhf", unit="step", file=sys.stderr)
             while self.step < cfg.steps:
-                metrics = self.step_once()
+                metrics = self.loop.step() if self.loop else self.step_once()
                 self.step += 1
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update(self.evaluate())
@@ -457,6 +483,9 @@ class Trainer:
         return self.run_dir
 
     def shutdown(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+            self.loop = None
         self.metrics.close()
         if self.roles is None:
             return

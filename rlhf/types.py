@@ -36,6 +36,10 @@ class Sample:
     finish_reason: str  # "stop" | "length" | ...
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)  # per reward source, unweighted
+    # Weight pushes the engine had received when it generated this sample (0: the initial weights). A
+    # generate call never spans a push (the engine actor runs one call at a time), so every token of
+    # a response comes from this one version.
+    policy_version: int = 0
 
     @property
     def truncated(self) -> bool:

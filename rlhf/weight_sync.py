@@ -511,6 +511,11 @@ class WeightSync:
         logger.info("weight sync: %s", self.describe())
         return self.specs
 
+    @property
+    def version(self) -> int:
+        """The learner's policy version as the engines see it: pushes so far (samples carry theirs)."""
+        return self._pushes
+
     def describe(self) -> str:
         """One line per channel: who sends to whom, over what."""
         return "; ".join(

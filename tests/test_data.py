@@ -144,7 +144,7 @@ def test_batches_are_deterministic_and_cover_each_epoch(qwen_tok):
     first = [p.index for p in a.next_batch(50)]
     assert first == [p.index for p in b.next_batch(50)]
     assert sorted(first) == list(range(50)) and first != list(range(50))  # a shuffled permutation
-    assert a.state_dict() == {"epoch": 0, "position": 50, "seed": 0}
+    assert a.state_dict() == {"epoch": 0, "position": 50, "seed": 0, "requeued": []}
     other_seed = PromptData(builtin(seed=1), qwen_tok)
     assert {p.text for p in other_seed.next_batch(50)} != {p.text for p in b.next_batch(50)}
 
@@ -155,9 +155,28 @@ def test_epoch_wrap(qwen_tok):
     flat = sum(batches, [])
     epoch0, epoch1 = flat[:50], flat[50:]
     assert sorted(epoch0) == list(range(50)) and len(set(epoch1)) == 6
-    assert data.state_dict() == {"epoch": 1, "position": 6, "seed": 0}
+    assert data.state_dict() == {"epoch": 1, "position": 6, "seed": 0, "requeued": []}
     rest = [p.index for p in data.next_batch(44)]
     assert sorted(epoch1 + rest) == list(range(50)) and epoch1 + rest != epoch0  # reshuffled
+
+
+def test_requeued_prompts_come_first_keep_their_epoch_and_survive_a_resume(qwen_tok):
+    data = PromptData(builtin(), qwen_tok)
+    first = data.next_batch(4)
+    assert {p.metadata["epoch"] for p in first} == {0}
+    data.requeue(first[1:3])  # their samples went stale
+    again = data.next_batch(3)
+    assert [p.index for p in again[:2]] == [first[1].index, first[2].index]
+    assert again[2].index not in {p.index for p in first}
+    # a checkpoint saves requeued and pending (handed out, not trained) prompts; a resume serves them first
+    data.requeue(again[:1])
+    state = data.state_dict(pending=[again[2]])
+    assert state["requeued"] == [(again[0].index, 0), (again[2].index, 0)]
+    resumed = PromptData(builtin(), qwen_tok)
+    resumed.load_state_dict(state)
+    served = resumed.next_batch(3)
+    assert [p.index for p in served[:2]] == [again[0].index, again[2].index]
+    assert served[2].index == data.next_batch(2)[1].index  # then the stream goes on where it was
 
 
 def test_resume_continues_with_the_next_prompts(qwen_tok):

@@ -334,3 +334,64 @@ def test_token_logprobs_bf16_gradient_dtype_and_logits_untouched():
     before = logits32.detach().clone()
     token_logprobs(logits32, torch.randint(0, 9, (2, 4)), temperature=0.5).sum().backward()
     assert torch.equal(logits32.detach(), before)
+
+
+def test_decoupled_ppo_weights_by_behaviour_and_drops_tokens_above_the_cap():
+    """Decoupled PPO (AReaL): pg_t = w_t * PPO_t with w_t = pi_prox / pi_behav, tokens with w_t > cap left out."""
+    prox = torch.zeros(1, 4)  # pi_old here is the proximal policy: the learner before this update
+    logp = prox.clone().requires_grad_()  # ratio 1 against pi_prox
+    behav = T([[0.0, -LN(3.0), -LN(1.5), LN(2.0)]])  # w = 3, 1.5, 0.5
+    mask = T([[0.0, 1, 1, 1]])
+    adv = T([[0.0, 1, 1, 1]])
+    cfg = AlgorithmConfig(off_policy_correction="decoupled_ppo", tis_cap=2.0, clip_low=10.0, clip_high=10.0)
+    loss, stats = policy_loss(logp, prox, adv, mask, cfg, rollout_logprobs=behav)
+    # w = 3 exceeds the cap: that token is dropped (weight 0), not clipped to 2 as TIS would
+    close(loss, -(0 + 1.5 + 0.5) / 3)
+    close(stats["tis_weight_mean"], 2 / 3)
+    loss.backward()
+    close(logp.grad, [[0, 0, -0.5, -1 / 6]])
+    # without a cap every token keeps its full weight
+    logp.grad = None
+    cfg = AlgorithmConfig(off_policy_correction="decoupled_ppo", clip_low=10.0, clip_high=10.0)
+    loss, _ = policy_loss(logp, prox, adv, mask, cfg, rollout_logprobs=behav)
+    close(loss, -(3 + 1.5 + 0.5) / 3)
+    # the proximal ratio is clipped as in PPO, the behaviour weight multiplies the clipped objective
+    cfg = AlgorithmConfig(off_policy_correction="decoupled_ppo", clip_low=0.2, clip_high=0.2)
+    moved = (prox + LN(1.5) * mask).requires_grad_()  # ratio 1.5 -> clipped at 1.2 for A > 0
+    loss, _ = policy_loss(moved, prox, adv, mask, cfg, rollout_logprobs=behav)
+    close(loss, -(3 * 1.2 + 1.5 * 1.2 + 0.5 * 1.2) / 3)
+
+
+def test_off_policy_correction_auto():
+    from rlhf.algorithms.losses import off_policy_correction
+    from rlhf.algorithms.old_logprobs import engine_logprobs_needed
+
+    assert off_policy_correction(AlgorithmConfig()) == "none"
+    assert off_policy_correction(AlgorithmConfig(), max_staleness=1) == "decoupled_ppo"
+    assert off_policy_correction(AlgorithmConfig(tis_cap=2.0), max_staleness=1) == "tis"
+    assert off_policy_correction(AlgorithmConfig(off_policy_correction="none"), max_staleness=2) == "none"
+    assert not engine_logprobs_needed(AlgorithmConfig())  # the default: the engines return no logprobs
+    assert engine_logprobs_needed(AlgorithmConfig(), max_staleness=1)  # the behaviour policy is needed
+    assert engine_logprobs_needed(AlgorithmConfig(recompute_old_logprobs=False))
+    with pytest.raises(ValueError, match="off_policy_correction"):
+        off_policy_correction(AlgorithmConfig(off_policy_correction="magic"))
+
+
+def test_old_logprob_sources():
+    from rlhf.algorithms import old_logprobs
+
+    assert old_logprobs.source(AlgorithmConfig(), has_reference=False) == "training_pass"
+    assert old_logprobs.source(AlgorithmConfig(ppo_epochs=2), has_reference=False) == "learner_pass"
+    assert old_logprobs.source(AlgorithmConfig(mini_batches=4), has_reference=False) == "learner_pass"
+    assert (
+        old_logprobs.source(AlgorithmConfig(kl_coef=0.1, kl_in="reward"), has_reference=True)
+        == "learner_pass"
+    )
+    assert (
+        old_logprobs.source(AlgorithmConfig(kl_coef=0.1, kl_in="loss"), has_reference=True) == "training_pass"
+    )
+    assert (
+        old_logprobs.source(AlgorithmConfig(recompute_old_logprobs=True), has_reference=False)
+        == "learner_pass"
+    )
+    assert old_logprobs.source(AlgorithmConfig(recompute_old_logprobs=False), has_reference=False) == "engine"

@@ -73,6 +73,25 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- policy loss
+OFF_POLICY_CORRECTIONS = ("auto", "none", "tis", "decoupled_ppo")
+
+
+def off_policy_correction(cfg: AlgorithmConfig, max_staleness: int = 0) -> str:
+    """`algorithm.off_policy_correction` resolved: auto -> tis when tis_cap is set, decoupled_ppo for
+    asynchronous runs (max_staleness >= 1), else none."""
+    choice = cfg.off_policy_correction
+    if choice not in OFF_POLICY_CORRECTIONS:
+        raise ValueError(
+            f"algorithm.off_policy_correction must be one of {OFF_POLICY_CORRECTIONS}, got {choice!r}"
+        )
+    if choice != "auto":
+        return choice
+    if cfg.tis_cap is not None:
+        return "tis"
+    return "decoupled_ppo" if max_staleness > 0 else "none"
+
+
+# ---------------------------------------------------------------------------------------------- policy loss (cont.)
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -91,7 +110,9 @@ def policy_loss(
         ratio   = pi(y_t) / pi_old(y_t)                                       ratio_level: token
                 = exp(mean_t [log pi(y_t) - log pi_old(y_t)])  per sequence   ratio_level: sequence (GSPO)
         pg_t    = -min(ratio A_t, clip(ratio, 1 - clip_low, 1 + clip_high) A_t)   (clip_high > clip_low: DAPO)
-        pg_t   *= min(pi_old(y_t) / pi_rollout(y_t), tis_cap)  (detached)    tis_cap set: truncated IS
+        w_t     = pi_old(y_t) / pi_rollout(y_t)  (detached; pi_rollout: the engine that sampled y_t)
+        pg_t   *= min(w_t, tis_cap)                        off_policy_correction: tis (truncated IS)
+        pg_t   *= w_t, tokens with w_t > tis_cap dropped   off_policy_correction: decoupled_ppo
         loss    = agg(pg) + kl_coef * agg(kl(pi || pi_ref)) - entropy_coef * agg(entropy)
 
     The KL term applies when kl_coef > 0 and kl_in == "loss" (then `ref_logprobs` is required); the entropy
@@ -135,13 +156,20 @@ def policy_loss(
         rollout_logprobs = rollout_logprobs.detach()
         # KL(pi_rollout || pi_old): how far the inference engine's sampler is from the learner's policy.
         stats["mismatch_kl"] = masked_mean(kl_estimate(rollout_logprobs, old_logprobs, "k3"), mask)
-        if cfg.tis_cap is not None:
-            # Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
-            # you off-policy RL training"): tokens were sampled by the engine, not by pi_old.
-            tis_weight = torch.exp((old_logprobs - rollout_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-            tis_weight = tis_weight.clamp(max=cfg.tis_cap)
-            pg = pg * tis_weight
-            stats["tis_weight_mean"] = masked_mean(tis_weight, mask)
+        correction = off_policy_correction(cfg)
+        if correction != "none":
+            weight = torch.exp((old_logprobs - rollout_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+            if correction == "tis":
+                # Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+                # brings you off-policy RL training"): tokens were sampled by the engine, not by pi_old.
+                weight = weight.clamp(max=cfg.tis_cap)
+            elif cfg.tis_cap is not None:
+                # Decoupled PPO (Fu et al. 2025, AReaL): pi_old is the proximal policy (the learner before
+                # this update), the behaviour policy sampled the tokens, possibly several versions ago;
+                # tokens whose behaviour weight exceeds the cap are left out rather than clipped.
+                weight = torch.where(weight <= cfg.tis_cap, weight, torch.zeros_like(weight))
+            pg = pg * weight
+            stats["tis_weight_mean"] = masked_mean(weight, mask)
 
     stats["pg_loss"] = masked_mean(pg, mask)
     loss = aggregate(pg, mask, **agg)

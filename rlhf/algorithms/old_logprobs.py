@@ -12,8 +12,9 @@ return none, and the learner supplies pi_old itself:
 * `true`: always one learner forward pass before training.
 * `false`: pi_old is the engine's logprob of each sampled token (the engine must return them).
 
-The engines return logprobs only where they are used: `recompute_old_logprobs: false`, or truncated
-importance sampling (`tis_cap`), whose weight min(pi_old / pi_engine, cap) needs the engine's side.
+The engines return logprobs only where they are used: `recompute_old_logprobs: false`, or an
+off-policy correction (`tis_cap`, or an asynchronous run), whose weight pi_old / pi_engine needs the
+engine's side.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from __future__ import annotations
 from rlhf.config import AlgorithmConfig
 
 
-def engine_logprobs_needed(alg: AlgorithmConfig) -> bool:
-    """Whether generation must return each sampled token's logprob."""
-    return alg.recompute_old_logprobs is False or alg.tis_cap is not None
+def engine_logprobs_needed(alg: AlgorithmConfig, max_staleness: int = 0) -> bool:
+    """Whether generation must return each sampled token's logprob (pi_old itself, or the behaviour
+    policy of an off-policy correction)."""
+    from rlhf.algorithms.losses import off_policy_correction
+
+    return alg.recompute_old_logprobs is False or off_policy_correction(alg, max_staleness) != "none"
 
 
 def single_update(alg: AlgorithmConfig) -> bool:
