@@ -96,6 +96,7 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
+        self.weight_version = 0  # pushes received; every sample is tagged with it (asynchronous RL)
 
     def ready(self) -> bool:
         return True
@@ -150,6 +151,7 @@ class RolloutEngine:
                 f"rollout: prompt(s) {empty[:5]} have no tokens (check data.input_key and the tokenizer)"
             )
         inputs = [{"prompt_token_ids": list(p.token_ids)} for p in prompts]
+        version = self.weight_version
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
         for group, prompt, output in zip(groups, prompts, outputs):
@@ -163,6 +165,7 @@ class RolloutEngine:
                         response_text=completion.text,
                         logprobs=_token_logprobs(completion.logprobs, token_ids, 0) if logprobs else None,
                         finish_reason=completion.finish_reason or "length",
+                        policy_version=version,
                     )
                 )
         return samples
@@ -215,6 +218,7 @@ class RolloutEngine:
             payload = payload if transport == "object_store" else None
             stats = self.llm.collective_rpc("receive_weights", args=(routes, payload))[0]
         self.llm.reset_prefix_cache()
+        self.weight_version = int(routes[0][0].version) + 1
         return stats
 
     def device_uuids(self) -> list[str | None]:

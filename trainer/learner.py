@@ -186,9 +186,12 @@ class Learner:
             self._watch_gradients() if self.trainable and cfg.trainer.debug_nonfinite_grads else None
         )
         # Loss settings the batch alone does not carry.
+        from rlhf.algorithms.losses import off_policy_correction
+
         self.algorithm = dataclasses.replace(
             cfg.algorithm,
             loss_agg_constant=cfg.algorithm.loss_agg_constant or cfg.rollout.sampling.max_new_tokens,
+            off_policy_correction=off_policy_correction(cfg.algorithm, cfg.rollout.max_staleness),
         )
 
     def _watch_gradients(self) -> tuple[list[str], torch.Tensor]:
