@@ -14,11 +14,17 @@ from typing import Any
 
 
 class GroupCallError(RuntimeError):
-    """A call on one actor failed; `who` names it ("rollout rank 1"), `rank` is its rank if known."""
+    """A call on one actor failed: `role` and `rank` say which (e.g. "rollout", 1)."""
 
-    def __init__(self, who: str, method: str, cause: BaseException, rank: int | None = None):
-        self.who, self.method, self.cause, self.rank = who, method, cause, rank
-        super().__init__(f"{who}: {method} failed: {type(cause).__name__}: {cause}")
+    def __init__(self, role: str, rank: int, method: str, cause: BaseException):
+        self.role, self.rank, self.method, self.cause = role, rank, method, cause
+        super().__init__(f"{role} rank {rank}: {method} failed: {type(cause).__name__}: {cause}")
+
+    @property
+    def actor_died(self) -> bool:
+        import ray
+
+        return isinstance(self.cause, ray.exceptions.RayActorError)
 
 
 def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
@@ -34,9 +40,9 @@ def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def gather(refs: Sequence[Any], who: Sequence[str], method: str, timeout_s: float | None = None) -> list:
+def gather(refs: Sequence[Any], who: Sequence[tuple[str, int]], method: str, timeout_s: float | None = None):
     """`ray.get(refs)` in order, but the first failure raises at once as a `GroupCallError` naming
-    `who[i]`, the actor of `refs[i]` (a peer blocked in a collective would otherwise hang)."""
+    `who[i]` = (role, rank), the actor of `refs[i]` (a peer blocked in a collective would otherwise hang)."""
     import ray
 
     index_of = {ref: i for i, ref in enumerate(refs)}
@@ -46,23 +52,14 @@ def gather(refs: Sequence[Any], who: Sequence[str], method: str, timeout_s: floa
         wait = None if deadline is None else max(deadline - time.monotonic(), 0)
         ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
         if not ready:
-            late = [who[index_of[r]] for r in pending]
-            raise TimeoutError(f"{method} still running on {', '.join(late)} after {timeout_s:.0f}s")
+            late = ", ".join(f"{role} rank {rank}" for role, rank in (who[index_of[r]] for r in pending))
+            raise TimeoutError(f"{method} still running on {late} after {timeout_s:.0f}s")
         try:
             ray.get(ready[0])
         except Exception as exc:
-            i = index_of[ready[0]]
-            rank = getattr(who, "ranks", None)
-            raise GroupCallError(who[i], method, exc, rank[i] if rank else None) from exc
+            role, rank = who[index_of[ready[0]]]
+            raise GroupCallError(role, rank, method, exc) from exc
     return ray.get(list(refs))
-
-
-class _Who(list):
-    """Names of the called actors, with their ranks attached (for `GroupCallError.rank`)."""
-
-    def __init__(self, label: str, ranks: Sequence[int]):
-        super().__init__(f"{label} rank {r}" for r in ranks)
-        self.ranks = list(ranks)
 
 
 class ActorGroup:
@@ -101,9 +98,9 @@ class ActorGroup:
         refs, ranks = self.submit(method, *args, **kwargs)
         return gather(refs, self.who(ranks), method, timeout_s)
 
-    def who(self, ranks: Sequence[int]) -> list[str]:
-        """Names of these ranks for `gather` ("policy rank 1")."""
-        return _Who(self.label, ranks)
+    def who(self, ranks: Sequence[int]) -> list[tuple[str, int]]:
+        """(role, rank) of these ranks, for `gather` and its errors."""
+        return [(self.label, r) for r in ranks]
 
     def split_call(
         self,

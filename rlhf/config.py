@@ -74,6 +74,10 @@ class RolloutConfig:
     # batches while the learner trains, and a sample generated more than k policy versions before the
     # learner's current one is dropped (its prompt is served again).
     max_staleness: int = 0
+    # Self-healing: a dead engine is restarted (current weights loaded, unfinished prompts re-sent);
+    # more than max_restarts restarts of one engine within restart_window_s stop the run.
+    max_restarts: int = 3
+    restart_window_s: float = 3600.0
 
 
 @dataclass

@@ -144,6 +144,7 @@ class Trainer:
         )
         sync = WeightSync(cfg.sync, policy, rollout, self.device)
         sync.setup()
+        rollout.on_restart = sync.resync  # a restarted engine gets the learner's current weights
         log(f"roles ready in {time.perf_counter() - t0:.0f}s")
         return Roles(rollout, policy, reference, critic, reward, sync, placement)
 
@@ -325,6 +326,7 @@ class Trainer:
         metrics.update({f"train/{k}": v for k, v in stats.items() if not k.startswith("critic/")})
         metrics.update({k: v for k, v in stats.items() if k.startswith("critic/")})
         metrics.update(timer.as_metrics())
+        metrics["fault/engine_restarts"] = float(self.roles.rollout.restarts)
         gen_tokens = sum(len(s.response_ids) for s in samples)
         metrics["time/step_s"] = elapsed
         metrics["perf/generated_tokens"] = gen_tokens

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -470,6 +471,10 @@ class WeightSync:
         self.routes: list[list[Route]] = []
         self._store: dist.TCPStore | None = None
         self._pushes = 0
+        self._setups = 0
+        # One push at a time: an asynchronous run pushes from the learner side while a restarted
+        # engine may be resynced from the rollout side.
+        self._lock = threading.RLock()
 
     def _gpus(self) -> tuple[list[str | None], list[list[str | None]]]:
         from rlhf.actor_group import ActorGroup
@@ -494,7 +499,8 @@ class WeightSync:
                 host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600)
             )
             port = self._store.port
-        base = f"rlhf-weight-sync-{id(self):x}"
+        self._setups += 1
+        base = f"rlhf-weight-sync-{id(self):x}-{self._setups}"  # a re-setup never meets old groups
         self.specs = [
             make_spec(
                 ch.transport,
@@ -524,8 +530,34 @@ class WeightSync:
             for ch in self.channels
         )
 
+    def resync(self, rank: int | None = None) -> dict[str, float]:
+        """After engine `rank` was replaced: plan the channels anew (the new engine process must join
+        them) and push the current weights to every engine."""
+        with self._lock:
+            self.setup()
+            return self._push()
+
     def push(self) -> dict[str, float]:
-        """Send the learner's current weights to every engine; returns timing/bytes metrics."""
+        """Send the learner's current weights to every engine; returns timing/bytes metrics.
+
+        An engine found dead is replaced (`rollout.restart`) and every engine gets the weights again
+        over freshly planned channels. (With the collective transports a learner rank may first wait
+        out `timeout_s` for the dead receiver; mid-generation deaths are caught earlier, in
+        `RolloutGroup.generate`.)"""
+        from rlhf.actor_group import GroupCallError
+
+        with self._lock:
+            try:
+                return self._push()
+            except GroupCallError as exc:
+                if not (exc.role == "rollout" and exc.actor_died and hasattr(self.rollout, "restart")):
+                    raise
+                # replace the engine, then plan the channels anew and push to every engine once
+                self.rollout.restart(exc.rank, exc.cause, resync=False)
+                self.setup()
+                return self._push()
+
+    def _push(self) -> dict[str, float]:
         from rlhf.actor_group import ActorGroup, gather
 
         if not self.specs:

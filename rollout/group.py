@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
-from rlhf.actor_group import ActorGroup, balance
+from rlhf.actor_group import ActorGroup, GroupCallError, balance
 from rlhf.config import RunConfig, SamplingConfig
 from rlhf.types import Prompt, Sample
 from rollout.engine import RolloutEngine, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 def is_colocated(cfg: RunConfig, device: str) -> bool:
@@ -68,25 +73,61 @@ class RolloutGroup:
         self.colocated = is_colocated(cfg, device)
         self.dtype = resolve_dtype(cfg.model.dtype, device)
         self.workers_per_engine = 1 if device == "cpu" else cfg.rollout.tensor_parallel
-        remote_engine = ray.remote(RolloutEngine)
-        self._engines = [
-            remote_engine.options(
-                **_engine_options(cfg, device, actor_options[i] if actor_options else None)
-            ).remote(
-                model_path,
-                cfg.rollout,
-                device=device,
-                seed=cfg.rollout.seed + i,  # distinct sample streams per replica
-                dtype=self.dtype,
-                tensor_parallel=self.workers_per_engine,
-                colocated=self.colocated,
-                engine_index=i,
-                trust_remote_code=cfg.model.trust_remote_code,
-            )
-            for i in range(replicas)
+        self._remote = ray.remote(RolloutEngine)
+        self._model_path = model_path
+        self._options = [
+            _engine_options(cfg, device, actor_options[i] if actor_options else None) for i in range(replicas)
         ]
+        self._engines = [self._start_engine(i) for i in range(replicas)]
         self.group = ActorGroup(self._engines, "rollout")
         self.group.call("ready")
+        # Self-healing: a dead engine is restarted in its placement bundle, given the learner's current
+        # weights through `on_restart` (set by the driver), and its unfinished prompts are sent again.
+        self.on_restart: Callable[[int], None] | None = None
+        self.restarts = 0
+        self._restart_times: dict[int, list[float]] = {}
+
+    def _start_engine(self, i: int):
+        cfg = self.cfg
+        return self._remote.options(**self._options[i]).remote(
+            self._model_path,
+            cfg.rollout,
+            device=self.device,
+            seed=cfg.rollout.seed + i,  # distinct sample streams per replica
+            dtype=self.dtype,
+            tensor_parallel=self.workers_per_engine,
+            colocated=self.colocated,
+            engine_index=i,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+
+    def restart(self, rank: int, cause: BaseException, resync: bool = True) -> None:
+        """Replace dead engine `rank` (same bundle, same seed) and, with `resync`, bring it to the
+        current weights through `on_restart`.
+
+        More than `rollout.max_restarts` restarts of one engine within `rollout.restart_window_s`
+        stop the run with the engine's last error."""
+        now = time.monotonic()
+        window = self.cfg.rollout.restart_window_s
+        recent = [t for t in self._restart_times.get(rank, []) if now - t < window] + [now]
+        self._restart_times[rank] = recent
+        if len(recent) > self.cfg.rollout.max_restarts:
+            raise RuntimeError(
+                f"rollout engine {rank} died {len(recent)} times within {window:g}s "
+                f"(rollout.max_restarts={self.cfg.rollout.max_restarts}); last error: {cause}"
+            ) from cause
+        logger.warning("rollout engine %d died (%s); restarting it", rank, str(cause).splitlines()[0])
+        start = time.perf_counter()
+        with contextlib.suppress(Exception):
+            ray.kill(self._engines[rank])
+        self._engines[rank] = self._start_engine(rank)
+        self.group.actors[rank] = self._engines[rank]
+        self.group.call("ready", ranks=[rank])
+        if resync and self.on_restart is not None:
+            self.on_restart(rank)
+        self.restarts += 1
+        self.last_restart_s = time.perf_counter() - start
+        logger.warning("rollout engine %d restarted in %.1fs", rank, self.last_restart_s)
 
     @property
     def engines(self) -> list:
@@ -113,14 +154,39 @@ class RolloutGroup:
         sampling = sampling or self.cfg.rollout.sampling
         count = sampling.n if n is None else n
         rows = self.assign(prompts, count, sampling.max_new_tokens)
-        ranks = [r for r, chosen in enumerate(rows) if chosen]
-        per_rank = [
-            ([prompts[i] for i in rows[r]], sampling, n, temperature, 0, [group_offset + i for i in rows[r]])
-            for r in ranks
-        ]
-        chunks = self.group.call("generate", per_rank=per_rank, ranks=ranks, logprobs=logprobs)
+        args = {
+            r: (
+                [prompts[i] for i in rows[r]],
+                sampling,
+                n,
+                temperature,
+                0,
+                [group_offset + i for i in rows[r]],
+            )
+            for r, chosen in enumerate(rows)
+            if chosen
+        }
+        chunks = self._supervised("generate", args, logprobs=logprobs)
         samples = [sample for chunk in chunks for sample in chunk]
         return sorted(samples, key=lambda s: s.group)  # stable: sample order within a group is kept
+
+    def _supervised(self, method: str, args: dict[int, tuple], **kwargs) -> list:
+        """Call `method(*args[r], **kwargs)` on each rank r in `args`; a rank whose engine dies is
+        restarted and called again with the same arguments. Results in rank order."""
+        pending = {r: getattr(self._engines[r], method).remote(*a, **kwargs) for r, a in args.items()}
+        results = {}
+        while pending:
+            ready, _ = ray.wait(list(pending.values()), num_returns=1)
+            rank = next(r for r, ref in pending.items() if ref == ready[0])
+            try:
+                results[rank] = ray.get(ready[0])
+                del pending[rank]
+            except ray.exceptions.RayActorError as exc:
+                self.restart(rank, exc)
+                pending[rank] = getattr(self._engines[rank], method).remote(*args[rank], **kwargs)
+            except Exception as exc:
+                raise GroupCallError("rollout", rank, method, exc) from exc
+        return [results[r] for r in sorted(results)]
 
     def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Raw engine logprobs of each response token (see RolloutEngine.logprobs)."""

@@ -1,0 +1,66 @@
+"""Self-healing: a rollout engine killed mid-step is restarted, reloaded and its prompts re-sent."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import ray
+
+from rlhf.config_loader import load_config
+from rlhf.driver import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+PROMPTS, N, TOKENS = 4, 4, 160
+
+
+def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_dir, tmp_path):
+    overrides = {
+        "model.path": tiny_model_dir,
+        "data.num_eval": "0",
+        "rollout.prompts_per_step": str(PROMPTS),
+        "rollout.sampling.n": str(N),
+        "rollout.sampling.max_new_tokens": str(TOKENS),
+        "rollout.sampling.ignore_eos": "true",  # a known number of tokens, and a generation long enough to hit
+        "rollout.max_model_len": "256",
+        "rollout.gpu_memory_utilization": "0.02",
+        "placement.rollout.replicas": "2",
+        "trainer.micro_batch_tokens": "1024",
+        "logging.wandb_mode": "disabled",
+        "logging.plot": "false",
+        "logging.output_dir": str(tmp_path),
+    }
+    cfg = load_config(REPO / "configs/quickstart.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    trainer = Trainer(cfg)
+    trainer.roles = trainer.start_roles()
+    try:
+        rollout = trainer.roles.rollout
+        first = trainer.step_once()
+        trainer.step += 1
+        assert first["fault/engine_restarts"] == 0
+
+        victim = rollout.engines[1]
+        killer = threading.Timer(0.2, lambda: ray.kill(victim, no_restart=True))
+        killer.start()  # lands while the next step generates (or, on a slow day, while it trains)
+        metrics = trainer.step_once()
+        trainer.step += 1
+        killer.join()
+        assert metrics["fault/engine_restarts"] == 1 and rollout.engines[1] != victim
+        # every prompt's group is whole: nothing lost to the dead engine
+        assert metrics["train/num_tokens"] == PROMPTS * N * TOKENS
+        assert metrics["perf/generated_tokens"] == PROMPTS * N * TOKENS
+        # the restarted engine runs the learner's current weights (the audit scores on every engine)
+        assert metrics["sync/audit_worst_engine_diff"] < 1e-3
+
+        again = trainer.step_once()
+        assert again["fault/engine_restarts"] == 1 and again["sync/audit_worst_engine_diff"] < 1e-3
+
+        # A crash loop stops the run with one message naming the engine and its last error.
+        rollout.cfg.rollout.max_restarts = 1
+        with pytest.raises(RuntimeError, match=r"rollout engine 1 died 2 times .* last error: out of memory"):
+            rollout.restart(1, RuntimeError("out of memory"))
+    finally:
+        trainer.shutdown()
