@@ -31,6 +31,13 @@ def make_ds_config(
         raise ValueError(
             f"model.dtype: learners on CPU train in float32, got {dtype} (use dtype: auto or float32)"
         )
+    if train and stage == 0 and dtype != torch.float32:
+        # DeepSpeed 0.19's half-precision ZeRO-0 wrappers (FP16_UnfusedOptimizer / FP16_Optimizer) run
+        # optimizer.step() on zero gradients when they are built: Adam's step count starts at 1 (the
+        # first updates come out 0.74x) and the fp32 masters are weight-decayed once before training.
+        # ZeRO-1 keeps the same fp32 masters and Adam state without that step (on one rank it is the
+        # same memory; on several it partitions the optimizer state). tests/test_learner_reference.py.
+        stage = 1
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         # Let save_16bit_model / GatheredParameters produce full HF weights from the shards.
