@@ -195,3 +195,16 @@ def build_tiny_model(
     tokenizer.save_pretrained(out_dir)
     portable_tokenizer_config(os.path.join(out_dir, "tokenizer_config.json"), config.max_position_embeddings)
     return out_dir
+
+
+def random_token_rows(rows: int, width: int, prompt: int, generator):
+    """Right-padded random token rows of different lengths (at least prompt + 3 tokens), for learner
+    tests: (input_ids, attention_mask, loss_mask), the loss on everything after the first `prompt`."""
+    import torch
+
+    lengths = torch.randint(prompt + 3, width + 1, (rows,), generator=generator)
+    attention = (torch.arange(width)[None] < lengths[:, None]).long()
+    input_ids = torch.randint(3, 500, (rows, width), generator=generator) * attention
+    loss_mask = attention.float()
+    loss_mask[:, :prompt] = 0
+    return input_ids, attention, loss_mask

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from rlhf.algorithms.losses import loss_normalizers, policy_loss
 from rlhf.config import RunConfig
+from rlhf.testing import random_token_rows
 from rlhf.types import TrainBatch
 
 pytestmark = pytest.mark.skipif(
@@ -96,11 +97,7 @@ def make_batch(model_dir: str, rows: int = 6, width: int = 24, prompt: int = 5, 
     """Random right-padded rows; pi_old and pi_ref are the initial model's log-probs plus noise, so the
     ratios start away from 1 (some tokens clipped) and the KL term is not zero."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(prompt + 3, width + 1, (rows,), generator=g)
-    attention = (torch.arange(width)[None] < lengths[:, None]).long()
-    input_ids = torch.randint(3, 500, (rows, width), generator=g) * attention
-    loss_mask = attention.float()
-    loss_mask[:, :prompt] = 0
+    input_ids, attention, loss_mask = random_token_rows(rows, width, prompt, g)
     with torch.no_grad():
         logits = load_hf(model_dir)(input_ids=input_ids, attention_mask=attention).logits
     initial = plain_logprobs(logits, input_ids) * attention
@@ -253,16 +250,9 @@ def master_copies(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
-def test_bf16_learner_steps_fp32_master_weights_and_adam_state(
-    zero_stage, in_process, tiny_model_dir, monkeypatch
-):
-    """bf16 module, fp32 master weights, fp32 gradients at the Adam step, fp32 exp_avg/exp_avg_sq.
-
-    DeepSpeed runs its bf16 path on CPU (every stage here); it is our make_ds_config that refuses
-    bf16 for CPU learners (CPU trains fp32). Give this CPU learner the config a GPU learner gets.
-    """
+def bf16_learner(zero_stage: int, model_dir: str, monkeypatch):
+    """A bf16 learner on the CPU: DeepSpeed runs its bf16 path here (every stage); it is our
+    make_ds_config that refuses bf16 for CPU learners, so hand it the config a GPU learner gets."""
     import trainer.ds_config as ds_config
 
     make_gpu_config = ds_config.make_ds_config
@@ -271,7 +261,16 @@ def test_bf16_learner_steps_fp32_master_weights_and_adam_state(
         "make_ds_config",
         lambda tc, device, dtype, ws, **kw: make_gpu_config(tc, "cuda", dtype, ws, **kw),
     )
-    learner = make_learner(make_cfg(zero_stage, dtype="bfloat16"), tiny_model_dir)
+    return make_learner(make_cfg(zero_stage, dtype="bfloat16"), model_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_bf16_learner_steps_fp32_master_weights_and_adam_state(
+    zero_stage, in_process, tiny_model_dir, monkeypatch
+):
+    """bf16 module, fp32 master weights, fp32 gradients at the Adam step, fp32 exp_avg/exp_avg_sq."""
+    learner = bf16_learner(zero_stage, tiny_model_dir, monkeypatch)
     engine, wrapper, adam = learner.engine, learner.optimizer, learner.engine.basic_optimizer
     assert isinstance(adam, torch.optim.AdamW)  # trainer/ds_config.py make_optimizer on CPU
     module_params = list(engine.module.parameters())
@@ -329,15 +328,7 @@ def test_bf16_optimizer_takes_no_step_before_the_first_train_step(
 ):
     """Adam's state must count our optimizer steps only, and the masters must start as the loaded
     weights: an extra step shrinks the first updates and applies weight decay once more."""
-    import trainer.ds_config as ds_config
-
-    make_gpu_config = ds_config.make_ds_config
-    monkeypatch.setattr(
-        ds_config,
-        "make_ds_config",
-        lambda tc, device, dtype, ws, **kw: make_gpu_config(tc, "cuda", dtype, ws, **kw),
-    )
-    learner = make_learner(make_cfg(zero_stage, dtype="bfloat16"), tiny_model_dir)
+    learner = bf16_learner(zero_stage, tiny_model_dir, monkeypatch)
     adam = learner.engine.basic_optimizer
     pairs = master_copies(learner.optimizer)
     assert {int(s["step"]) for s in adam.state.values()} <= {0}, "Adam stepped before any training"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhf.config import RunConfig
+from rlhf.testing import random_token_rows
 from rlhf.types import TrainBatch
 from trainer.ds_config import lr_lambda, make_ds_config
 from trainer.group import chunk, combine_stats, plan_steps, split_rows
@@ -144,11 +145,7 @@ def make_cfg(zero_stage: int, replicas: int = 1, **trainer) -> RunConfig:
 def make_batch(rows: int = 6, width: int = 24, prompt: int = 5, seed: int = 0) -> TrainBatch:
     """Random token rows of different lengths; response = everything after the first `prompt` tokens."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(prompt + 3, width + 1, (rows,), generator=g)
-    attention = (torch.arange(width)[None] < lengths[:, None]).long()
-    input_ids = torch.randint(3, 500, (rows, width), generator=g) * attention
-    loss_mask = attention.float()
-    loss_mask[:, :prompt] = 0
+    input_ids, attention, loss_mask = random_token_rows(rows, width, prompt, g)
     advantages = torch.randn(rows, 1, generator=g).expand(rows, width) * loss_mask
     return TrainBatch(
         input_ids=input_ids,
