@@ -452,6 +452,7 @@ class Trainer:
                 before = self.evaluate()
                 self.metrics.log(0, before)
                 log(f"eval before training: reward {before.get('eval/reward_mean', float('nan')):.3f}")
+            self.offload_learners(Timer())  # the first generation runs with the learners off the GPU too
             if cfg.rollout.max_staleness > 0:
                 from rlhf.async_loop import AsyncLoop
 

@@ -78,8 +78,7 @@ class RolloutGroup:
         self._options = [
             _engine_options(cfg, device, actor_options[i] if actor_options else None) for i in range(replicas)
         ]
-        self._engines = [self._start_engine(i) for i in range(replicas)]
-        self.group = ActorGroup(self._engines, "rollout")
+        self.group = ActorGroup([self._start_engine(i) for i in range(replicas)], "rollout")
         self.group.call("ready")
         # Self-healing: a dead engine is restarted in its placement bundle, given the learner's current
         # weights through `on_restart` (set by the driver), and its unfinished prompts are sent again.
@@ -119,9 +118,8 @@ class RolloutGroup:
         logger.warning("rollout engine %d died (%s); restarting it", rank, str(cause).splitlines()[0])
         start = time.perf_counter()
         with contextlib.suppress(Exception):
-            ray.kill(self._engines[rank])
-        self._engines[rank] = self._start_engine(rank)
-        self.group.actors[rank] = self._engines[rank]
+            ray.kill(self.group.actors[rank])
+        self.group.actors[rank] = self._start_engine(rank)
         self.group.call("ready", ranks=[rank])
         if resync and self.on_restart is not None:
             self.on_restart(rank)
@@ -131,13 +129,13 @@ class RolloutGroup:
 
     @property
     def engines(self) -> list:
-        return list(self._engines)
+        return list(self.group.actors)
 
     def assign(self, prompts: list[Prompt], n: int, max_new_tokens: int) -> list[list[int]]:
         """Prompt indices per engine: whole prompts (all n samples of a group stay on one engine),
         longest first to the least-loaded engine, by prompt + generated-token budget."""
         costs = [n * (len(p.token_ids) + max_new_tokens) for p in prompts]
-        return balance(costs, len(self._engines))
+        return balance(costs, len(self.group.actors))
 
     def generate(
         self,
@@ -173,7 +171,7 @@ class RolloutGroup:
     def _supervised(self, method: str, args: dict[int, tuple], **kwargs) -> list:
         """Call `method(*args[r], **kwargs)` on each rank r in `args`; a rank whose engine dies is
         restarted and called again with the same arguments. Results in rank order."""
-        pending = {r: getattr(self._engines[r], method).remote(*a, **kwargs) for r, a in args.items()}
+        pending = {r: getattr(self.group.actors[r], method).remote(*a, **kwargs) for r, a in args.items()}
         results = {}
         while pending:
             ready, _ = ray.wait(list(pending.values()), num_returns=1)
@@ -183,7 +181,7 @@ class RolloutGroup:
                 del pending[rank]
             except ray.exceptions.RayActorError as exc:
                 self.restart(rank, exc)
-                pending[rank] = getattr(self._engines[rank], method).remote(*args[rank], **kwargs)
+                pending[rank] = getattr(self.group.actors[rank], method).remote(*args[rank], **kwargs)
             except Exception as exc:
                 raise GroupCallError("rollout", rank, method, exc) from exc
         return [results[r] for r in sorted(results)]
@@ -203,9 +201,9 @@ class RolloutGroup:
         return all(self.group.call("wake", tags))
 
     def shutdown(self) -> None:
-        for engine in self._engines:
+        for engine in self.group.actors:
             # The actor may already be gone; killing it below is what matters.
             with contextlib.suppress(Exception):
                 ray.get(engine.shutdown.remote(), timeout=60)
             ray.kill(engine)
-        self._engines = []
+        self.group.actors = []
