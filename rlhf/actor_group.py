@@ -27,6 +27,10 @@ class GroupCallError(RuntimeError):
         return isinstance(self.cause, ray.exceptions.RayActorError)
 
 
+class RunStopped(RuntimeError):
+    """The run cannot heal itself (a learner rank died): one line with what died and how to resume."""
+
+
 def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) chunks whose sizes differ by at most one (earlier chunks larger)."""
     if num_parts < 1:

@@ -10,11 +10,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from rlhf.actor_group import RunStopped
 from rlhf.config_loader import ConfigError, load_config, to_yaml
 from rlhf.placement import PlacementError
 
 EXIT_CONFIG = 2
 EXIT_PLACEMENT = 3
+EXIT_RUN_STOPPED = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PlacementError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_PLACEMENT
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUN_STOPPED
 
 
 def _validate(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -295,6 +295,25 @@ class Trainer:
                 f"{engine_means[worst]:.2e} > {tol:.0e}"
             )
 
+    def run_step(self) -> dict[str, float]:
+        """One step of the synchronous or asynchronous loop; a dead learner rank stops the run with
+        one line naming it and the command that resumes from the last checkpoint."""
+        from rlhf.actor_group import GroupCallError, RunStopped
+
+        try:
+            return self.loop.step() if self.loop else self.step_once()
+        except GroupCallError as exc:
+            if not (exc.actor_died and exc.role in ("policy", "reference", "critic")):
+                raise
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            since = f"its last checkpoint ({latest.name})" if latest else "step 0 (no checkpoint yet)"
+            config = self.cfg.source_file or "CONFIG"
+            raise RunStopped(
+                f"{exc.role} rank {exc.rank} died during {exc.method} in step {self.step + 1} "
+                f"({type(exc.cause).__name__}); the run stopped. Resume from {since}: "
+                f"rlhf train {config} resume={self.run_dir}"
+            ) from exc
+
     def step_once(self) -> dict[str, float]:
         roles = self.roles
         timer, metrics = Timer(), {}
@@ -461,7 +480,7 @@ class Trainer:
                 log(f"asynchronous: the engines run up to {cfg.rollout.max_staleness} step(s) ahead")
             bar = tqdm(total=cfg.steps, initial=self.step, desc="rlhf", unit="step", file=sys.stderr)
             while self.step < cfg.steps:
-                metrics = self.loop.step() if self.loop else self.step_once()
+                metrics = self.run_step()
                 self.step += 1
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update(self.evaluate())

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from rlhf.actor_group import RunStopped
 from rlhf.config_loader import load_config
 from rlhf.driver import Trainer
 
@@ -62,5 +63,16 @@ def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_d
         rollout.cfg.rollout.max_restarts = 1
         with pytest.raises(RuntimeError, match=r"rollout engine 1 died 2 times .* last error: out of memory"):
             rollout.restart(1, RuntimeError("out of memory"))
+
+        # A dead learner rank cannot be replaced mid-run (its optimizer state is gone): one line names
+        # it and the command that resumes from the last checkpoint.
+        trainer.step += 1
+        ray.kill(trainer.roles.policy.actors[0], no_restart=True)
+        with pytest.raises(RunStopped) as stopped:
+            trainer.run_step()
+        message = str(stopped.value)
+        assert "\n" not in message
+        assert message.startswith("policy rank 0 died during ") and "in step 4" in message
+        assert f"resume={trainer.run_dir}" in message and "step 0 (no checkpoint yet)" in message
     finally:
         trainer.shutdown()
