@@ -7,6 +7,7 @@ every source in `Sample.reward_parts[name]`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +16,7 @@ from typing import Any
 from reward.http import HttpReward
 from reward.model import RewardModelActor
 from reward.rules import RewardError, RuleReward, score_each
-from rlhf.actor_group import ActorGroup, gather, split_evenly
+from rlhf.actor_group import ActorGroup, GroupCallError, gather, split_evenly
 from rlhf.config import RewardConfig, RewardSourceConfig
 from rlhf.types import Sample
 
@@ -51,7 +52,12 @@ class _RuleSource:
 
 
 class _ModelSource:
-    """One reward model, replicated over `actor_options`; a batch is split evenly across replicas."""
+    """One reward model, replicated over `actor_options`; a batch is split evenly across replicas.
+
+    A replica that dies while scoring is restarted (same options) and given its chunk again, up to
+    `MAX_RESTARTS` times per batch; then the batch follows `reward.on_error`."""
+
+    MAX_RESTARTS = 2
 
     def __init__(self, label: str, cfg: RewardSourceConfig, device: str, batch_size: int, actor_options):
         import ray
@@ -65,11 +71,12 @@ class _ModelSource:
             )
         default = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
         remote_cls = ray.remote(RewardModelActor)
-        self.actors = [
-            remote_cls.options(**opts).remote(cfg.path, device, batch_size, args.get("max_length"))
-            for opts in (actor_options or [default])
-        ]
-        self.group = ActorGroup(self.actors, label)
+        self._options = list(actor_options or [default])
+        self._start = lambda i: remote_cls.options(**self._options[i]).remote(
+            cfg.path, device, batch_size, args.get("max_length")
+        )
+        self.group = ActorGroup([self._start(i) for i in range(len(self._options))], label)
+        self.restarts = 0
         try:
             self.group.call("ready")
         except Exception as exc:
@@ -79,24 +86,46 @@ class _ModelSource:
     def submit(self, samples: list[Sample]):
         prompts = [s.prompt.text for s in samples]
         responses = [s.response_text for s in samples]
-        bounds = [(a, b) for a, b in split_evenly(len(samples), len(self.actors)) if b > a]
-        per_rank = [(prompts[a:b], responses[a:b]) for a, b in bounds]
-        refs, ranks = self.group.submit("score", per_rank=per_rank, ranks=range(len(bounds)))
-        return refs, self.group.who(ranks)
+        bounds = [(a, b) for a, b in split_evenly(len(samples), len(self.group)) if b > a]
+        chunks = [(prompts[a:b], responses[a:b]) for a, b in bounds]
+        refs, ranks = self.group.submit("score", per_rank=chunks, ranks=range(len(bounds)))
+        return refs, chunks
 
     def collect(self, pending, samples: list[Sample], on_error: str) -> tuple[list[float], int]:
-        try:
-            values = [v for chunk in gather(*pending, "score") for v in chunk]
-        except Exception as exc:
-            return _fail_all(self.label, exc, samples, on_error)
+        refs, chunks = pending
+        for attempt in range(self.MAX_RESTARTS + 1):
+            try:
+                values = [
+                    v for chunk in gather(refs, self.group.who(range(len(refs))), "score") for v in chunk
+                ]
+                break
+            except GroupCallError as exc:
+                if not exc.actor_died or attempt == self.MAX_RESTARTS:
+                    return _fail_all(self.label, exc, samples, on_error)
+                self.restart(exc.rank, exc.cause)
+                refs[exc.rank] = self.group.actors[exc.rank].score.remote(*chunks[exc.rank])
         return score_each(self.label, samples, lambda i, _: values[i], on_error)
+
+    def restart(self, rank: int, cause: BaseException) -> None:
+        import ray
+
+        log.warning("%s: reward model replica %d died (%s); restarting it", self.label, rank, cause)
+        with contextlib.suppress(Exception):
+            ray.kill(self.group.actors[rank])
+        self.group.actors[rank] = self._start(rank)
+        self.group.call("ready", ranks=[rank])
+        self.restarts += 1
+
+    @property
+    def actors(self) -> list:
+        return self.group.actors
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.actors:
+        for actor in self.group.actors:
             ray.kill(actor)
-        self.actors = []
+        self.group.actors = []
 
 
 class _HttpSource:
@@ -210,6 +239,9 @@ class RewardPipeline:
             f"reward/{self.names[k]}_mean": sum(parts[k]) / len(samples) for k in range(len(self.sources))
         }
         self._stats["reward/errors"] = float(errors)
+        models = [src for src in self.sources if isinstance(src, _ModelSource)]
+        if models:
+            self._stats["fault/reward_restarts"] = float(sum(src.restarts for src in models))
         return rewards
 
     def last_stats(self) -> dict[str, float]:

@@ -120,7 +120,18 @@ def test_pipeline_with_reward_model_actors(rm_path, ray_cluster):
         assert abs(changed[0].reward_parts["rm"] - rm[0]) > 1e-6
         stats = pipe.last_stats()
         assert stats["reward/rm_mean"] == pytest.approx(sum(s.reward_parts["rm"] for s in changed) / 5)
-        assert stats["reward/errors"] == 0.0
+        assert stats["reward/errors"] == 0.0 and stats["fault/reward_restarts"] == 0.0
+
+        # A replica killed while it scores is restarted and scores its chunk again: same numbers.
+        source = pipe.sources[0]
+        dead = source.actors[1]
+        pending = source.submit(make_samples(RESPONSES))
+        ray_cluster.kill(dead, no_restart=True)
+        values, errors = source.collect(pending, make_samples(RESPONSES), "raise")
+        assert values == pytest.approx(expected, abs=1e-5) and errors == 0
+        assert source.actors[1] != dead and source.restarts == 1
+        pipe.score(make_samples(RESPONSES))
+        assert pipe.last_stats()["fault/reward_restarts"] == 1.0
     finally:
         actors = pipe.sources[0].actors
         pipe.shutdown()
