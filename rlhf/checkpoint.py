@@ -8,6 +8,7 @@ moment leaves the previous checkpoint intact and discoverable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -81,14 +84,19 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest.json` names; if that one is missing or incomplete (the writer was
+    killed while replacing it), the newest complete `step_*` directory. Half-written checkpoints
+    (`.tmp_step_*`, or no `driver.json`, which is written last) are never returned."""
     root = checkpoint_root(run_dir)
     marker = root / "latest.json"
-    if not marker.exists():
-        return None
-    ckpt = root / json.loads(marker.read_text())["dir"]
-    if not (ckpt / "driver.json").exists():
-        raise FileNotFoundError(f"{marker}: points to {ckpt}, which is incomplete or missing")
-    return ckpt
+    if marker.exists():
+        ckpt = root / json.loads(marker.read_text())["dir"]
+        if (ckpt / "driver.json").exists():
+            return ckpt
+    complete = sorted(p for p in root.glob("step_*") if (p / "driver.json").exists())
+    if marker.exists() and complete:
+        logger.warning("%s names an incomplete checkpoint; using %s", marker, complete[-1])
+    return complete[-1] if complete else None
 
 
 def load_driver_state(ckpt: Path) -> dict[str, Any]:
