@@ -4,10 +4,11 @@ learner trains on this one.
 Two sides share one thing, a bounded Ray queue of scored batches:
 
     producer (a driver thread)                       consumer (`AsyncLoop.step`, the driver loop)
-    while running:                                   batch = buffer.get()
-        prompts  = data.next_batch(P)                drop groups more than k versions old (requeue them)
-        samples  = rollout.generate(prompts)         advantages ; train
-        score(samples) ; buffer.put(samples)         sync.push()  -> policy version + 1
+    while running:                                   batch = buffer.get() ; free one slot
+        take one of k slots                          drop groups more than k versions old (requeue them)
+        prompts  = data.next_batch(P)                advantages ; train
+        samples  = rollout.generate(prompts)         sync.push()  -> policy version + 1
+        score(samples) ; buffer.put(samples)
 
 Every sample carries the number of weight pushes its engine had received when it generated it
 (`Sample.policy_version`); the learner's version is the pushes so far. A sample more than k versions
@@ -41,8 +42,11 @@ def _key(prompt: Prompt) -> tuple[int, int]:
 class Producer:
     """The rollout side: keeps the buffer filled with scored batches until stopped."""
 
-    def __init__(self, trainer, buffer):
+    def __init__(self, trainer, buffer, max_staleness: int):
         self.trainer, self.buffer = trainer, buffer
+        # At most k batches outstanding (being generated or waiting), so a batch is at most k versions
+        # old when the learner takes it: batch i+1 is generated while the learner trains on batch i.
+        self.slots = threading.Semaphore(max_staleness)
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.busy_s = 0.0  # time the engines spent in generate calls (for the engine idle fraction)
@@ -58,6 +62,8 @@ class Producer:
         cfg = trainer.cfg
         try:
             while not self.stop_event.is_set():
+                if not self.slots.acquire(timeout=0.5):
+                    continue
                 with self.lock:
                     prompts = trainer.data.next_batch(cfg.rollout.prompts_per_step)
                     self.pending.update((_key(p), p) for p in prompts)
@@ -103,10 +109,8 @@ class AsyncLoop:
 
         self.trainer = trainer
         self.max_staleness = trainer.cfg.rollout.max_staleness
-        # k batches may wait while the learner trains: with the one being generated, the producer
-        # runs at most k + 1 batches ahead of the learner.
         self.buffer = Queue(maxsize=self.max_staleness, actor_options={"num_cpus": 0})
-        self.producer = Producer(trainer, self.buffer)
+        self.producer = Producer(trainer, self.buffer, self.max_staleness)
         self._busy_mark = 0.0
 
     def start(self) -> None:
@@ -130,6 +134,7 @@ class AsyncLoop:
                 except Empty:
                     continue
             waited += time.perf_counter() - start
+            self.producer.slots.release()  # taken: the producer may start the next batch
             stale_groups = {s.group for s in item.samples if version - s.policy_version > self.max_staleness}
             stale = [s for s in item.samples if s.group in stale_groups]
             fresh = [s for s in item.samples if s.group not in stale_groups]

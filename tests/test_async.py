@@ -68,8 +68,10 @@ def test_async_run_trains_each_prompt_once_within_staleness_and_resumes(tiny_mod
         assert 0 <= r["async/engine_idle_frac"] <= 1
         assert r["sync/audit_worst_engine_diff"] < 1e-3  # the pushes land in both engines
         assert r["train/optimizer_steps"] == 1
-    # The engines ran ahead of the learner: some batch was generated before the latest push.
+    # The engines ran ahead of the learner: some batch was generated before the latest push; and with
+    # at most k batches outstanding none went stale.
     assert max(r["async/staleness_max"] for r in rows) == 1
+    assert sum(r["async/dropped_stale_samples"] for r in rows) == 0
 
     trained = trained_prompts(run_dir)
     assert len(trained) == 4 * 2  # every step trains its prompts_per_step groups
