@@ -198,7 +198,8 @@ class RewardPipeline:
         label = f"{where} ({name})"
         if src.kind == "rule":
             try:
-                source = _RuleSource(label, RuleReward.from_config(src.name, src.args, task))
+                rule = RuleReward.from_config(src.name, src.args, task, timeout_s=self.cfg.timeout_s)
+                source = _RuleSource(label, rule)
             except RewardError as exc:
                 raise RewardError(f"{where}: {exc}") from exc
         elif src.kind == "model":

@@ -16,6 +16,7 @@ import logging
 import math
 import numbers
 import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,14 +112,20 @@ def _format_rule(pattern: str | None) -> RewardFn:
 class RuleReward:
     """One rule source: `fn(prompt, response, label, **args)` applied to every sample."""
 
-    def __init__(self, name: str, fn: RewardFn, args: dict[str, Any] | None = None):
+    def __init__(
+        self, name: str, fn: RewardFn, args: dict[str, Any] | None = None, timeout_s: float | None = None
+    ):
         self.name = name
         self.fn = fn
         self.args = dict(args or {})
+        self.timeout_s = timeout_s  # user functions only: a call that hangs is abandoned
 
     @classmethod
-    def from_config(cls, name: str, args: dict[str, Any] | None = None, task=None) -> RuleReward:
-        """Built-in "task" / "format", or a user function "pkg.module:fn"."""
+    def from_config(
+        cls, name: str, args: dict[str, Any] | None = None, task=None, timeout_s: float | None = None
+    ) -> RuleReward:
+        """Built-in "task" / "format", or a user function "pkg.module:fn" (called with a time limit
+        of `timeout_s` seconds per sample)."""
         args = dict(args or {})
         if name == "task":
             if "task" in args:  # score against a named task instead of the data's
@@ -152,10 +159,30 @@ class RuleReward:
             raise RewardError(
                 f"unknown rule {name!r}: use 'task', 'format' or a function path 'pkg.module:function'"
             )
-        return cls(name, load_reward_function(name), args)
+        return cls(name, load_reward_function(name), args, timeout_s=timeout_s)
 
     def __call__(self, sample: Sample) -> float:
-        return self.fn(sample.prompt.text, sample.response_text, sample.prompt.label, **self.args)
+        call = (sample.prompt.text, sample.response_text, sample.prompt.label)
+        if not self.timeout_s:
+            return self.fn(*call, **self.args)
+        # Untrusted code: run it in a daemon thread and stop waiting after timeout_s (a Python thread
+        # cannot be killed; a hung call is abandoned and the sample follows reward.on_error).
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = self.fn(*call, **self.args)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"reward-{self.name}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise TimeoutError(f"no result within reward.timeout_s={self.timeout_s:g}s (the call is abandoned)")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def score(self, samples: Sequence[Sample], source: str | None = None, on_error: str = "raise"):
         """(scores, errors) over `samples`; see `score_each`."""

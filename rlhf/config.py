@@ -100,6 +100,9 @@ class RewardConfig:
     # or score the sample 0 and count it in the `reward/errors` metric.
     on_error: Literal["raise", "zero"] = "raise"
     batch_size: int = 32  # reward-model batch size
+    # User reward functions ("pkg.module:fn") are untrusted: a call that takes longer is abandoned and
+    # its sample follows on_error (null: no limit).
+    timeout_s: float | None = 10.0
 
 
 @dataclass

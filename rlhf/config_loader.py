@@ -613,6 +613,8 @@ def _validate_reward(cfg: RunConfig, fail) -> None:
         raise fail("reward.sources", "needs at least one reward source", sources)
     if cfg.reward.batch_size < 1:
         raise fail("reward.batch_size", "must be >= 1", cfg.reward.batch_size)
+    if cfg.reward.timeout_s is not None and not cfg.reward.timeout_s > 0:
+        raise fail("reward.timeout_s", "must be > 0 (or null for no limit)", cfg.reward.timeout_s)
     for i, src in enumerate(sources):
         key = f"reward.sources[{i}]"
         if not math.isfinite(src.weight):

@@ -47,6 +47,10 @@ class PromptData:
 
         # Train prompts are rendered and tokenized when first served (cheap start-up for 100k-row
         # datasets); eval prompts up front. Over-long prompts are skipped and counted.
+        if cfg.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            logger.warning(
+                "data.apply_chat_template: the tokenizer has no chat template; prompts are used as raw text"
+            )
         self.train_rows = train_rows
         self._train_cache: dict[int, Prompt | None] = {}
         self.eval = [p for p in self._encode(eval_rows, "eval") if p is not None]
@@ -104,6 +108,8 @@ class PromptData:
                 raise ValueError(
                     f"data.source {path!r}: unsupported file type (use {', '.join(FILE_FORMATS)})"
                 )
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"data.source {path!r} is an empty file")
             return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
         if path.startswith(("/", ".", "~")) or os.path.splitext(path)[1].lower() in FILE_FORMATS:
             raise FileNotFoundError(f"data.source {cfg.source!r}: no such file or directory")
@@ -134,7 +140,21 @@ class PromptData:
             logger.warning("%s; prompts get label=None", message)
         inputs = ds[cfg.input_key]
         labels = ds[cfg.label_key] if has_labels else [None] * len(ds)
-        rows = [{"prompt": p, "answer": a, "index": i} for i, (p, a) in enumerate(zip(inputs, labels))]
+        rows, skipped = [], {}
+        for i, (p, a) in enumerate(zip(inputs, labels)):
+            problem = prompt_problem(p)
+            if problem:
+                skipped.setdefault(problem, []).append(i)
+                continue
+            rows.append({"prompt": p, "answer": a, "index": i})
+        what = "; ".join(f"{len(at)} with {problem} (first: row {at[0]})" for problem, at in skipped.items())
+        if not rows:
+            raise ValueError(
+                f"data.source {cfg.source!r}: no usable prompt in {len(ds)} row(s): {what or 'empty'}"
+            )
+        if skipped:
+            self.num_skipped_rows = sum(len(at) for at in skipped.values())
+            logger.warning("data.source %s: skipped %d row(s): %s", cfg.source, self.num_skipped_rows, what)
 
         # Hold out num_eval rows (a seeded choice) for evaluation; train on the rest.
         if cfg.num_eval >= len(rows):
@@ -147,6 +167,8 @@ class PromptData:
         return train, evals
 
     # ---------------------------------------------------------------------------- encoding
+    num_skipped_rows = 0  # file rows without a usable prompt (see `prompt_problem`)
+
     def _render(self, user: Any) -> tuple[str, bool]:
         """Prompt text, and whether it came from the chat template (which adds its own specials)."""
         cfg, tok = self.cfg, self.tokenizer
@@ -271,9 +293,25 @@ class PromptData:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
         self.requeued = []
+        position_of = {row["index"]: pos for pos, row in enumerate(self.train_rows)}
         for index, epoch in state.get("requeued", []):
-            prompt = self._train_cache.get(index)
-            if prompt is None:
-                (prompt,) = self._encode([self.train_rows[index]], "train")
-                self._train_cache[index] = prompt
+            pos = position_of[index]  # Prompt.index is the dataset row; the cache is by train position
+            if pos not in self._train_cache:
+                (self._train_cache[pos],) = self._encode([self.train_rows[pos]], "train")
+            prompt = self._train_cache[pos]
             self.requeued.append(dataclasses.replace(prompt, metadata={**prompt.metadata, "epoch": epoch}))
+
+
+def prompt_problem(prompt: Any) -> str | None:
+    """Why a dataset row's prompt cannot be used (None when it can): text or chat messages only."""
+    if prompt is None:
+        return "a null prompt"
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "an empty prompt"
+    if isinstance(prompt, list):
+        ok = prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt
+        )
+        return None if ok else "malformed chat messages (expected [{role, content}, ...] strings)"
+    return f"a prompt of type {type(prompt).__name__} (expected text or chat messages)"

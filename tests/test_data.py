@@ -120,6 +120,51 @@ def test_missing_file_and_bad_extension(tmp_path, qwen_tok):
         PromptData(DataConfig(source=str(tmp_path / "data.txt")), qwen_tok)
 
 
+def test_rows_without_a_usable_prompt_are_skipped_and_counted(tmp_path, qwen_tok, caplog):
+    rows = [
+        {"prompt": None, "answer": "1"},
+        {"prompt": "  ", "answer": "2"},
+        {"prompt": 17, "answer": "3"},
+        {"prompt": [{"role": "user"}], "answer": "4"},
+        *({"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)),
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with caplog.at_level("WARNING"):
+        data = PromptData(DataConfig(source=path, num_eval=0), qwen_tok)
+    assert data.num_skipped_rows == 4
+    (line,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    for what in ("a null prompt (first: row 0)", "an empty prompt (first: row 1)", "type int"):
+        assert what in line, line
+    assert "malformed chat messages" in line
+    served = data.next_batch(6)
+    assert sorted(p.index for p in served) == list(range(4, 10))  # dataset rows keep their index
+    assert all("None" not in p.text for p in served)
+
+
+def test_a_file_without_usable_prompts_or_rows_is_one_line(tmp_path, qwen_tok):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="is an empty file"):
+        PromptData(DataConfig(source=str(tmp_path / "empty.jsonl")), qwen_tok)
+    path = write_jsonl(tmp_path / "nulls.jsonl", [{"prompt": None, "answer": "1"}] * 3)
+    with pytest.raises(ValueError, match=r"no usable prompt in 3 row\(s\): 3 with a null prompt"):
+        PromptData(DataConfig(source=path, num_eval=0), qwen_tok)
+
+
+def test_tokenizer_without_chat_template_or_pad_token(tmp_path, qwen_tok, caplog):
+    import copy
+
+    bare = copy.deepcopy(qwen_tok)
+    bare.chat_template = None
+    bare.pad_token = None
+    with caplog.at_level("WARNING"):
+        data = PromptData(builtin(), bare)
+    assert any("no chat template" in r.getMessage() for r in caplog.records)
+    prompt = data.next_batch(1)[0]
+    assert prompt.text == prompt.metadata["raw_prompt"]  # raw text, no template markup
+    # the driver pads with EOS when the tokenizer has no pad token
+    assert bare.pad_token_id is None and bare.eos_token_id is not None
+
+
 def test_long_prompts_dropped_and_counted(tmp_path, qwen_tok, caplog):
     rows = [{"prompt": "word " * (300 if i % 4 == 0 else 3), "answer": i} for i in range(20)]
     path = write_jsonl(tmp_path / "long.jsonl", rows)

@@ -63,6 +63,19 @@ def user_module(tmp_path, monkeypatch):
                 time.sleep(1.0)
                 return 1.0
 
+            def hangs(prompt, response, label):
+                import time
+                time.sleep(3600)
+
+            def nothing(prompt, response, label):
+                return None
+
+            def infinite(prompt, response, label):
+                return float("inf")
+
+            def several(prompt, response, label):
+                return [1.0, 2.0]
+
             NOT_A_FUNCTION = 3
             """
         )
@@ -168,13 +181,32 @@ def test_raising_function_names_source_and_sample(user_module):
     assert isinstance(err.value.__cause__, ValueError)
 
 
-@pytest.mark.parametrize(("fn", "what"), [("nan", "returned nan"), ("wordy", "returned 'high' of type str")])
+@pytest.mark.parametrize(
+    ("fn", "what"),
+    [
+        ("nan", "returned nan"),
+        ("infinite", "returned inf"),
+        ("wordy", "returned 'high' of type str"),
+        ("nothing", "returned None"),
+        ("several", "returned \\[1.0, 2.0\\] of type list"),
+    ],
+)
 def test_non_finite_or_non_number_is_an_error(user_module, fn, what):
     pipe = RewardPipeline(RewardConfig(sources=[rule(f"{user_module}:{fn}")]))
     with pytest.raises(
         RewardError, match=rf"reward.sources\[0\] \({user_module}:{fn}\) failed on sample .*{what}"
     ):
         pipe.score([make_sample("42")])
+
+
+def test_a_hanging_user_function_times_out_per_sample(user_module):
+    cfg = RewardConfig(sources=[rule(f"{user_module}:hangs")], timeout_s=0.2)
+    with pytest.raises(RewardError, match=r"TimeoutError: no result within reward.timeout_s=0.2s"):
+        RewardPipeline(cfg).score([make_sample("42")])
+    cfg = RewardConfig(sources=[rule(f"{user_module}:hangs")], timeout_s=0.2, on_error="zero")
+    pipe = RewardPipeline(cfg)
+    assert pipe.score([make_sample("1"), make_sample("2")]) == [0.0, 0.0]
+    assert pipe.last_stats()["reward/errors"] == 2.0
 
 
 def test_on_error_zero_scores_zero_and_counts(user_module):
