@@ -70,6 +70,10 @@ class RolloutConfig:
     sleep_between_steps: bool | None = None  # None: True when colocated on GPU
     load_format: str = "auto"  # "dummy" for throughput benchmarks
     seed: int = 0
+    # A prompt's samples depend only on the weights, the seed and the prompt, so a resumed run
+    # regenerates the original samples. None: on for CPU engines (free), off on GPU (vLLM's per-request
+    # seeds take a slower sampling path there).
+    reproducible_sampling: bool | None = None
     # Asynchronous RL (docs/async.md): 0 = synchronous loop. k >= 1: the engines keep generating the next
     # batches while the learner trains, and a sample generated more than k policy versions before the
     # learner's current one is dropped (its prompt is served again).

@@ -11,6 +11,7 @@ Logprob conventions (see docs/weight_sync.md):
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -151,6 +152,7 @@ class RolloutEngine:
                 f"rollout: prompt(s) {empty[:5]} have no tokens (check data.input_key and the tokenizer)"
             )
         inputs = [{"prompt_token_ids": list(p.token_ids)} for p in prompts]
+        params = self._seeded(params, prompts)
         version = self.weight_version
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
@@ -169,6 +171,34 @@ class RolloutEngine:
                     )
                 )
         return samples
+
+    def _seeded(self, params, prompts: list[Prompt]):
+        """`rollout.reproducible_sampling`: the samples of a prompt depend only on the weights, the
+        run's seed and the prompt (its dataset index and epoch), so a resumed run regenerates what
+        the original run generated. CPU: the in-process engine samples from torch's global generator,
+        reseeded per call from the call's prompts (free). GPU: one vLLM per-request seed per prompt
+        (vLLM then samples seeded requests on a slower path: off by default there)."""
+        wanted = self.cfg.reproducible_sampling
+        if wanted is None:
+            wanted = self.device == "cpu"
+        if not wanted:
+            return params
+
+        def seed_of(p: Prompt) -> int:
+            key = (self.cfg.seed, p.index, int(p.metadata.get("epoch", 0)), p.metadata.get("split", ""))
+            return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+
+        if self.in_process:
+            import torch
+
+            torch.manual_seed(seed_of(prompts[0]) ^ len(prompts))
+            return params
+        seeded = []
+        for p in prompts:
+            one = params.clone()
+            one.seed = seed_of(p)
+            seeded.append(one)
+        return seeded
 
     def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Raw (temperature 1) logprob of each response token given prompt + earlier response."""

@@ -243,7 +243,12 @@ class LearnerGroup:
 
     def load(self, directory: str) -> int:
         """Restore `save`'s checkpoint; returns the optimizer step count."""
-        return self.group.call("load", directory)[0]
+        steps = self.group.call("load", directory)[0]
+        # The plan's shuffling seed counts train calls: continue the count, so a resumed run cuts the
+        # same mini-batches as the original would have.
+        alg = self.cfg.algorithm
+        self._train_calls = steps // max(1, alg.ppo_epochs * alg.mini_batches)
+        return steps
 
     def global_steps(self) -> int:
         return self.group.call("global_steps", ranks=[0])[0]
