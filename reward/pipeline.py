@@ -15,7 +15,7 @@ from typing import Any
 
 from reward.http import HttpReward
 from reward.model import RewardModelActor
-from reward.rules import RewardError, RuleReward, score_each
+from reward.rules import UNSCORED, RewardError, RuleReward, score_each
 from rlhf.actor_group import ActorGroup, GroupCallError, gather, split_evenly
 from rlhf.config import RewardConfig, RewardSourceConfig
 from rlhf.types import Sample
@@ -31,10 +31,10 @@ def _fail_all(
 ) -> tuple[list[float], int]:
     """A whole-batch failure (service down, actor died): raise, or score every sample 0."""
     message = f"{source} failed on all {len(samples)} samples: {type(exc).__name__}: {exc}"
-    if on_error != "zero":
+    if on_error not in UNSCORED:
         raise RewardError(message) from exc
-    log.warning("%s (scored 0; reward.on_error=zero)", message)
-    return [0.0] * len(samples), len(samples)
+    log.warning("%s (%s; reward.on_error=%s)", message, UNSCORED[on_error], on_error)
+    return [0.0 if on_error == "zero" else math.nan] * len(samples), len(samples)
 
 
 class _RuleSource:
@@ -171,8 +171,8 @@ class RewardPipeline:
     ):
         if not cfg.sources:
             raise RewardError("reward.sources is empty: configure at least one reward source")
-        if cfg.on_error not in ("raise", "zero"):
-            raise RewardError(f"reward.on_error must be 'raise' or 'zero', got {cfg.on_error!r}")
+        if cfg.on_error not in ("raise", *UNSCORED):
+            raise RewardError(f"reward.on_error must be 'raise', 'zero' or 'drop', got {cfg.on_error!r}")
         self.cfg = cfg
         self._pool: ThreadPoolExecutor | None = None
         self._stats: dict[str, float] = {}
@@ -256,3 +256,17 @@ class RewardPipeline:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def drop_unscored_groups(samples: list[Sample]) -> tuple[list[Sample], int]:
+    """`reward.on_error: drop`: leave out every group with a sample that could not be scored (NaN
+    reward). Returns (kept samples, dropped groups); no group left is an error."""
+    bad = {s.group for s in samples if not math.isfinite(s.reward)}
+    if not bad:
+        return samples, 0
+    kept = [s for s in samples if s.group not in bad]
+    if not kept:
+        raise RewardError(
+            f"reward.on_error=drop: every one of the {len(bad)} group(s) had a sample that failed scoring"
+        )
+    return kept, len(bad)

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[..., float]
 
 
+# What a sample that cannot be scored gets, by reward.on_error ("raise" stops the step): "drop" marks
+# it NaN, and the driver leaves its whole group out of training (`drop_unscored_groups`).
+UNSCORED = {"zero": "scored 0", "drop": "its group is dropped"}
+
+
 class RewardError(RuntimeError):
     """A reward source failed or returned something that is not a finite number."""
 
@@ -61,11 +66,11 @@ def score_each(
             scores.append(check_reward(value_of(i, sample)))
         except Exception as exc:
             message = f"{source} failed on {describe_sample(sample)}: {type(exc).__name__}: {exc}"
-            if on_error != "zero":
+            if on_error not in ("zero", "drop"):
                 raise RewardError(message) from exc
             if errors == 0:
-                log.warning("%s (scored 0; reward.on_error=zero)", message)
-            scores.append(0.0)
+                log.warning("%s (%s; reward.on_error=%s)", message, UNSCORED[on_error], on_error)
+            scores.append(0.0 if on_error == "zero" else math.nan)
             errors += 1
     return scores, errors
 
@@ -179,7 +184,9 @@ class RuleReward:
         thread.start()
         thread.join(self.timeout_s)
         if thread.is_alive():
-            raise TimeoutError(f"no result within reward.timeout_s={self.timeout_s:g}s (the call is abandoned)")
+            raise TimeoutError(
+                f"no result within reward.timeout_s={self.timeout_s:g}s (the call is abandoned)"
+            )
         if "error" in box:
             raise box["error"]
         return box["value"]

@@ -73,7 +73,7 @@ class Producer:
                 )
                 self.busy_s += time.perf_counter() - start
                 metrics: dict[str, float] = {}
-                trainer.score(samples, Timer(), metrics)
+                samples = trainer.score(samples, Timer(), metrics)
                 item = RolloutBatch(samples, metrics)
                 while not self.stop_event.is_set():
                     try:

@@ -101,8 +101,9 @@ class RewardSourceConfig:
 class RewardConfig:
     sources: list[RewardSourceConfig] = field(default_factory=lambda: [RewardSourceConfig()])
     # What to do when a reward function raises or returns NaN: fail the step with a clear error,
-    # or score the sample 0 and count it in the `reward/errors` metric.
-    on_error: Literal["raise", "zero"] = "raise"
+    # score the sample 0, or leave its whole group out of training; counted in `reward/errors`
+    # (and `reward/dropped_groups`).
+    on_error: Literal["raise", "zero", "drop"] = "raise"
     batch_size: int = 32  # reward-model batch size
     # User reward functions ("pkg.module:fn") are untrusted: a call that takes longer is abandoned and
     # its sample follows on_error (null: no limit).

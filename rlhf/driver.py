@@ -19,6 +19,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from reward.pipeline import drop_unscored_groups
 from rlhf import checkpoint as ckpt
 from rlhf.algorithms import advantages as adv_fns
 from rlhf.algorithms import filters, kl, old_logprobs
@@ -182,6 +183,8 @@ class Trainer:
         while True:
             with timer.phase("reward"):
                 self.roles.reward.score(samples)
+            if cfg.reward.on_error == "drop":
+                samples, _ = drop_unscored_groups(samples)
             rewards = torch.tensor([s.reward for s in samples])
             groups = torch.tensor([s.group for s in samples])
             keep = filters.dynamic_sampling_keep(rewards, groups)
@@ -206,11 +209,16 @@ class Trainer:
         )
         return kept
 
-    def score(self, samples: list[Sample], timer: Timer, metrics: dict) -> None:
+    def score(self, samples: list[Sample], timer: Timer, metrics: dict) -> list[Sample]:
+        """Rewards (and DAPO's overlong penalty) on every sample; returns the samples to train on
+        (with `reward.on_error: drop`, groups with an unscored sample are left out)."""
         cfg = self.cfg
         if not cfg.algorithm.dynamic_sampling:  # dynamic sampling scored them already
             with timer.phase("reward"):
                 self.roles.reward.score(samples)
+        if cfg.reward.on_error == "drop":
+            samples, dropped = drop_unscored_groups(samples)
+            metrics["reward/dropped_groups"] = float(dropped)
         if cfg.algorithm.overlong_buffer > 0:
             lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
             penalty = filters.overlong_penalty(
@@ -223,6 +231,7 @@ class Trainer:
                 s.reward += p
             metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
         metrics.update(self.roles.reward.last_stats())
+        return samples
 
     def advantages(self, batch: TrainBatch, timer: Timer, metrics: dict) -> None:
         alg, roles = self.cfg.algorithm, self.roles
@@ -319,7 +328,7 @@ class Trainer:
         timer, metrics = Timer(), {}
         t0 = time.perf_counter()
         samples = self.generate(timer, metrics)
-        self.score(samples, timer, metrics)
+        samples = self.score(samples, timer, metrics)
         self.dump_samples(samples)
         self._finish_reasons = [s.finish_reason for s in samples]
         batch = make_train_batch(samples, self.pad_id)

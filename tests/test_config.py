@@ -399,7 +399,12 @@ def test_shipped_inventories_load():
     from rlhf.placement import load_inventory
 
     counts = {p.stem: load_inventory(p).gpu_counts() for p in (REPO / "configs/inventories").glob("*.yaml")}
-    assert counts == {"h100x8_l4x8": {"H100": 8, "L4": 8}, "laptop": {}, "h100x1": {"H100": 1}}
+    assert counts == {
+        "h100x8_l4x8": {"H100": 8, "L4": 8},
+        "laptop": {},
+        "h100x1": {"H100": 1},
+        "h100x2": {"H100": 2},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- CLI

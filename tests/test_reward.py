@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 import threading
@@ -75,6 +76,11 @@ def user_module(tmp_path, monkeypatch):
 
             def several(prompt, response, label):
                 return [1.0, 2.0]
+
+            def picky(prompt, response, label):
+                if response == "bad":
+                    raise ValueError("unparseable")
+                return 1.0
 
             NOT_A_FUNCTION = 3
             """
@@ -209,6 +215,20 @@ def test_a_hanging_user_function_times_out_per_sample(user_module):
     assert pipe.last_stats()["reward/errors"] == 2.0
 
 
+def test_on_error_drop_leaves_out_the_groups_of_unscored_samples(user_module):
+    from reward.pipeline import drop_unscored_groups
+
+    pipe = RewardPipeline(RewardConfig(sources=[rule(f"{user_module}:picky")], on_error="drop"))
+    samples = [make_sample(r, group=g) for r, g in [("ok", 0), ("bad", 0), ("ok", 1), ("ok", 1)]]
+    rewards = pipe.score(samples)
+    assert math.isnan(rewards[1]) and rewards[2:] == [1.0, 1.0]
+    assert pipe.last_stats()["reward/errors"] == 1.0
+    kept, dropped = drop_unscored_groups(samples)
+    assert dropped == 1 and [s.group for s in kept] == [1, 1]  # the whole of group 0 is left out
+    with pytest.raises(RewardError, match="every one of the 1 group"):
+        drop_unscored_groups([make_sample("bad", group=5)] and [s for s in samples if s.group == 0])
+
+
 def test_on_error_zero_scores_zero_and_counts(user_module):
     cfg = RewardConfig(
         sources=[rule(f"{user_module}:length", weight=1.0), rule(f"{user_module}:nan", weight=1.0)],
@@ -247,7 +267,7 @@ def test_duplicate_names_and_bad_config(user_module):
         RewardPipeline(RewardConfig(sources=[RewardSourceConfig(kind="http")]))
     with pytest.raises(RewardError, match=r"reward.sources\[0\] \(rm\): kind 'model' needs `path`"):
         RewardPipeline(RewardConfig(sources=[RewardSourceConfig(kind="model")]))
-    with pytest.raises(RewardError, match="on_error must be 'raise' or 'zero'"):
+    with pytest.raises(RewardError, match="on_error must be 'raise', 'zero' or 'drop'"):
         RewardPipeline(RewardConfig(sources=[rule(f"{user_module}:exact")], on_error="skip"))
 
 
