@@ -23,3 +23,22 @@ def tiny_tied_dir(tmp_path_factory) -> str:
 def tiny_qwen_dir(tmp_path_factory) -> str:
     """The same shape as a Qwen2ForCausalLM (attention biases, no BOS from the tokenizer)."""
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen2")), arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def rm_path(tmp_path_factory) -> str:
+    """A random-weight sequence classifier sharing the tiny causal model's config and tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    base = build_tiny_model(str(tmp_path_factory.mktemp("tiny_policy")), arch="llama")
+    config = AutoConfig.from_pretrained(base)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    out = tmp_path_factory.mktemp("tiny_rm")
+    model.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = None  # like many RM tokenizers: the actor must pad with EOS and say so
+    tokenizer.save_pretrained(out)
+    return str(out)

@@ -76,3 +76,40 @@ def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_d
         assert f"resume={trainer.run_dir}" in message and "step 0 (no checkpoint yet)" in message
     finally:
         trainer.shutdown()
+
+
+def test_reward_model_killed_mid_step_is_restarted_and_the_run_finishes(tiny_model_dir, rm_path, tmp_path):
+    """A real run scored by a reward-model actor: the actor is killed while the step generates, the
+    next scoring restarts it, and the run finishes its steps on the expected number of samples."""
+    overrides = {
+        "model.path": tiny_model_dir,
+        "data.num_eval": "0",
+        "rollout.prompts_per_step": str(PROMPTS),
+        "rollout.sampling.n": str(N),
+        "rollout.sampling.max_new_tokens": str(TOKENS),
+        "rollout.sampling.ignore_eos": "true",
+        "rollout.max_model_len": "256",
+        "rollout.gpu_memory_utilization": "0.02",
+        "reward.sources": f"[{{kind: model, path: {rm_path}}}]",
+        "trainer.micro_batch_tokens": "1024",
+        "logging.wandb_mode": "disabled",
+        "logging.plot": "false",
+        "logging.output_dir": str(tmp_path),
+    }
+    cfg = load_config(REPO / "configs/quickstart.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    trainer = Trainer(cfg)
+    trainer.roles = trainer.start_roles()
+    try:
+        assert trainer.step_once()["fault/reward_restarts"] == 0
+        trainer.step += 1
+        victim = trainer.roles.reward.sources[0].actors[0]
+        killer = threading.Timer(0.2, lambda: ray.kill(victim, no_restart=True))
+        killer.start()
+        metrics = trainer.step_once()
+        trainer.step += 1
+        killer.join()
+        assert metrics["fault/reward_restarts"] == 1
+        assert metrics["reward/errors"] == 0 and metrics["train/num_tokens"] == PROMPTS * N * TOKENS
+        assert trainer.step_once()["fault/reward_restarts"] == 1
+    finally:
+        trainer.shutdown()

@@ -14,26 +14,6 @@ PROMPTS = ["What is 2+3?", "What is 12*4?", "Name a colour.", "What is 2+3?", "S
 RESPONSES = ["5", "The answer is 48, since 12 times 4 is 48.", "blue", "6", "hi there, how are you today?"]
 
 
-@pytest.fixture(scope="module")
-def rm_path(tmp_path_factory) -> str:
-    """A random-weight sequence classifier sharing the tiny causal model's config and tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
-
-    from rlhf.testing import build_tiny_model
-
-    base = build_tiny_model(str(tmp_path_factory.mktemp("tiny_policy")), arch="llama")
-    config = AutoConfig.from_pretrained(base)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    out = tmp_path_factory.mktemp("tiny_rm")
-    model.save_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.pad_token = None  # like many RM tokenizers: the actor must pad with EOS and say so
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
 def make_samples(responses: list[str]) -> list[Sample]:
     return [
         Sample(
