@@ -29,7 +29,7 @@ from rlhf.config import RunConfig
 from rlhf.config_loader import resolve_device, to_dict, to_yaml
 from rlhf.data import PromptData
 from rlhf.metrics import MetricsLogger, Timer, plot_rewards, step_line
-from rlhf.models import resolve_model_path
+from rlhf.models import check_engine_can_run, resolve_model_path
 from rlhf.placement import RayPlacement, make_plan
 from rlhf.types import Sample, TrainBatch
 
@@ -97,6 +97,7 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         log(f"run directory: {self.run_dir}")
         self.model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+        check_engine_can_run(self.model_path, self.device)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

@@ -69,6 +69,25 @@ def _check_local_dir(path: str) -> str:
     return os.path.abspath(path)
 
 
+def check_engine_can_run(model_dir: str, device: str) -> None:
+    """One line, before any actor starts, for a model the rollout engine cannot run: vLLM's CPU
+    attention kernels need a head size of at least 32 (measured here: 16 fails inside the engine)."""
+    import json
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // heads if heads and "hidden_size" in config else None
+    )
+    if device == "cpu" and head_dim is not None and head_dim < 32:
+        raise ValueError(
+            f"model.path {model_dir!r}: head size {head_dim} (hidden_size / num_attention_heads); vLLM's CPU "
+            "attention needs at least 32"
+        )
+
+
 def _looks_like_local_path(path: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else (absolute, ./, ~, a/b/c) is a path."""
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path

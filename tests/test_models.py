@@ -138,3 +138,16 @@ def test_builtin_smollm2_build(tmp_path):
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_a_head_size_the_cpu_engine_cannot_run_is_one_line(tmp_path):
+    import json
+
+    from rlhf.models import check_engine_can_run
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match=r"head size 16 .*needs at least 32"):
+        check_engine_can_run(str(tmp_path), "cpu")
+    check_engine_can_run(str(tmp_path), "cuda")  # not judged for GPU engines here
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    check_engine_can_run(str(tmp_path), "cpu")
