@@ -96,7 +96,7 @@ def main() -> None:
         "samples_lost": int(lost),
         "engine_restarts": rollout.restarts,
         "restart_s": restart_s,
-        "bad_inputs_tried": 38,
+        "bad_inputs_tried": 39,
         "bad_inputs_note": "the battery in docs/reliability.md, each a test in tests/",
         "steps": steps,
     }
