@@ -226,7 +226,7 @@ def test_on_error_drop_leaves_out_the_groups_of_unscored_samples(user_module):
     kept, dropped = drop_unscored_groups(samples)
     assert dropped == 1 and [s.group for s in kept] == [1, 1]  # the whole of group 0 is left out
     with pytest.raises(RewardError, match="every one of the 1 group"):
-        drop_unscored_groups([make_sample("bad", group=5)] and [s for s in samples if s.group == 0])
+        drop_unscored_groups([s for s in samples if s.group == 0])
 
 
 def test_on_error_zero_scores_zero_and_counts(user_module):
