@@ -404,6 +404,7 @@ def test_shipped_inventories_load():
         "laptop": {},
         "h100x1": {"H100": 1},
         "h100x2": {"H100": 2},
+        "h100x4": {"H100": 4},
     }
 
 

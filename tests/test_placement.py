@@ -413,3 +413,43 @@ def test_ray_placement_timeout_is_clear(recipe, ray_cluster):
         PlacementError, match=r"^placement.learner: placement group learner not ready after 2s"
     ):
         RayPlacement(make_plan(cfg, big), timeout_s=2)
+
+
+# ---------------------------------------------------------------------------------------------- four GPUs
+FOUR_GPU_RUN = [
+    "placement.device=cuda",
+    "trainer.zero_stage=3",
+    "algorithm.kl_coef=0.05",
+    "reward.sources=[{kind: model, path: /models/rm}]",
+    "placement.learner.replicas=2",
+    "placement.colocate=[[learner, reference, reward_model]]",
+]
+
+
+@pytest.mark.parametrize(
+    "rollout", [["rollout.tensor_parallel=2"], ["placement.rollout.replicas=2"]], ids=["tp2", "two_engines"]
+)
+def test_four_gpu_plan_for_the_1_5b_shape(recipe, rollout):
+    """The issue's 4-GPU run, planned on the 4 x H100 inventory: the engines on two GPUs, a ZeRO-3
+    learner over the other two with the reference and the reward model beside it; and the weight
+    sync the planned layout gets (one NCCL broadcast from learner rank 0 to every engine worker)."""
+    from rlhf.sync_routes import plan_routes
+
+    cfg = load_config(recipe, [*FOUR_GPU_RUN, *rollout])
+    plan = make_plan(cfg, inventory("h100x4"), param_count=1.54e9)
+    gpus = {role: [a.gpus for a in plan.assignments[role]] for role in plan.roles}
+    engine_gpus = {g for a in gpus["rollout"] for g in a}
+    learner_gpus_ = {g for a in gpus["learner"] for g in a}
+    assert len(engine_gpus) == len(learner_gpus_) == 2 and engine_gpus | learner_gpus_ == {0, 1, 2, 3}
+    assert all(len(a) == 1 for a in gpus["learner"])  # one ZeRO-3 rank per GPU
+    assert {g for a in gpus["reference"] + gpus["reward_model"] for g in a} <= learner_gpus_
+    for role in ("learner", "reference", "reward_model"):
+        assert all(a.num_gpus < 1 for a in plan.assignments[role])  # sharing the learner's GPUs
+    # memory: ZeRO-3 over 2 ranks keeps 1.54e9 x 16 / 2 bytes + overhead per GPU, well inside 80 GB
+    for (node, gpu), (used, total) in plan.gpu_memory_usage().items():
+        assert used < total == 80, (node, gpu, used)
+    learner_gpus = [f"g{a.gpus[0]}" for a in plan.assignments["learner"]]
+    worker_gpus = [[f"g{g}" for g in a.gpus] for a in plan.assignments["rollout"]]
+    channels, routes = plan_routes("auto", "cuda", learner_gpus, worker_gpus)
+    assert [(c.transport, c.sender) for c in channels] == [("broadcast", 0)]
+    assert sum(len(r) for r in routes) == 2
