@@ -18,23 +18,29 @@ pytestmark = pytest.mark.slow
 PROMPTS, N, TOKENS = 4, 4, 160
 
 
-def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_dir, tmp_path):
-    overrides = {
-        "model.path": tiny_model_dir,
+def run_overrides(model_dir: str, out, **extra: str) -> list[str]:
+    """A tiny run whose generation lasts long enough to be hit (ignore_eos: a known token count)."""
+    base = {
+        "model.path": model_dir,
         "data.num_eval": "0",
         "rollout.prompts_per_step": str(PROMPTS),
         "rollout.sampling.n": str(N),
         "rollout.sampling.max_new_tokens": str(TOKENS),
-        "rollout.sampling.ignore_eos": "true",  # a known number of tokens, and a generation long enough to hit
+        "rollout.sampling.ignore_eos": "true",
         "rollout.max_model_len": "256",
         "rollout.gpu_memory_utilization": "0.02",
-        "placement.rollout.replicas": "2",
         "trainer.micro_batch_tokens": "1024",
         "logging.wandb_mode": "disabled",
         "logging.plot": "false",
-        "logging.output_dir": str(tmp_path),
+        "logging.output_dir": str(out),
+        **extra,
     }
-    cfg = load_config(REPO / "configs/quickstart.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_dir, tmp_path):
+    overrides = run_overrides(tiny_model_dir, tmp_path, **{"placement.rollout.replicas": "2"})
+    cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
     trainer.roles = trainer.start_roles()
     try:
@@ -81,22 +87,10 @@ def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_d
 def test_reward_model_killed_mid_step_is_restarted_and_the_run_finishes(tiny_model_dir, rm_path, tmp_path):
     """A real run scored by a reward-model actor: the actor is killed while the step generates, the
     next scoring restarts it, and the run finishes its steps on the expected number of samples."""
-    overrides = {
-        "model.path": tiny_model_dir,
-        "data.num_eval": "0",
-        "rollout.prompts_per_step": str(PROMPTS),
-        "rollout.sampling.n": str(N),
-        "rollout.sampling.max_new_tokens": str(TOKENS),
-        "rollout.sampling.ignore_eos": "true",
-        "rollout.max_model_len": "256",
-        "rollout.gpu_memory_utilization": "0.02",
-        "reward.sources": f"[{{kind: model, path: {rm_path}}}]",
-        "trainer.micro_batch_tokens": "1024",
-        "logging.wandb_mode": "disabled",
-        "logging.plot": "false",
-        "logging.output_dir": str(tmp_path),
-    }
-    cfg = load_config(REPO / "configs/quickstart.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    overrides = run_overrides(
+        tiny_model_dir, tmp_path, **{"reward.sources": f"[{{kind: model, path: {rm_path}}}]"}
+    )
+    cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
     trainer.roles = trainer.start_roles()
     try:
