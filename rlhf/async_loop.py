@@ -74,6 +74,8 @@ class Producer:
                 self.busy_s += time.perf_counter() - start
                 metrics: dict[str, float] = {}
                 samples = trainer.score(samples, Timer(), metrics)
+                kept = {_key(s.prompt) for s in samples}  # reward.on_error=drop may leave groups out
+                self.settle([p for p in prompts if _key(p) not in kept], [])
                 item = RolloutBatch(samples, metrics)
                 while not self.stop_event.is_set():
                     try:
