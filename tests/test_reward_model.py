@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -115,9 +117,12 @@ def test_pipeline_with_reward_model_actors(rm_path, ray_cluster):
     finally:
         actors = pipe.sources[0].actors
         pipe.shutdown()
-    for actor in actors:  # shutdown() killed the replicas
+    for actor in actors:  # shutdown() killed the replicas (ray.kill is asynchronous: allow it a moment)
         with pytest.raises(ray_cluster.exceptions.RayActorError):
-            ray_cluster.get(actor.ready.remote(), timeout=30)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                ray_cluster.get(actor.ready.remote(), timeout=30)
+                time.sleep(0.2)
 
 
 def is_short(prompt: str, response: str, label) -> float:

@@ -275,6 +275,9 @@ def test_positive_advantages_raise_the_logprobs_of_their_tokens(policy):
     batch = make_batch(rows=4, seed=3)
     batch.advantages = batch.loss_mask.clone()  # every response token is good
     batch = on_policy(group, batch)
+    # Four updates on one batch, as four epochs: pi_old stays the pre-update logprobs (the driver's
+    # learner pass), so the clipped objective moves away from ratio 1 and the loss falls.
+    batch.old_logprobs = batch.rollout_logprobs
     before = (batch.rollout_logprobs * batch.loss_mask).sum() / batch.loss_mask.sum()
     losses = [group.train(batch)["loss"] for _ in range(4)]
     after_lp = group.logprobs(batch)
