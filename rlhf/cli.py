@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
         "--propose", action="store_true", help="propose placement overrides for the cluster first"
     )
     command("train", "run training")
+    lin = sub.add_parser(
+        "lineage",
+        help="show what produced a checkpoint, back to its base model",
+        description="show what produced a checkpoint (config, code, data, rewards, parent), back to its base model",
+    )
+    lin.add_argument(
+        "path", help="a checkpoint directory (RUN_DIR/checkpoints/step_N) or its policy/hf export"
+    )
+    lin.add_argument("--verify", action="store_true", help="recompute the hashes and say what changed")
     k8s = command("k8s", "write a KubeRay RayJob manifest for the recipe")
     k8s.add_argument("--image", default="rlhf:latest", help="container image with this repo installed")
     k8s.add_argument("--inventory", help="cluster description YAML to size the worker groups")
@@ -62,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stray = [e for e in extra if "=" not in e or e.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = [*args.overrides, *extra]
+    overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return _COMMANDS[args.command](args, overrides)
     except ConfigError as exc:
@@ -126,6 +135,25 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _lineage(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf import lineage
+
+    try:
+        entries = lineage.chain(args.path)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(lineage.describe(entries))
+    if not args.verify:
+        return 0
+    problems = lineage.verify(entries)
+    for line in problems:
+        print(f"changed: {line}")
+    if not problems:
+        print("verified: config, base model, dataset and reward functions match their hashes")
+    return 1 if problems else 0
+
+
 def _k8s(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf.k8s import manifest_yaml, rayjob_manifest
     from rlhf.placement import load_inventory
@@ -143,7 +171,7 @@ def _k8s(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-_COMMANDS = {"validate": _validate, "plan": _plan, "train": _train, "k8s": _k8s}
+_COMMANDS = {"validate": _validate, "plan": _plan, "train": _train, "k8s": _k8s, "lineage": _lineage}
 
 
 if __name__ == "__main__":

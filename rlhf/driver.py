@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from reward.pipeline import drop_unscored_groups
 from rlhf import checkpoint as ckpt
+from rlhf import lineage
 from rlhf.algorithms import advantages as adv_fns
 from rlhf.algorithms import filters, kl, old_logprobs
 from rlhf.algorithms.gae import gae
@@ -110,6 +111,8 @@ class Trainer:
         self.started_ray = False
         self.roles: Roles | None = None
         self.loop = None  # the asynchronous loop (rollout.max_staleness >= 1), started by run()
+        self.last_metrics: dict[str, float] = {}  # recorded in each checkpoint's lineage manifest
+        self.lineage_parent: str | None = None
         self.metrics = MetricsLogger(
             self.run_dir, cfg.logging.project, self.run_name, cfg.logging.wandb_mode, to_dict(cfg)
         )
@@ -151,6 +154,7 @@ class Trainer:
         return Roles(rollout, policy, reference, critic, reward, sync, placement)
 
     def maybe_resume(self) -> None:
+        self.lineage_parent = lineage.parent_of(self)  # the resumed checkpoint, or the model's own
         if not self.cfg.resume:
             return
         latest = ckpt.latest_checkpoint(self.run_dir)
@@ -457,17 +461,21 @@ class Trainer:
     def save(self) -> Path:
         roles = self.roles
 
+        # An asynchronous run saves the prompts in its buffer as not yet served: a resume regenerates them.
+        data = self.loop.producer.data_state() if self.loop else self.data.state_dict()
+
         def save_models(tmp: Path) -> None:
             roles.policy.save(str(tmp / "policy"))
             if roles.critic is not None:
                 roles.critic.save(str(tmp / "critic"))
+            manifest = lineage.build_manifest(self, self.step, self.last_metrics, self.lineage_parent, data)
+            lineage.write_manifest(tmp, manifest)  # inside the checkpoint: as atomic as the rest
 
-        # An asynchronous run saves the prompts in its buffer as not yet served: a resume regenerates them.
-        data = self.loop.producer.data_state() if self.loop else self.data.state_dict()
         state = {"data": data, "rng": ckpt.rng_state(), "run_name": self.run_name}
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, save_models, state, self.cfg.checkpoint.keep_last
         )
+        self.lineage_parent = str(path)  # the next checkpoint of this run descends from this one
         log(f"checkpoint written: {path}")
         return path
 
@@ -491,6 +499,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="rlhf", unit="step", file=sys.stderr)
             while self.step < cfg.steps:
                 metrics = self.run_step()
+                self.last_metrics = metrics
                 self.step += 1
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update(self.evaluate())

@@ -76,6 +76,37 @@ def test_loop_writes_metrics_checkpoints_and_resumes(tiny_model_dir, tmp_path):
     assert state["step"] == 3
     assert state["data"]["position"] == position_after_2 + 2
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["dir"] == "step_000003"
+    check_lineage(run_dir, tmp_path)
+
+
+def check_lineage(run_dir: Path, tmp_path: Path) -> None:
+    """Every checkpoint carries a manifest (also in its HF export); `rlhf lineage` walks the chain
+    (step 3 of the resumed run -> step 2 it resumed from -> base model) and --verify catches tampering."""
+    from rlhf.cli import main
+
+    ckpt = latest_checkpoint(run_dir)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert (ckpt / "policy" / "hf" / "manifest.json").read_text() == (ckpt / "manifest.json").read_text()
+    assert manifest["step"] == 3 and manifest["parent"] == str(run_dir / "checkpoints" / "step_000002")
+    assert (
+        len(manifest["config_hash"]) == 64
+        and "git_commit" in manifest["code"]
+        or "package_version" in manifest["code"]
+    )
+    assert {"torch", "ray", "deepspeed", "transformers"} <= set(manifest["versions"])
+    assert len(manifest["base_model"]["content_hash"]) == 64
+    assert manifest["data"]["source"] == "builtin:arithmetic" and manifest["data"]["fingerprint"]
+    assert manifest["data"]["state"]["position"] == load_driver_state(ckpt)["data"]["position"]
+    assert manifest["reward_sources"][0]["name"] == "task" and manifest["seeds"]["seed"] == 0
+    assert "train/loss" in manifest["metrics"]
+    assert main(["lineage", str(ckpt), "--verify"]) == 0
+    # tampering with what a checkpoint says produced it is caught
+    copy = tmp_path / "tampered"
+    shutil.copytree(ckpt, copy)
+    changed = {**manifest, "config": manifest["config"].replace("steps: 3", "steps: 30"), "parent": None}
+    (copy / "manifest.json").write_text(json.dumps(changed))
+    assert main(["lineage", str(copy), "--verify"]) == 1
+    assert main(["lineage", str(tmp_path / "nowhere")]) == 2
 
 
 def test_resume_reproduces_the_next_step(tiny_model_dir, tmp_path):
