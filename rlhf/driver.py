@@ -516,7 +516,12 @@ class Trainer:
             if "eval/reward_mean" in metrics:
                 log(f"eval after training: reward {metrics['eval/reward_mean']:.3f}")
             if cfg.logging.plot:
-                png = plot_rewards(self.run_dir / "metrics.jsonl", self.run_dir / "reward_curve.png")
+                png = plot_rewards(
+                    self.run_dir / "metrics.jsonl",
+                    self.run_dir / "reward_curve.png",
+                    eval_temperature=cfg.rollout.eval_temperature,
+                )
+                self.metrics.log_image("reward_curve", png)
                 if png:
                     log(f"reward curve: {png}")
         finally:

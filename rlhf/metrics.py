@@ -83,6 +83,13 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
 
+    def log_image(self, key: str, path: Path | None) -> None:
+        """The same figure in W&B (offline runs keep it in their local files)."""
+        if self.wandb is not None and path is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path))})
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
@@ -102,28 +109,64 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_rewards(metrics_path: Path, out_png: Path) -> Path | None:
-    """Reward curve (train reward per step, held-out accuracy at eval points) as a PNG."""
-    rows = read_metrics(metrics_path)
-    train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
-    evals = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
-    if not train and not evals:
-        return None
+def smooth(values: list[float], window: int = 5) -> list[float]:
+    """Trailing mean over the last `window` values (the first ones average what there is)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def plot_rewards(metrics_path: Path, out_png: Path, eval_temperature: float | None = None) -> Path | None:
+    """The run's curve as a PNG (see `reward_figure`); None when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train reward (mean)", alpha=0.8)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out reward (greedy)", linewidth=2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = reward_figure(read_metrics(metrics_path), eval_temperature)
+    if fig is None:
+        return None
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def reward_figure(rows: list[dict[str, float]], eval_temperature: float | None = None):
+    """Train reward (raw, and a 5-step trailing mean) with the held-out reward at every evaluation,
+    its legend naming the evaluation temperature; entropy on a second panel."""
+    train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
+    evals = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
+    entropy = [(r["step"], r["train/entropy"]) for r in rows if "train/entropy" in r]
+    if not train and not evals:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_ent) = plt.subplots(
+        2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
+    )
+    if train:
+        steps, values = zip(*train)
+        ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=1, label="train reward (per step)")
+        ax.plot(
+            steps, smooth(list(values)), color="tab:blue", linewidth=2, label="train reward (5-step mean)"
+        )
+    if evals:
+        if eval_temperature is None:
+            how = ""
+        elif eval_temperature == 0:
+            how = ", greedy"
+        else:
+            how = f", sampled at T={eval_temperature:g}"
+        ax.plot(*zip(*evals), "o-", color="tab:orange", linewidth=2, label=f"held-out reward{how}")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if entropy:
+        ax_ent.plot(*zip(*entropy), color="tab:green", linewidth=1.5)
+    ax_ent.set_ylabel("entropy")
+    ax_ent.set_xlabel("step")
+    ax_ent.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
