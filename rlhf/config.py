@@ -230,6 +230,9 @@ class LoggingConfig:
     log_every: int = 1
     plot: bool = True  # reward curve PNG in the run directory
     samples_per_step: int = 16  # sampled responses written to samples.jsonl each step (0: none)
+    # Warn (naming the phase) when no step has finished in stall_factor x the median step time (and at
+    # least a minute); 0: never.
+    stall_factor: float = 5.0
 
 
 @dataclass

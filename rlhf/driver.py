@@ -33,6 +33,7 @@ from rlhf.metrics import MetricsLogger, Timer, plot_rewards, step_line
 from rlhf.models import check_engine_can_run, resolve_model_path
 from rlhf.placement import RayPlacement, make_plan
 from rlhf.types import Sample, TrainBatch
+from rlhf.watchdog import StallWatchdog
 
 
 def log(msg: str) -> None:
@@ -112,6 +113,7 @@ class Trainer:
         self.roles: Roles | None = None
         self.loop = None  # the asynchronous loop (rollout.max_staleness >= 1), started by run()
         self.last_metrics: dict[str, float] = {}  # recorded in each checkpoint's lineage manifest
+        self.watchdog: StallWatchdog | None = None
         self.lineage_parent: str | None = None
         self.metrics = MetricsLogger(
             self.run_dir, cfg.logging.project, self.run_name, cfg.logging.wandb_mode, to_dict(cfg)
@@ -496,9 +498,12 @@ class Trainer:
                 self.loop = AsyncLoop(self)
                 self.loop.start()
                 log(f"asynchronous: the engines run up to {cfg.rollout.max_staleness} step(s) ahead")
+            self.watchdog = StallWatchdog(cfg.logging.stall_factor, log)
+            self.watchdog.start()
             bar = tqdm(total=cfg.steps, initial=self.step, desc="rlhf", unit="step", file=sys.stderr)
             while self.step < cfg.steps:
                 metrics = self.run_step()
+                self.watchdog.step_done(metrics["time/step_s"])
                 self.last_metrics = metrics
                 self.step += 1
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -529,6 +534,8 @@ class Trainer:
         return self.run_dir
 
     def shutdown(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.loop is not None:
             self.loop.stop()
             self.loop = None

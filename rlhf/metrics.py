@@ -39,6 +39,14 @@ def wandb_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+_PHASE: dict[str, object] = {"name": None, "since": 0.0}  # the phase in progress (stall warnings)
+
+
+def current_phase() -> tuple[str | None, float]:
+    """The name of the phase a step is in now (None between phases) and since when (perf_counter)."""
+    return _PHASE["name"], float(_PHASE["since"])
+
+
 class Timer:
     """Accumulates wall-clock seconds per phase of one step."""
 
@@ -48,10 +56,12 @@ class Timer:
     @contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
+        _PHASE.update(name=name, since=start)
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            _PHASE.update(name=None, since=time.perf_counter())
 
     def as_metrics(self) -> dict[str, float]:
         return {f"time/{k}_s": v for k, v in self.seconds.items()}
