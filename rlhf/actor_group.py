@@ -9,7 +9,7 @@ rank, as soon as it happens (a rank blocked in a collective would otherwise hang
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -106,28 +106,12 @@ class ActorGroup:
         """(role, rank) of these ranks, for `gather` and its errors."""
         return [(self.label, r) for r in ranks]
 
-    def split_call(
-        self,
-        method: str,
-        items: Sequence[Any],
-        *args: Any,
-        bounds: Sequence[tuple[int, int]] | None = None,
-        offset_arg: Callable[[int], dict[str, Any]] | None = None,
-        **kwargs: Any,
-    ) -> list[Any]:
-        """Give rank i `items[start_i:end_i]` (even split unless `bounds`), concatenate their lists.
-
-        `offset_arg(start)` adds per-rank keyword arguments that depend on the chunk's position."""
-        bounds = list(bounds) if bounds is not None else split_evenly(len(items), len(self.actors))
-        if len(bounds) != len(self.actors):
-            raise ValueError(f"{self.label}: {len(bounds)} chunks for {len(self.actors)} actors")
-        used = [r for r, (start, end) in enumerate(bounds) if end > start]
-        refs = []
-        for r in used:
-            start, end = bounds[r]
-            extra = offset_arg(start) if offset_arg else {}
-            refs.append(getattr(self.actors[r], method).remote(items[start:end], *args, **kwargs, **extra))
-        chunks = gather(refs, self.who(used), method)
+    def split_call(self, method: str, items: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Give rank i the i-th of `len(self)` near-equal contiguous chunks of `items` (ranks with an
+        empty chunk are not called), then concatenate their result lists in rank order."""
+        used = [(r, b) for r, b in enumerate(split_evenly(len(items), len(self.actors))) if b[1] > b[0]]
+        per_rank = [(items[start:end],) for _, (start, end) in used]
+        chunks = self.call(method, *args, per_rank=per_rank, ranks=[r for r, _ in used], **kwargs)
         return [item for chunk in chunks for item in chunk]
 
 
