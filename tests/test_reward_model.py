@@ -104,11 +104,13 @@ def test_pipeline_with_reward_model_actors(rm_path, ray_cluster):
         assert stats["reward/rm_mean"] == pytest.approx(sum(s.reward_parts["rm"] for s in changed) / 5)
         assert stats["reward/errors"] == 0.0 and stats["fault/reward_restarts"] == 0.0
 
-        # A replica killed while it scores is restarted and scores its chunk again: same numbers.
+        # A replica that died (killed, and gone before its chunk arrives: a kill racing a fast score
+        # could miss it) is restarted and scores its chunk again: same numbers.
         source = pipe.sources[0]
         dead = source.actors[1]
-        pending = source.submit(make_samples(RESPONSES))
         ray_cluster.kill(dead, no_restart=True)
+        wait_until_dead(ray_cluster, dead)
+        pending = source.submit(make_samples(RESPONSES))
         values, errors = source.collect(pending, make_samples(RESPONSES), "raise")
         assert values == pytest.approx(expected, abs=1e-5) and errors == 0
         assert source.actors[1] != dead and source.restarts == 1
@@ -117,12 +119,17 @@ def test_pipeline_with_reward_model_actors(rm_path, ray_cluster):
     finally:
         actors = pipe.sources[0].actors
         pipe.shutdown()
-    for actor in actors:  # shutdown() killed the replicas (ray.kill is asynchronous: allow it a moment)
-        with pytest.raises(ray_cluster.exceptions.RayActorError):
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                ray_cluster.get(actor.ready.remote(), timeout=30)
-                time.sleep(0.2)
+    for actor in actors:  # shutdown() killed the replicas
+        wait_until_dead(ray_cluster, actor)
+
+
+def wait_until_dead(ray, actor, timeout_s: float = 30.0) -> None:
+    """ray.kill is asynchronous: poll the actor until a call fails with RayActorError (or fail)."""
+    with pytest.raises(ray.exceptions.RayActorError):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ray.get(actor.ready.remote(), timeout=timeout_s)
+            time.sleep(0.2)
 
 
 def is_short(prompt: str, response: str, label) -> float:
