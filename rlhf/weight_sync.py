@@ -40,6 +40,7 @@ from rlhf.sync_routes import TRANSPORTS, Channel, Route, plan_routes
 logger = logging.getLogger(__name__)
 
 NamedTensors = list[tuple[str, torch.Tensor]]
+ENGINE_RELOADS = ("auto", "direct", "layerwise")
 _ALIGN = 64  # byte alignment of every tensor inside a packed buffer (any dtype view stays legal)
 
 
@@ -62,6 +63,10 @@ class SyncSpec:
     group: str = "rlhf-weight-sync"  # key prefix inside the store
     version: int = 0  # push counter: namespaces the store keys of one push
     timeout_s: float = 600.0
+    # How an engine worker writes the weights (see rollout.worker_extension.reload_mode): "direct"
+    # (each parameter's own loader, straight into the live tensors), "layerwise" (vLLM's layer-wise
+    # reload, which redoes post-load processing), "auto" (direct where nothing is post-processed).
+    engine_reload: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,12 @@ class SyncPayload:
     num_bytes: int = 0
     num_tensors: int = 0
     num_buckets: int = 0
+    # sender-side seconds: "gather" (producing the buckets: ZeRO-3 all-gathers, casts), "pack"
+    # (flattening), "send" (broadcast, or cuda_ipc waiting for the receivers' acks)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
 
 
 def as_spec(spec: SyncSpec | dict) -> SyncSpec:
@@ -113,6 +124,7 @@ def make_spec(
     backend: str | None = None,
     group: str = "rlhf-weight-sync",
     timeout_s: float = 600.0,
+    engine_reload: str = "auto",
 ) -> SyncSpec:
     """Validated `SyncSpec`; `backend` defaults to gloo (use "nccl" for GPU broadcast)."""
     if transport not in TRANSPORTS:
@@ -126,6 +138,8 @@ def make_spec(
     backend = backend or "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {backend!r}")
+    if engine_reload not in ENGINE_RELOADS:
+        raise ValueError(f"sync.engine_reload: expected one of {ENGINE_RELOADS}, got {engine_reload!r}")
     if transport in ("broadcast", "cuda_ipc") and (host is None or port is None):
         raise ValueError(f"sync transport {transport!r} needs the store host and port")
     world_size = 1 + num_engines * workers_per_engine
@@ -144,6 +158,7 @@ def make_spec(
         backend=backend,
         group=group,
         timeout_s=timeout_s,
+        engine_reload=engine_reload,
     )
 
 
@@ -331,7 +346,10 @@ class BucketSender:
 
     def send(self, bucket: NamedTensors) -> None:
         spec, group, payload = self.spec, self.group, self.payload
+        start = time.perf_counter()
         packed = pack_bucket(bucket, spec.dtype, self.device)
+        sent = time.perf_counter()
+        payload.add_time("pack", sent - start)
         index = payload.num_buckets
         if spec.transport == "object_store":
             import ray
@@ -348,6 +366,7 @@ class BucketSender:
             acks = [_key(spec, index, f"/ack{r}") for r in range(1, spec.world_size)]
             group.store.wait(acks, timedelta(seconds=spec.timeout_s))
             group.sent_keys.extend(acks)
+        payload.add_time("send", time.perf_counter() - sent)
         payload.num_bytes += packed.nbytes
         payload.num_tensors += len(packed.metas)
         payload.num_buckets += 1
@@ -368,10 +387,20 @@ def send_to_channels(specs: list[SyncSpec], buckets: Iterable[NamedTensors]) -> 
     """One learner rank: ship every bucket over each of its channels (none: just drain `buckets`,
     which under ZeRO-3 is this rank's part of the all-gathers). One payload per spec."""
     senders = [BucketSender(spec) for spec in specs]
-    for bucket in buckets:
+    gather_s = 0.0
+    iterator = iter(buckets)
+    while True:
+        start = time.perf_counter()
+        bucket = next(iterator, None)
+        gather_s += time.perf_counter() - start
+        if bucket is None:
+            break
         for sender in senders:
             sender.send(bucket)
-    return [sender.finish() for sender in senders]
+    payloads = [sender.finish() for sender in senders]
+    for payload in payloads:
+        payload.add_time("gather", gather_s)
+    return payloads
 
 
 def _rebuild_ipc_tensor(handle: tuple, device: torch.device) -> torch.Tensor:
@@ -397,10 +426,12 @@ def receive_buckets(
     `rank` is this worker's rank in the sync group (`engine_first_rank` + its TP rank).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    stats = {"num_bytes": 0, "num_tensors": 0, "num_buckets": 0}
+    stats = {"num_bytes": 0, "num_tensors": 0, "num_buckets": 0, "load_s": 0.0, "wait_s": 0.0}
 
     def load(packed: PackedBucket) -> None:
+        start = time.perf_counter()
         load_weights(unpack_bucket(packed, device))
+        stats["load_s"] += time.perf_counter() - start
         stats["num_bytes"] += packed.nbytes
         stats["num_tensors"] += len(packed.metas)
         stats["num_buckets"] += 1
@@ -422,7 +453,12 @@ def receive_buckets(
     comm_device = _comm_device(spec, device)
     group = join_group(spec, rank, comm_device)
     index = 0
-    while (message := group.fetch(_key(spec, index))) is not None:
+    while True:
+        start = time.perf_counter()
+        message = group.fetch(_key(spec, index))
+        stats["wait_s"] += time.perf_counter() - start  # the sender producing the bucket, and the store
+        if message is None:
+            break
         metas, extra = message
         if spec.transport == "broadcast":
             buffer = torch.empty(extra, dtype=torch.uint8, device=comm_device)
@@ -511,6 +547,7 @@ class WeightSync:
                 num_engines=len(ch.receivers),
                 backend="nccl" if self.device == "cuda" else "gloo",
                 group=f"{base}-c{c}",
+                engine_reload=self.cfg.engine_reload,
             )
             for c, ch in enumerate(self.channels)
         ]
@@ -576,14 +613,15 @@ class WeightSync:
         start = time.perf_counter()
         senders, ranks = learners.submit("send_weights", bucket_bytes, per_rank=per_rank)
         if specs[0].transport == "object_store":  # the engines need the refs first
-            payload = gather(senders, learners.who(ranks), "send_weights", timeout)[0][0]
-            loaded = engines.call("receive_weights", payload, per_rank=routes, timeout_s=timeout)
+            sent = gather(senders, learners.who(ranks), "send_weights", timeout)
+            loaded = engines.call("receive_weights", sent[0][0], per_rank=routes, timeout_s=timeout)
         else:  # both sides join the same collectives: start them together
             receivers, engine_ranks = engines.submit("receive_weights", None, per_rank=routes)
             who = learners.who(ranks) + engines.who(engine_ranks)
             results = gather(senders + receivers, who, "weight sync", timeout)
-            payload, loaded = results[0][0], results[len(senders) :]
+            sent, loaded = results[: len(senders)], results[len(senders) :]
         elapsed = time.perf_counter() - start
+        payload = sent[0][0]
         for index, stats in enumerate(loaded):
             if isinstance(stats, dict) and stats.get("params_loaded", 0) < stats.get("params_total", 0):
                 logger.warning(
@@ -594,6 +632,7 @@ class WeightSync:
                 )
         num_bytes = payload.num_bytes
         return {
+            **_sync_phases([p for rank in sent for p in rank or []], loaded),
             "sync/time_s": elapsed,
             "sync/bytes": float(num_bytes),
             "sync/gbps": num_bytes * 8 / 1e9 / max(elapsed, 1e-9),
@@ -603,3 +642,17 @@ class WeightSync:
 
     def shutdown(self) -> None:
         self._store = None
+
+
+def _sync_phases(payloads: list[SyncPayload], loaded: list) -> dict[str, float]:
+    """Where a push's time went: the slowest learner rank's gather/pack/send and the slowest engine's
+    wait/load/total seconds (`sync/learner_*_s`, `sync/engine_*_s`)."""
+    out: dict[str, float] = {}
+    for payload in payloads:
+        for key, seconds in payload.timings.items():
+            out[f"sync/learner_{key}_s"] = max(out.get(f"sync/learner_{key}_s", 0.0), seconds)
+    for stats in loaded:
+        for key in ("wait_s", "load_s", "total_s"):
+            if isinstance(stats, dict) and key in stats:
+                out[f"sync/engine_{key}"] = max(out.get(f"sync/engine_{key}", 0.0), float(stats[key]))
+    return out

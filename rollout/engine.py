@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 from rlhf.config import RolloutConfig, SamplingConfig
@@ -224,6 +225,7 @@ class RolloutEngine:
 
         `routes[w]` = (channel spec, rank in that channel) of tensor-parallel worker w (planned by
         rlhf.sync_routes); a bare spec means one channel with this engine's workers at consecutive ranks."""
+        start = time.perf_counter()
         if isinstance(routes, SyncSpec):
             first = engine_first_rank(routes, self.engine_index)
             routes = [(routes, first + w) for w in range(self.tensor_parallel)]
@@ -249,6 +251,7 @@ class RolloutEngine:
             stats = self.llm.collective_rpc("receive_weights", args=(routes, payload))[0]
         self.llm.reset_prefix_cache()
         self.weight_version = int(routes[0][0].version) + 1
+        stats["total_s"] = time.perf_counter() - start
         return stats
 
     def device_uuids(self) -> list[str | None]:

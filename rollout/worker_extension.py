@@ -54,6 +54,30 @@ def _reprocess(layers: list[torch.nn.Module]) -> None:
             method.process_weights_after_loading(layer)
 
 
+def reload_mode(model: torch.nn.Module, requested: str = "auto") -> str:
+    """ "direct": `model.load_weights` writes each tensor straight into the live parameter through its
+    own weight loader (no reallocation: the fast path, what vLLM's own RLHF examples do on GPU).
+    "layerwise": vLLM's layer-wise reload, which rebuilds each layer and redoes its post-load
+    processing; needed where loading transformed the weights (the CPU backend repacks its GEMM
+    weights and drops the loaders; quantized layers). "auto" picks direct only when every parameter
+    still has its loader and no layer is quantized, or when vLLM has no layer-wise reload at all."""
+    if requested not in ("auto", "direct", "layerwise"):
+        raise ValueError(f"sync.engine_reload: expected auto, direct or layerwise, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if _layerwise_reload_api() is None:
+        return "direct"
+    params = list(model.parameters())
+    loaders = all(hasattr(p, "weight_loader") for p in params)
+    quantized = any(
+        type(getattr(m, "quant_method", None)).__name__
+        not in ("NoneType", "UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
+        for m in model.modules()
+    )
+    on_gpu = bool(params) and params[0].device.type == "cuda"
+    return "direct" if loaders and on_gpu and not quantized else "layerwise"
+
+
 class WeightUpdateExtension:
     def rlhf_model(self) -> torch.nn.Module:
         runner = self.model_runner
@@ -76,8 +100,10 @@ class WeightUpdateExtension:
             if names:
                 loaded.update(names)
 
-        reload_api = _layerwise_reload_api()
-        tied = _tied_followers(model)
+        reload_api = (
+            _layerwise_reload_api() if reload_mode(model, spec.engine_reload) == "layerwise" else None
+        )
+        tied = _tied_followers(model) if reload_api else []
         with self.rlhf_config_context(), torch.no_grad():
             if reload_api:
                 reload_api[0](model)
@@ -85,6 +111,7 @@ class WeightUpdateExtension:
             if reload_api:
                 reload_api[1](model, self.vllm_config.model_config)
                 _reprocess(tied)
+        stats["reload_direct"] = int(reload_api is None)
         stats["params_loaded"] = len(loaded)
         stats["params_total"] = sum(1 for _ in model.named_parameters())
         return stats

@@ -361,6 +361,7 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         *gpu_layout(args),
         f"sync.transport={args.transport}",
         f"sync.bucket_mb={args.bucket_mb}",
+        f"rollout.max_staleness={args.staleness}",
     ] + args.override
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
@@ -374,8 +375,13 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
     trainer.roles = trainer.start_roles()
     steps = []
     try:
+        if cfg.rollout.max_staleness > 0:  # asynchronous: the engines generate ahead of the learner
+            from rlhf.async_loop import AsyncLoop
+
+            trainer.loop = AsyncLoop(trainer)
+            trainer.loop.start()
         for _ in range(cfg.steps):
-            m = trainer.step_once()
+            m = trainer.run_step()
             trainer.step += 1
             steps.append(m)
             print(
@@ -384,6 +390,9 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
                 ),
                 flush=True,
             )
+        if trainer.loop is not None:
+            trainer.loop.stop()
+            trainer.loop = None
         syncs = []
         for _ in range(5):
             syncs.append(trainer.roles.sync.push())
@@ -427,6 +436,14 @@ def summarise(res: dict, args) -> dict:
         "overhead_ratio": step / ideal,
         "sync_alone_s": sync,
         "sync_gbps": res["rlhf"]["sync_alone"][0].get("sync/bytes", 0) / sync / 1e9,
+        # where the time of a push goes (medians of the pushes timed alone), see docs/weight_sync.md
+        "sync_phases_s": {
+            key[5:]: sorted(p.get(key, 0.0) for p in res["rlhf"]["sync_alone"])[
+                len(res["rlhf"]["sync_alone"]) // 2
+            ]
+            for key in res["rlhf"]["sync_alone"][0]
+            if key.startswith(("sync/learner_", "sync/engine_"))
+        },
         "audit_logprob_diff": avg("sync/audit_logprob_diff"),
         "audit_logprob_diff_max": max(s.get("sync/audit_logprob_diff_max", 0.0) for s in steps),
     }
@@ -467,6 +484,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=1, help="GPUs the rlhf step (c) uses (see gpu_layout)")
     ap.add_argument("--tp", type=int, default=1, help="rollout.tensor_parallel for (c)")
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="trainer.zero_stage for (c)")
+    ap.add_argument("--staleness", type=int, default=0, help="rollout.max_staleness for (c): 1 = async")
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--util", type=float, default=0.5)

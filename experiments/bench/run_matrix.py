@@ -17,6 +17,7 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,11 +42,22 @@ def main() -> None:
         cmd += ["--out", str(run_dir)]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        try:
-            rc = subprocess.run(cmd, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = run_dir / "log.txt"
+        # the log goes to the console and to run_dir/log.txt; a failure keeps its tail
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        killer = threading.Timer(args.timeout, proc.kill)
+        killer.start()
+        with open(log, "w") as sink:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sink.write(line)
+        rc = proc.wait()
+        rc = "timeout" if not killer.is_alive() and rc != 0 else rc
+        killer.cancel()
         entry = {"command": " ".join(cmd), "rc": rc, "wall_s": time.perf_counter() - t0}
+        if rc != 0:
+            entry["log_tail"] = log.read_text()[-6000:]
         result = run_dir / "result.json"
         if result.exists():
             data = json.loads(result.read_text())
