@@ -138,10 +138,6 @@ class RayPlacement:
         """The role's placement group (vLLM's Ray executor places tensor-parallel workers in it)."""
         return self.groups[self.plan.assignments[role][0].group]
 
-    def bundle_indices(self, role: str) -> list[list[int]]:
-        """Bundles of each replica (several for a tensor-parallel engine)."""
-        return [list(a.bundles) for a in self.plan.assignments[role]]
-
     def gpu_share(self, role: str) -> float:
         """Fraction of each GPU the role uses (e.g. for VLLM_RAY_PER_WORKER_GPUS); 0 on CPU."""
         return self.plan.gpu_share.get(role, 0.0) if self.plan.device == "cuda" else 0.0
