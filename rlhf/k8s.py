@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from rlhf.config import RunConfig
-from rlhf.placement import ROLES, Inventory, Node, PlacementError, Plan, _gpu_spec, make_plan
+from rlhf.placement_inventory import Inventory, Node, _gpu_spec
+from rlhf.placement_plan import ROLES, PlacementError, Plan, make_plan
 
 # GPU feature discovery's `nvidia.com/gpu.product` label for common types; an inventory node's
 # `labels` replace this guess (cloud providers use their own keys, e.g. cloud.google.com/gke-accelerator).

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -347,6 +350,39 @@ def test_cli_plan_errors(recipe, capsys, monkeypatch):
     assert "inventory file not found" in capsys.readouterr().err
     assert main(["plan", str(recipe)]) == 0  # this machine
     assert "inventory: local machine" in capsys.readouterr().out
+
+
+def test_planner_does_not_import_ray():
+    """`rlhf plan` / `rlhf validate --inventory` plan, propose and fail on a laptop without Ray."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from rlhf.config_loader import load_config
+        from rlhf.placement_inventory import load_inventory
+        from rlhf.placement_plan import PlacementError, make_plan
+        from rlhf.placement_propose import overrides_to_args, propose_plan
+
+        inv = load_inventory(sys.argv[1])
+        cfg = load_config(sys.argv[2])
+        assert overrides_to_args(propose_plan(cfg, inv))
+        assert "placement group 0" in make_plan(cfg, inv).describe()
+        try:
+            make_plan(load_config(sys.argv[2], ["placement.learner.replicas=64"]), inv)
+        except PlacementError:
+            pass
+        loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
+        assert not loaded, loaded[:3]
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(INVENTORIES / "h100x8_l4x8.yaml"), str(REPO / "configs/grpo.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
 
 
 # ---------------------------------------------------------------------------------------------- Ray
