@@ -117,13 +117,19 @@ class RolloutEngine:
         large vocabulary costs more than half of the generation time (see docs/weight_sync.md)."""
         from vllm import SamplingParams
 
+        stop = list(sampling.stop) or None
         return SamplingParams(
+            # vLLM would detokenize every token as it is generated (and every logprob's token): Python
+            # work per token that costs more than the logprobs themselves at a large vocabulary. Without
+            # stop strings (which need the text as it grows) the engine decodes each response once.
+            detokenize=stop is not None,
+            flat_logprobs=logprobs,  # a few flat lists per response instead of a dict per token
             n=sampling.n if n is None else n,
             temperature=sampling.temperature if temperature is None else temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
             max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
+            stop=stop,
             ignore_eos=sampling.ignore_eos,
             logprobs=0 if logprobs else None,  # 0: only the sampled token's logprob
         )
@@ -156,6 +162,10 @@ class RolloutEngine:
         params = self._seeded(params, prompts)
         version = self.weight_version
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        completions = [c for output in outputs for c in output.outputs]
+        texts = self._texts(
+            completions, detokenized=(params[0] if isinstance(params, list) else params).detokenize
+        )
         samples = []
         for group, prompt, output in zip(groups, prompts, outputs):
             for completion in output.outputs:
@@ -165,13 +175,21 @@ class RolloutEngine:
                         group=group,
                         prompt=prompt,
                         response_ids=token_ids,
-                        response_text=completion.text,
+                        response_text=texts[id(completion)],
                         logprobs=_token_logprobs(completion.logprobs, token_ids, 0) if logprobs else None,
                         finish_reason=completion.finish_reason or "length",
                         policy_version=version,
                     )
                 )
         return samples
+
+    def _texts(self, completions: list, detokenized: bool) -> dict[int, str]:
+        """Response text of each completion (by id): vLLM's when it detokenized, else one batched decode."""
+        if detokenized:
+            return {id(c): c.text for c in completions}
+        tokenizer = self.llm.get_tokenizer()
+        decoded = tokenizer.batch_decode([list(c.token_ids) for c in completions], skip_special_tokens=True)
+        return {id(c): text for c, text in zip(completions, decoded)}
 
     def _seeded(self, params, prompts: list[Prompt]):
         """`rollout.reproducible_sampling`: the samples of a prompt depend only on the weights, the
@@ -210,7 +228,9 @@ class RolloutEngine:
         for prompt_ids, _ in seqs:
             if not prompt_ids:
                 raise ValueError("RolloutEngine.logprobs: every sequence needs at least one prompt token")
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True, detokenize=False
+        )
         inputs = [{"prompt_token_ids": list(p) + list(r)} for p, r in seqs]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [_token_logprobs(out.prompt_logprobs, list(r), len(p)) for (p, r), out in zip(seqs, outputs)]
@@ -300,6 +320,12 @@ def _token_logprobs(per_position: Any, token_ids: list[int], start: int) -> list
     """
     if per_position is None:
         raise RuntimeError("vLLM returned no logprobs; was logprobs/prompt_logprobs set?")
+    flat_starts = getattr(per_position, "start_indices", None)
+    if flat_starts is not None:  # FlatLogprobs: the sampled (or given) token comes first at each position
+        ids, values = per_position.token_ids, per_position.logprobs
+        first = [flat_starts[start + i] for i in range(len(token_ids))]
+        if all(ids[j] == token for j, token in zip(first, token_ids)):
+            return [float(values[j]) for j in first]
     out = []
     for i, token in enumerate(token_ids):
         entry = per_position[start + i]

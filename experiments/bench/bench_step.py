@@ -133,10 +133,21 @@ def vllm_alone(
     # Full-size batches, alternating with / without returned logprobs (the learner could recompute
     # them): the first full-size batch may pay one-off costs, so neither variant always goes first.
     llm.generate(batch, sp, use_tqdm=False)
-    times: dict[str, list[float]] = {"logprobs": [], "none": []}
-    for variant in ("none", "logprobs", "logprobs", "none"):
+    # "lean": how RolloutEngine asks (flat logprobs, no per-token detokenization in vLLM; the
+    # engine decodes each whole response once), with and without logprobs.
+    lean = sp.clone()
+    lean.flat_logprobs, lean.detokenize = True, False
+    params = {
+        "logprobs": sp,
+        "none": _without_logprobs(sp),
+        "lean_logprobs": lean,
+        "lean_none": _without_logprobs(lean),
+    }
+    times: dict[str, list[float]] = {k: [] for k in params}
+    order = ["none", "logprobs", "lean_logprobs", "lean_none"]
+    for variant in order + order[::-1]:
         t0 = time.perf_counter()
-        outs = llm.generate(batch, sp if variant == "logprobs" else _without_logprobs(sp), use_tqdm=False)
+        outs = llm.generate(batch, params[variant], use_tqdm=False)
         times[variant].append(time.perf_counter() - t0)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     gen = sum(times["logprobs"]) / 2
@@ -146,6 +157,8 @@ def vllm_alone(
         "startup_s": startup,
         "generate_s": gen,
         "generate_no_logprobs_s": gen_no_logprobs,
+        "generate_lean_logprobs_s": sum(times["lean_logprobs"]) / 2,
+        "generate_lean_no_logprobs_s": sum(times["lean_none"]) / 2,
         "generate_runs_s": times,
         "generated_tokens": tokens,
         "tokens_per_s": tokens / gen,
