@@ -73,7 +73,6 @@ class MetricsLogger:
         self.path = self.run_dir / "metrics.jsonl"
         self.wandb = None
         self.artifacts = None
-        self.last_step = -1
         mode = wandb_mode(mode)
         if mode != "disabled":
             import wandb
@@ -87,10 +86,10 @@ class MetricsLogger:
                 resume="allow",
                 id=run_name.replace("/", "-"),
             )
-            # Evaluations on their own engines finish steps later: W&B plots them against the step
-            # they belong to (W&B's own step only grows).
-            self.wandb.define_metric("eval/step")
-            self.wandb.define_metric("eval/*", step_metric="eval/step")
+            # Every row carries the step its figures belong to, and W&B plots against it: evaluations on
+            # their own engines arrive steps later, which W&B's own (only growing) step could not take.
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
             from rlhf.wandb_artifacts import ArtifactLog
 
             self.artifacts = ArtifactLog(self.wandb)
@@ -100,11 +99,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self.wandb is not None:
-            if step >= self.last_step:
-                self.wandb.log(clean, step=step)
-            else:  # a late evaluation row: logged now, plotted at its eval/step
-                self.wandb.log(clean)
-        self.last_step = max(self.last_step, step)
+            self.wandb.log({**clean, "step": step})
 
     def log_dataset(self, data_cfg) -> None:
         """The training data as a W&B artifact (rlhf/wandb_artifacts.py); nothing without W&B."""

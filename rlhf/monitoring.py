@@ -226,6 +226,40 @@ def engine_actor_options(options: list[dict[str, Any]], run_name: str, role: str
     return out
 
 
+def exported_series(pattern: str = r"ray_rlhf_", timeout_s: float = 30.0) -> dict[str, float]:
+    """Series whose line matches `pattern` in the Prometheus export of this node's Ray metrics agent,
+    {"name{labels}": value}, waiting up to `timeout_s` for the first (a check without Prometheus)."""
+    import re
+    import time
+    import urllib.request
+
+    import ray
+
+    node = next(
+        n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == ray.util.get_node_ip_address()
+    )
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        lines = [line for line in text.splitlines() if not line.startswith("#") and re.match(pattern, line)]
+        if lines or time.monotonic() > deadline:
+            return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+        time.sleep(0.5)
+
+
+def series_value(series: dict[str, float], name: str, **labels: str) -> float:
+    """The value of the series `name` with these labels (the last one when several workers export it)."""
+    hits = [
+        v
+        for k, v in series.items()
+        if k.split("{")[0] == name and all(f'{key}="{val}"' in k for key, val in labels.items())
+    ]
+    if not hits:
+        raise KeyError(f"{name} {labels} is not exported")
+    return hits[-1]
+
+
 class EngineMonitor:
     """Inside an engine actor: polls `read_stats()` (running/waiting requests, KV-cache use) every
     `interval_s` on a daemon thread and records the values, so they move while `generate` runs."""

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import re
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from rlhf.monitoring import ALL_FIGURES, RunMonitor, engine_actor_options, prometheus_names
+from rlhf.monitoring import (
+    ALL_FIGURES,
+    RunMonitor,
+    engine_actor_options,
+    exported_series,
+    prometheus_names,
+)
+from rlhf.monitoring import series_value as value
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "experiments" / "monitoring" / "grafana_dashboard.json"
 
@@ -45,37 +50,6 @@ def test_engine_options_carry_the_run_and_role_without_losing_env():
     assert given[0]["runtime_env"]["env_vars"] == {"A": "1"}  # the caller's dicts are untouched
 
 
-def scrape(pattern: str, timeout_s: float = 30.0) -> dict[str, float]:
-    """Series matching `pattern` from this node's Ray metrics export: {name{labels}: value}."""
-    import ray
-
-    node = next(n for n in ray.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    deadline = time.monotonic() + timeout_s
-    found: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        found = {
-            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if not line.startswith("#") and re.match(pattern, line)
-        }
-        if found:
-            return found
-        time.sleep(0.5)
-    return found
-
-
-def value(series: dict[str, float], name: str, **labels: str) -> float:
-    hits = [
-        v
-        for k, v in series.items()
-        if k.split("{")[0] == name and all(f'{key}="{val}"' in k for key, val in labels.items())
-    ]
-    assert hits, f"{name} {labels} not exported; got {sorted(series)[:8]}"
-    return hits[-1]
-
-
 @pytest.fixture
 def ray_with_fast_metrics():
     import ray
@@ -103,8 +77,8 @@ def test_driver_figures_are_exported_through_ray(ray_with_fast_metrics):
     monitor.record_step(1, step)
     monitor.record_step(2, {**step, "reward/mean": 0.5})
     monitor.record_eval(2, "arith", {"reward_mean": 0.75, "solved_frac": 0.5, "pass@2": 0.8})
-    series = scrape(r"ray_rlhf_eval_pass_at_k")  # the last one recorded: the rest came with it
-    series = scrape(r"ray_rlhf_")
+    exported_series(r"ray_rlhf_eval_pass_at_k")  # the last one recorded: the rest come with it
+    series = exported_series(r"ray_rlhf_")
     run = {"run": "mon-test"}
     assert value(series, "ray_rlhf_step", **run) == 2
     assert value(series, "ray_rlhf_reward_mean", **run) == 0.5
