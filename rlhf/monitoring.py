@@ -64,7 +64,7 @@ STEP_FIGURES = (
     Figure(
         "rlhf_sync_audit_logprob_diff",
         "gauge",
-        "mean |engine - learner| logprob after the sync",
+        "mean absolute engine-learner logprob difference after the sync",
         "sync/audit_logprob_diff",
     ),
     Figure("rlhf_engine_restarts", "gauge", "rollout engines restarted so far", "fault/engine_restarts"),
