@@ -633,6 +633,12 @@ def _validate_reward(cfg: RunConfig, fail) -> None:
 
 
 def _validate_evaluation(cfg: RunConfig, fail) -> None:
+    if cfg.evaluation.separate_engines and not cfg.evaluation.sets and cfg.data.num_eval == 0:
+        raise fail(
+            "evaluation.separate_engines",
+            "there is nothing to evaluate (no evaluation.sets and data.num_eval is 0)",
+            True,
+        )
     names: set[str] = set()
     for i, es in enumerate(cfg.evaluation.sets):
         key = f"evaluation.sets[{i}]"

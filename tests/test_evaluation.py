@@ -227,3 +227,8 @@ def test_run_with_own_eval_engines_metrics_artifacts_and_rlhf_eval(tiny_model_di
         )
     finally:
         ray.shutdown()
+
+
+def test_own_engines_without_anything_to_evaluate_is_an_error():
+    with pytest.raises(ConfigError, match="evaluation.separate_engines: there is nothing to evaluate"):
+        from_dict({"evaluation": {"separate_engines": True}, "data": {"num_eval": 0}})
