@@ -1,4 +1,5 @@
-"""The `rlhf` command: validate a recipe, plan its placement, train, or write a KubeRay RayJob.
+"""The `rlhf` command: validate a recipe, plan its placement, train, evaluate a checkpoint, or write a
+KubeRay RayJob.
 
 Exit codes: 0 ok, 2 bad config or command line, 3 the roles do not fit the cluster.
 """
@@ -58,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
         "path", help="a checkpoint directory (RUN_DIR/checkpoints/step_N) or its policy/hf export"
     )
     lin.add_argument("--verify", action="store_true", help="recompute the hashes and say what changed")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint or model on a config's eval sets",
+        description="evaluate a checkpoint, its policy/hf export, an HF model directory or a run directory "
+        "(its latest checkpoint) on the config's eval sets (evaluation.sets, else its held-out prompts)",
+    )
+    ev.add_argument("path", help="CHECKPOINT_OR_MODEL directory")
+    ev.add_argument("--config", required=True, help="recipe YAML whose eval sets to use")
+    ev.add_argument("--out", help="write the JSON report here")
+    ev.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     k8s = command("k8s", "write a KubeRay RayJob manifest for the recipe")
     k8s.add_argument("--image", default="rlhf:latest", help="container image with this repo installed")
     k8s.add_argument("--inventory", help="cluster description YAML to size the worker groups")
@@ -154,6 +165,21 @@ def _lineage(args: argparse.Namespace, overrides: list[str]) -> int:
     return 1 if problems else 0
 
 
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf import eval_command
+
+    cfg = load_config(args.config, overrides)
+    try:
+        report = eval_command.run(args.path, cfg, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(eval_command.describe(report))
+    if args.out:
+        print(f"report: {args.out}", file=sys.stderr)
+    return 0
+
+
 def _k8s(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf.k8s import manifest_yaml, rayjob_manifest
     from rlhf.placement import load_inventory
@@ -171,7 +197,14 @@ def _k8s(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-_COMMANDS = {"validate": _validate, "plan": _plan, "train": _train, "k8s": _k8s, "lineage": _lineage}
+_COMMANDS = {
+    "validate": _validate,
+    "plan": _plan,
+    "train": _train,
+    "k8s": _k8s,
+    "lineage": _lineage,
+    "eval": _eval,
+}
 
 
 if __name__ == "__main__":

@@ -204,6 +204,7 @@ class PlacementConfig:
     reference: RolePlacement = field(default_factory=RolePlacement)
     critic: RolePlacement = field(default_factory=RolePlacement)
     reward_model: RolePlacement = field(default_factory=RolePlacement)
+    evaluation: RolePlacement = field(default_factory=RolePlacement)  # with evaluation.separate_engines
     # Groups of roles that share the same GPUs, e.g. [["rollout", "learner", "reference"]].
     colocate: list[list[str]] = field(default_factory=list)
     # A YAML file describing the cluster (nodes, GPUs, types) for `rlhf plan` without a live cluster.
@@ -247,6 +248,37 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    name: str = "held_out"  # metrics are logged as eval/<name>/...
+    # null: the run's held-out prompts (data.num_eval of data.source); "builtin:<task>"; a local data file.
+    source: str | None = None
+    task_args: dict[str, Any] = field(
+        default_factory=dict
+    )  # built-in generator args; a file's checker: {task: arithmetic}
+    input_key: str = "prompt"
+    label_key: str = "answer"
+    # "task": the set's task checker; "format"; "pkg.module:fn" (a user rule); "reward": the run's reward sources.
+    reward: str = "task"
+    num_prompts: int | None = None  # null: every prompt of the source (held-out: data.num_eval)
+    samples_per_prompt: int = 1
+    temperature: float | None = None  # null: rollout.eval_temperature
+    max_new_tokens: int | None = None  # null: rollout.sampling.max_new_tokens
+    pass_k: list[int] = field(default_factory=list)  # pass@k for each k (<= samples_per_prompt)
+    correct_threshold: float = 1.0  # a sample solves its prompt (pass@k, solved_frac) when reward >= this
+    seed: int = 0  # generation seed of a built-in task's evaluation prompts
+
+
+@dataclass
+class EvaluationConfig:
+    # Evaluated every `eval_every` steps, before the first and after the last step. Empty: one set,
+    # "held_out" (the data's held-out prompts, the run's reward, rollout.eval_temperature).
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    # false: evaluate on the rollout engines between steps. true: engines of its own
+    # (placement.evaluation) get a snapshot of the weights and evaluate while training goes on.
+    separate_engines: bool = False
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -258,6 +290,7 @@ class RunConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     steps: int = 10
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
     seed: int = 0

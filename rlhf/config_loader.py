@@ -36,7 +36,7 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 BUILTIN_RULES = ("task", "format")
-ROLES = ("rollout", "learner", "reference", "critic", "reward_model")
+ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
 
@@ -567,6 +567,7 @@ def validate(
 
     _validate_reward(cfg, fail)
     _validate_placement(cfg, fail)
+    _validate_evaluation(cfg, fail)
 
     # sync / logging / checkpoint
     at_least("sync.bucket_mb", cfg.sync.bucket_mb, 1)
@@ -629,6 +630,47 @@ def _validate_reward(cfg: RunConfig, fail) -> None:
                 raise fail(f"{key}.path", "a model reward source needs a path", src.path)
         elif src.kind == "http" and not (src.url and src.url.startswith(("http://", "https://"))):
             raise fail(f"{key}.url", "an http reward source needs an http(s):// url", src.url)
+
+
+def _validate_evaluation(cfg: RunConfig, fail) -> None:
+    if cfg.evaluation.separate_engines and not cfg.evaluation.sets and cfg.data.num_eval == 0:
+        raise fail(
+            "evaluation.separate_engines",
+            "there is nothing to evaluate (no evaluation.sets and data.num_eval is 0)",
+            True,
+        )
+    names: set[str] = set()
+    for i, es in enumerate(cfg.evaluation.sets):
+        key = f"evaluation.sets[{i}]"
+        if not es.name or not all(c.isalnum() or c in "_-." for c in es.name):
+            raise fail(f"{key}.name", "must be a non-empty name of letters, digits, _ - .", es.name)
+        if es.name in names:
+            raise fail(f"{key}.name", "is already the name of another set", es.name)
+        names.add(es.name)
+        if es.source is not None:
+            set_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=es.source))
+            _validate_data(
+                set_data, lambda _k, problem, value, key=key: fail(f"{key}.source", problem, value)
+            )
+        if es.reward not in (*BUILTIN_RULES, "reward"):
+            problem = check_reward_function(es.reward)
+            if problem:
+                raise fail(f"{key}.reward", problem.replace("use one of", "use reward, one of"), es.reward)
+        if es.num_prompts is not None and es.num_prompts < 1:
+            raise fail(f"{key}.num_prompts", "must be >= 1 (or null: every prompt)", es.num_prompts)
+        if es.samples_per_prompt < 1:
+            raise fail(f"{key}.samples_per_prompt", "must be >= 1", es.samples_per_prompt)
+        if es.temperature is not None and es.temperature < 0:
+            raise fail(f"{key}.temperature", "must be >= 0", es.temperature)
+        if es.max_new_tokens is not None and not 1 <= es.max_new_tokens < cfg.rollout.max_model_len:
+            raise fail(
+                f"{key}.max_new_tokens", f"must be in 1..{cfg.rollout.max_model_len - 1}", es.max_new_tokens
+            )
+        for k in es.pass_k:
+            if not 1 <= k <= es.samples_per_prompt:
+                raise fail(
+                    f"{key}.pass_k", f"each k must be in 1..samples_per_prompt ({es.samples_per_prompt})", k
+                )
 
 
 def check_reward_function(name: str) -> str | None:

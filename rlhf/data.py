@@ -276,6 +276,12 @@ class PromptData:
     def eval_prompts(self) -> list[Prompt]:
         return list(self.eval)
 
+    def prompts_in_order(self, limit: int | None = None) -> list[Prompt]:
+        """The first `limit` usable rows in file order, encoded as eval prompts (an evaluation set
+        read whole, where nothing is held out)."""
+        rows = self.train_rows[:limit] if limit else self.train_rows
+        return [p for p in self._encode(rows, "eval") if p is not None]
+
     def state_dict(self, pending: list[Prompt] = ()) -> dict:
         """Position in the prompt stream. `pending`: prompts handed out but not trained on yet (an
         asynchronous run's buffer); they are saved with the requeued ones and served first on resume."""

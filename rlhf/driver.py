@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from reward.pipeline import drop_unscored_groups
 from rlhf import checkpoint as ckpt
-from rlhf import lineage
+from rlhf import evaluation, lineage
 from rlhf.algorithms import advantages as adv_fns
 from rlhf.algorithms import filters, kl, old_logprobs
 from rlhf.algorithms.gae import gae
@@ -31,6 +31,7 @@ from rlhf.config_loader import resolve_device, to_dict, to_yaml
 from rlhf.data import PromptData
 from rlhf.metrics import MetricsLogger, Timer, plot_rewards, step_line
 from rlhf.models import check_engine_can_run, resolve_model_path
+from rlhf.monitoring import RunMonitor, engine_actor_options
 from rlhf.placement import RayPlacement, make_plan
 from rlhf.types import Sample, TrainBatch
 from rlhf.watchdog import StallWatchdog
@@ -49,6 +50,7 @@ class Roles:
     reward: object
     sync: object
     placement: object
+    evaluator: evaluation.Evaluator
 
 
 def init_ray(device: str) -> bool:
@@ -118,6 +120,8 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, cfg.logging.project, self.run_name, cfg.logging.wandb_mode, to_dict(cfg)
         )
+        self.metrics.log_dataset(cfg.data)
+        self.monitor: RunMonitor | None = None  # Ray metrics (rlhf/monitoring.py), once Ray is up
 
     # ------------------------------------------------------------------ set-up
     def start_roles(self) -> Roles:
@@ -133,7 +137,8 @@ class Trainer:
         placement = RayPlacement(plan)
         t0 = time.perf_counter()
         # Start the slow engines first; learners initialise while vLLM loads.
-        rollout = RolloutGroup(cfg, self.model_path, self.device, placement.actor_options("rollout"))
+        rollout_options = engine_actor_options(placement.actor_options("rollout"), self.run_name, "rollout")
+        rollout = RolloutGroup(cfg, self.model_path, self.device, rollout_options)
         policy = LearnerGroup(cfg, self.model_path, "policy", self.device, placement.actor_options("learner"))
         reference = None
         if cfg.algorithm.kl_coef > 0:
@@ -152,8 +157,23 @@ class Trainer:
         sync = WeightSync(cfg.sync, policy, rollout, self.device)
         sync.setup()
         rollout.on_restart = sync.resync  # a restarted engine gets the learner's current weights
+        eval_options = None
+        if plan.has_role("evaluation"):
+            eval_options = engine_actor_options(
+                placement.actor_options("evaluation"), self.run_name, "evaluation"
+            )
+        evaluator = evaluation.Evaluator.for_run(
+            cfg,
+            evaluation.build_sets(cfg, self.tokenizer, held_out=self.data),
+            rollout,
+            reward,
+            policy,
+            self.device,
+            self.model_path,
+            eval_options,
+        )
         log(f"roles ready in {time.perf_counter() - t0:.0f}s")
-        return Roles(rollout, policy, reference, critic, reward, sync, placement)
+        return Roles(rollout, policy, reference, critic, reward, sync, placement, evaluator)
 
     def maybe_resume(self) -> None:
         self.lineage_parent = lineage.parent_of(self)  # the resumed checkpoint, or the model's own
@@ -447,18 +467,29 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ eval, checkpoints
+    def evaluation_due(self) -> bool:
+        """Before the first step of a run, every `eval_every` steps, and after the last step."""
+        every, step = self.cfg.eval_every, self.step
+        return step == 0 or step == self.cfg.steps or bool(every and step % every == 0)
+
     def evaluate(self) -> dict[str, float]:
-        prompts = self.data.eval_prompts()
-        if not prompts:
+        """Evaluate the current weights: the results at once (on the rollout engines), or {} while the
+        evaluation's own engines work (`log_finished_evaluations` logs them with this step later)."""
+        result = self.roles.evaluator.start(self.step)
+        if result is None:
             return {}
-        samples = self.roles.rollout.generate(
-            prompts, self.cfg.rollout.sampling, n=1, temperature=self.cfg.rollout.eval_temperature
-        )
-        self.roles.reward.score(samples)
-        m = self.sample_metrics(samples)
-        return {
-            f"eval/{k.split('/', 1)[1]}": v for k, v in m.items() if k.startswith(("reward/", "response/"))
-        } | {"eval/reward_mean": m["reward/mean"]}
+        self.record_evaluation(result)
+        return result.metrics()
+
+    def log_finished_evaluations(self, wait: bool = False) -> None:
+        for result in self.roles.evaluator.collect(wait):
+            self.record_evaluation(result)
+            self.metrics.log(result.step, result.metrics())
+            log(f"eval of step {result.step}: reward {result.metrics()[evaluation.HEADLINE]:.3f}")
+
+    def record_evaluation(self, result: evaluation.Evaluation) -> None:
+        for name, summary in result.summaries.items():
+            self.monitor.record_eval(result.step, name, summary)
 
     def save(self) -> Path:
         roles = self.roles
@@ -477,6 +508,7 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, save_models, state, self.cfg.checkpoint.keep_last
         )
+        self.metrics.log_checkpoint(path, self.lineage_parent)
         self.lineage_parent = str(path)  # the next checkpoint of this run descends from this one
         log(f"checkpoint written: {path}")
         return path
@@ -485,12 +517,12 @@ class Trainer:
     def run(self) -> Path:
         cfg = self.cfg
         self.roles = self.start_roles()
+        self.monitor = RunMonitor(self.run_name)
         try:
             self.maybe_resume()
-            if self.step == 0 and cfg.data.num_eval > 0:
-                before = self.evaluate()
+            if self.step == 0 and (before := self.evaluate()):
                 self.metrics.log(0, before)
-                log(f"eval before training: reward {before.get('eval/reward_mean', float('nan')):.3f}")
+                log(f"eval before training: reward {before[evaluation.HEADLINE]:.3f}")
             self.offload_learners(Timer())  # the first generation runs with the learners off the GPU too
             if cfg.rollout.max_staleness > 0:
                 from rlhf.async_loop import AsyncLoop
@@ -506,20 +538,21 @@ class Trainer:
                 self.watchdog.step_done(metrics["time/step_s"])
                 self.last_metrics = metrics
                 self.step += 1
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    metrics.update(self.evaluate())
-                if self.step == cfg.steps and cfg.data.num_eval > 0:
+                if self.evaluation_due():
                     metrics.update(self.evaluate())
                 self.metrics.log(self.step, metrics)
+                self.monitor.record_step(self.step, metrics)
+                self.log_finished_evaluations()
                 if self.step % max(1, cfg.logging.log_every) == 0 or self.step == cfg.steps:
                     tqdm.write(step_line(self.step, cfg.steps, metrics), file=sys.stderr)
                 bar.update(1)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps:
                     self.save()
             bar.close()
+            self.log_finished_evaluations(wait=True)
             self.save()
-            if "eval/reward_mean" in metrics:
-                log(f"eval after training: reward {metrics['eval/reward_mean']:.3f}")
+            if evaluation.HEADLINE in metrics:
+                log(f"eval after training: reward {metrics[evaluation.HEADLINE]:.3f}")
             if cfg.logging.plot:
                 png = plot_rewards(
                     self.run_dir / "metrics.jsonl",
@@ -543,6 +576,7 @@ class Trainer:
         if self.roles is None:
             return
         for group in (
+            self.roles.evaluator,
             self.roles.rollout,
             self.roles.policy,
             self.roles.reference,

@@ -76,6 +76,10 @@ def _version(package: str) -> str | None:
         return None
 
 
+def library_versions() -> dict[str, str]:
+    return {p: v for p in PACKAGES if (v := _version(p))}
+
+
 def data_fingerprint(data_cfg) -> dict[str, Any]:
     """A file's hash, or the generator settings of a built-in task, or the hub name and split."""
     source = data_cfg.source
@@ -143,7 +147,7 @@ def build_manifest(
         "config": config_text,
         "config_hash": sha256_text(config_text),
         "code": code_version(),
-        "versions": {p: v for p in PACKAGES if (v := _version(p))},
+        "versions": library_versions(),
         "base_model": {
             "path": cfg.model.path,
             "resolved": trainer.model_path,

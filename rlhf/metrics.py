@@ -72,6 +72,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.wandb = None
+        self.artifacts = None
         mode = wandb_mode(mode)
         if mode != "disabled":
             import wandb
@@ -85,13 +86,30 @@ class MetricsLogger:
                 resume="allow",
                 id=run_name.replace("/", "-"),
             )
+            # Every row carries the step its figures belong to, and W&B plots against it: evaluations on
+            # their own engines arrive steps later, which W&B's own (only growing) step could not take.
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
+            from rlhf.wandb_artifacts import ArtifactLog
+
+            self.artifacts = ArtifactLog(self.wandb)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self.wandb is not None:
-            self.wandb.log(clean, step=step)
+            self.wandb.log({**clean, "step": step})
+
+    def log_dataset(self, data_cfg) -> None:
+        """The training data as a W&B artifact (rlhf/wandb_artifacts.py); nothing without W&B."""
+        if self.artifacts is not None:
+            self.artifacts.log_dataset(data_cfg)
+
+    def log_checkpoint(self, checkpoint_dir: Path, parent: str | None) -> None:
+        """A saved checkpoint as a W&B artifact version, linked to the dataset and its parent."""
+        if self.artifacts is not None:
+            self.artifacts.log_checkpoint(checkpoint_dir, parent)
 
     def log_image(self, key: str, path: Path | None) -> None:
         """The same figure in W&B (offline runs keep it in their local files)."""
@@ -147,7 +165,7 @@ def reward_figure(rows: list[dict[str, float]], eval_temperature: float | None =
     """Train reward (raw, and a 5-step trailing mean) with the held-out reward at every evaluation,
     its legend naming the evaluation temperature; entropy on a second panel."""
     train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
-    evals = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
+    evals = sorted((r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r)
     entropy = [(r["step"], r["train/entropy"]) for r in rows if "train/entropy" in r]
     if not train and not evals:
         return None

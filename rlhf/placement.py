@@ -26,6 +26,7 @@ from rlhf.placement_inventory import (
 )
 from rlhf.placement_plan import (
     CPU_RESERVE_FRACTION,
+    ENGINE_ROLES,
     GPU_OVERHEAD_GB,
     ROLES,
     Assignment,
@@ -41,6 +42,7 @@ from rlhf.placement_propose import gpu_score, overrides_to_args, propose_plan
 __all__ = [
     "BUILTIN_PARAMS",
     "CPU_RESERVE_FRACTION",
+    "ENGINE_ROLES",
     "GPU_OVERHEAD_GB",
     "GPU_SPECS",
     "ROLES",
@@ -119,7 +121,7 @@ class RayPlacement:
             }
             if a.resources:
                 opts["resources"] = dict(a.resources)
-            if role == "rollout" and len(a.bundles) > 1:
+            if role in ENGINE_ROLES and len(a.bundles) > 1:
                 # A tensor-parallel engine: vLLM's Ray executor starts one worker per bundle of this
                 # replica, each taking the role's share of that bundle's GPU (colocated: a fraction).
                 share = self.plan.gpu_share.get(role, 1.0) or 1.0

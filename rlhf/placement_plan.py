@@ -8,7 +8,8 @@ a cluster in `rlhf.placement_propose`, the Ray placement groups that realise a p
 
 Model of a plan:
 * Roles: rollout, learner, reference (kl_coef > 0), critic (critic.enabled), reward_model
-  (a `kind: model` reward source). Each role has `replicas` (engines or DeepSpeed ranks).
+  (a `kind: model` reward source), evaluation (evaluation.separate_engines; engines like rollout's).
+  Each role has `replicas` (engines or DeepSpeed ranks).
 * Each colocation group (or lone role) becomes one Ray placement group. On GPU, a colocated group
   gets one bundle per GPU of its pool and every role takes a fractional share of each GPU; a lone
   role gets one bundle per GPU of each replica (a fraction of one GPU when `gpus` < 1).
@@ -32,9 +33,11 @@ from rlhf.placement_inventory import (
     local_inventory,
 )
 
-ROLES = ("rollout", "learner", "reference", "critic", "reward_model")
+ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
+# Roles that are vLLM engines (footprint of `rollout.tensor_parallel` GPUs, memory of a KV cache).
+ENGINE_ROLES = ("rollout", "evaluation")
 # Groups holding the trained model go first: they are the biggest and least flexible.
-_ROLE_ORDER = {"learner": 0, "critic": 1, "reference": 2, "reward_model": 3, "rollout": 4}
+_ROLE_ORDER = {"learner": 0, "critic": 1, "reference": 2, "reward_model": 3, "rollout": 4, "evaluation": 5}
 # Spare memory per GPU for activations, CUDA context and fragmentation (the estimate is rough).
 GPU_OVERHEAD_GB = 2.0
 # On CPU, reserve at most this fraction of the cores for role actors (the driver and Ray need some).
@@ -175,6 +178,8 @@ def active_roles(cfg: RunConfig) -> list[str]:
         roles.append("critic")
     if any(s.kind == "model" for s in cfg.reward.sources):
         roles.append("reward_model")
+    if cfg.evaluation.separate_engines:
+        roles.append("evaluation")
     return roles
 
 
@@ -198,7 +203,7 @@ def _replica_gpus(cfg: RunConfig, role: str, rp: RolePlacement) -> int:
         return int(rp.gpus)
     if rp.gpus > 0:
         return 1
-    return cfg.rollout.tensor_parallel if role == "rollout" else 1
+    return cfg.rollout.tensor_parallel if role in ENGINE_ROLES else 1
 
 
 class _Free:
@@ -319,7 +324,7 @@ def _check_host_memory(cfg: RunConfig, plan: Plan, params: float) -> None:
         for a in plan.assignments[role]:
             if role in ("learner", "critic"):
                 gb = params * learner_bytes_per_param(cfg.trainer.zero_stage, ranks, False) * 2 / 1e9  # fp32
-            elif role == "rollout":
+            elif role in ENGINE_ROLES:
                 gb = params * 4 / 1e9 + kv_fraction * nodes[a.node].memory_gb
             else:
                 gb = params * 4 / 1e9
@@ -522,7 +527,7 @@ def _estimate_memory(cfg: RunConfig, plan: Plan) -> None:
         ranks = getattr(pl, role).replicas
         for a in plan.assignments[role]:
             gpu_mem = nodes[a.node].gpu_memory_gb
-            if role == "rollout":
+            if role in ENGINE_ROLES:
                 util = cfg.rollout.gpu_memory_utilization or (0.45 if colocated_rollout else 0.85)
                 a.memory_gb = util * gpu_mem if gpu_mem else None
             elif params is None:

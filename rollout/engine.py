@@ -99,6 +99,7 @@ class RolloutEngine:
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self.weight_version = 0  # pushes received; every sample is tagged with it (asynchronous RL)
+        self.monitor = _start_monitor(self.llm, engine_index)  # queue / KV-cache figures for Prometheus
 
     def ready(self) -> bool:
         return True
@@ -304,6 +305,8 @@ class RolloutEngine:
         return True
 
     def shutdown(self) -> None:
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.stop()
         llm = getattr(self, "llm", None)
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
@@ -311,6 +314,18 @@ class RolloutEngine:
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
             self.llm = None
+
+
+def _start_monitor(llm: Any, engine_index: int):
+    """The engine's Ray metrics poller (rlhf.monitoring), only inside a Ray actor."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from rlhf.monitoring import EngineMonitor
+    from rollout.engine_stats import read_engine_stats
+
+    return EngineMonitor(lambda: read_engine_stats(llm), engine_index).start()
 
 
 def _token_logprobs(per_position: Any, token_ids: list[int], start: int) -> list[float]:
