@@ -13,8 +13,10 @@ Two sides share one thing, a bounded Ray queue of scored batches:
 Every sample carries the number of weight pushes its engine had received when it generated it
 (`Sample.policy_version`); the learner's version is the pushes so far. A sample more than k versions
 behind is not trained on: it is counted and its prompt is served again, so no prompt is lost.
-Pushes go to the engines as soon as the learner finishes a step; an engine loads them between two
-generate calls (requests in flight finish on the old weights). See docs/async.md.
+Pushes go to the engines as soon as the learner finishes a step, without waiting for them: the
+learners stage a copy of their weights and send it from a background thread while they train on the
+next batch; an engine loads a push between two generate calls (requests in flight finish on the old
+weights). See docs/async.md.
 """
 
 from __future__ import annotations
@@ -162,7 +164,9 @@ class AsyncLoop:
             if roles.critic is not None:
                 stats.update({f"critic/{k}": v for k, v in roles.critic.train(batch).items()})
         with timer.phase("sync"):
-            metrics.update(roles.sync.push())  # the engines load it after their current generate call
+            # Staged and sent from the learners' background thread; each engine loads it after the
+            # generate call it is in (the previous push is collected first: one in flight at a time).
+            metrics.update(roles.sync.push(wait=False))
         if trainer.audit_due():
             trainer.audit(samples, timer, metrics)
         self.producer.settle(list({_key(s.prompt): s.prompt for s in samples}.values()), [])
@@ -184,5 +188,7 @@ class AsyncLoop:
         self.producer.stop()
         from contextlib import suppress
 
+        with suppress(Exception):  # the last push may still be in flight; the engines may be gone
+            self.trainer.roles.sync.finish()
         with suppress(Exception):  # the queue actor may already be gone with Ray
             self.buffer.shutdown()

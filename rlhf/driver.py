@@ -126,7 +126,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def start_roles(self) -> Roles:
         from reward import RewardPipeline
-        from rlhf.weight_sync import WeightSync
+        from rlhf.weight_push import WeightSync
         from rollout import RolloutGroup
         from trainer import LearnerGroup
 

@@ -206,7 +206,7 @@ class Evaluator:
         """The role as a run configures it; with `separate_engines`, starts its engines and their sync."""
         if not (cfg.evaluation.separate_engines and sets):
             return cls(sets, rollout, reward)
-        from rlhf.weight_sync import WeightSync
+        from rlhf.weight_push import WeightSync
         from rollout import RolloutGroup
 
         own_cfg = dataclasses.replace(

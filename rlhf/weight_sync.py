@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import logging
 import pickle
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from rlhf.sync_routes import TRANSPORTS, Channel, Route, plan_routes
+from rlhf.sync_routes import TRANSPORTS
 
 logger = logging.getLogger(__name__)
 
@@ -475,10 +474,6 @@ def receive_buckets(
     return stats
 
 
-# ----------------------------------------------------------------------------------------------
-# Driver side
-
-
 def logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
     """Mean |a - b| over all tokens of aligned per-sequence logprob lists (the sync audit metric)."""
     if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
@@ -486,173 +481,3 @@ def logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
     flat_a = torch.tensor([v for seq in a for v in seq], dtype=torch.float64)
     flat_b = torch.tensor([v for seq in b for v in seq], dtype=torch.float64)
     return float((flat_a - flat_b).abs().mean()) if flat_a.numel() else 0.0
-
-
-class WeightSync:
-    """Driver-side orchestration of one learner group -> one rollout group sync.
-
-    `learners.actors` are the learner ranks (each has `send_weights(specs, bucket_bytes)` and, on GPU,
-    `device_uuid()`); `rollout.engines` the engine actors (each has `receive_weights(routes, payload)`
-    and, on GPU, `device_uuids()`). `rollout.dtype` (optional) is the engines' weight dtype. The
-    channels come from `rlhf.sync_routes.plan_routes` on the GPUs the actors report.
-    """
-
-    def __init__(self, cfg, learners, rollout, device: str):
-        self.cfg = cfg
-        self.learners = learners
-        self.rollout = rollout
-        self.device = device
-        self.channels: list[Channel] = []
-        self.specs: list[SyncSpec] = []
-        self.routes: list[list[Route]] = []
-        self._store: dist.TCPStore | None = None
-        self._pushes = 0
-        self._setups = 0
-        # One push at a time: an asynchronous run pushes from the learner side while a restarted
-        # engine may be resynced from the rollout side.
-        self._lock = threading.RLock()
-
-    def _gpus(self) -> tuple[list[str | None], list[list[str | None]]]:
-        from rlhf.actor_group import ActorGroup
-
-        learners, engines = list(self.learners.actors), list(self.rollout.engines)
-        if self.device != "cuda":
-            workers = int(getattr(self.rollout, "workers_per_engine", 1))
-            return [None] * len(learners), [[None] * workers for _ in engines]
-        return ActorGroup(learners, "learner").call("device_uuid"), ActorGroup(engines, "rollout").call(
-            "device_uuids"
-        )
-
-    def setup(self) -> list[SyncSpec]:
-        import ray
-
-        learner_gpus, worker_gpus = self._gpus()
-        self.channels, self.routes = plan_routes(self.cfg.transport, self.device, learner_gpus, worker_gpus)
-        host = port = None
-        if any(ch.transport != "object_store" for ch in self.channels):
-            host = ray.util.get_node_ip_address()
-            self._store = dist.TCPStore(
-                host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=600)
-            )
-            port = self._store.port
-        self._setups += 1
-        base = f"rlhf-weight-sync-{id(self):x}-{self._setups}"  # a re-setup never meets old groups
-        self.specs = [
-            make_spec(
-                ch.transport,
-                int(self.cfg.bucket_mb * 2**20),
-                dtype=getattr(self.rollout, "dtype", None),
-                host=host,
-                port=port,
-                num_engines=len(ch.receivers),
-                backend="nccl" if self.device == "cuda" else "gloo",
-                group=f"{base}-c{c}",
-                engine_reload=self.cfg.engine_reload,
-            )
-            for c, ch in enumerate(self.channels)
-        ]
-        logger.info("weight sync: %s", self.describe())
-        return self.specs
-
-    @property
-    def version(self) -> int:
-        """The learner's policy version as the engines see it: pushes so far (samples carry theirs)."""
-        return self._pushes
-
-    def describe(self) -> str:
-        """One line per channel: who sends to whom, over what."""
-        return "; ".join(
-            f"{ch.transport} learner {ch.sender} -> "
-            + ", ".join(f"engine {e}" + (f"/tp{w}" if w else "") for e, w in ch.receivers)
-            for ch in self.channels
-        )
-
-    def resync(self, rank: int | None = None) -> dict[str, float]:
-        """After engine `rank` was replaced: plan the channels anew (the new engine process must join
-        them) and push the current weights to every engine."""
-        with self._lock:
-            self.setup()
-            return self._push()
-
-    def push(self) -> dict[str, float]:
-        """Send the learner's current weights to every engine; returns timing/bytes metrics.
-
-        An engine found dead is replaced (`rollout.restart`) and every engine gets the weights again
-        over freshly planned channels. (With the collective transports a learner rank may first wait
-        out `timeout_s` for the dead receiver; mid-generation deaths are caught earlier, in
-        `RolloutGroup.generate`.)"""
-        from rlhf.actor_group import GroupCallError
-
-        with self._lock:
-            try:
-                return self._push()
-            except GroupCallError as exc:
-                if not (exc.role == "rollout" and exc.actor_died and hasattr(self.rollout, "restart")):
-                    raise
-                # replace the engine, then plan the channels anew and push to every engine once
-                self.rollout.restart(exc.rank, exc.cause, resync=False)
-                self.setup()
-                return self._push()
-
-    def _push(self) -> dict[str, float]:
-        from rlhf.actor_group import ActorGroup, gather
-
-        if not self.specs:
-            self.setup()
-        specs = [replace(spec, version=self._pushes) for spec in self.specs]
-        self._pushes += 1
-        learners = ActorGroup(self.learners.actors, "learner")
-        engines = ActorGroup(self.rollout.engines, "rollout")
-        per_rank = [
-            ([specs[c] for c, ch in enumerate(self.channels) if ch.sender == rank],)
-            for rank in range(len(learners))
-        ]
-        routes = [([(specs[r.channel], r.rank) for r in workers],) for workers in self.routes]
-        bucket_bytes = specs[0].bucket_bytes  # every rank cuts the same buckets (ZeRO-3 gathers them)
-        timeout = specs[0].timeout_s
-        start = time.perf_counter()
-        senders, ranks = learners.submit("send_weights", bucket_bytes, per_rank=per_rank)
-        if specs[0].transport == "object_store":  # the engines need the refs first
-            sent = gather(senders, learners.who(ranks), "send_weights", timeout)
-            loaded = engines.call("receive_weights", sent[0][0], per_rank=routes, timeout_s=timeout)
-        else:  # both sides join the same collectives: start them together
-            receivers, engine_ranks = engines.submit("receive_weights", None, per_rank=routes)
-            who = learners.who(ranks) + engines.who(engine_ranks)
-            results = gather(senders + receivers, who, "weight sync", timeout)
-            sent, loaded = results[: len(senders)], results[len(senders) :]
-        elapsed = time.perf_counter() - start
-        payload = sent[0][0]
-        for index, stats in enumerate(loaded):
-            if isinstance(stats, dict) and stats.get("params_loaded", 0) < stats.get("params_total", 0):
-                logger.warning(
-                    "weight sync: engine %d updated %d of its %d parameters (names vLLM does not know?)",
-                    index,
-                    stats["params_loaded"],
-                    stats["params_total"],
-                )
-        num_bytes = payload.num_bytes
-        return {
-            **_sync_phases([p for rank in sent for p in rank or []], loaded),
-            "sync/time_s": elapsed,
-            "sync/bytes": float(num_bytes),
-            "sync/gbps": num_bytes * 8 / 1e9 / max(elapsed, 1e-9),
-            "sync/buckets": float(payload.num_buckets),
-            "sync/channels": float(len(self.channels)),
-        }
-
-    def shutdown(self) -> None:
-        self._store = None
-
-
-def _sync_phases(payloads: list[SyncPayload], loaded: list) -> dict[str, float]:
-    """Where a push's time went: the slowest learner rank's gather/pack/send and the slowest engine's
-    wait/load/total seconds (`sync/learner_*_s`, `sync/engine_*_s`)."""
-    out: dict[str, float] = {}
-    for payload in payloads:
-        for key, seconds in payload.timings.items():
-            out[f"sync/learner_{key}_s"] = max(out.get(f"sync/learner_{key}_s", 0.0), seconds)
-    for stats in loaded:
-        for key in ("wait_s", "load_s", "total_s"):
-            if isinstance(stats, dict) and key in stats:
-                out[f"sync/engine_{key}"] = max(out.get(f"sync/engine_{key}", 0.0), float(stats[key]))
-    return out

@@ -119,3 +119,28 @@ def test_async_config_errors(tmp_path):
         load_config(recipe, ["algorithm.off_policy_correction=tis"])
     cfg = load_config(recipe, ["rollout.max_staleness=2"])
     assert cfg.rollout.max_staleness == 2
+
+
+@pytest.mark.slow
+def test_async_push_is_sent_from_the_learners_background_thread(tiny_model_dir, tmp_path):
+    """With a collective transport (gloo broadcast here, NCCL on GPUs) the learner stages its weights
+    and sends them from a thread while it trains on; every push still lands in both engines."""
+    extra = {
+        "sync.transport": "broadcast",
+        "steps": "3",
+        "checkpoint.every": "0",
+        "logging.run_name": "bcast",
+    }
+    run_dir = train(
+        load_config(REPO / "configs/quickstart.yaml", overrides(tiny_model_dir, tmp_path, **extra))
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["sync/background"] == 1.0
+        assert r["async/staleness_max"] <= 1
+        # the audit's engine pass queues behind the push in each engine: it sees the new weights
+        assert r["sync/audit_worst_engine_diff"] < 1e-3
+    # from the second step on, the previous push is collected (its figures come with the next one)
+    for r in rows[1:]:
+        assert r["sync/wait_previous_s"] >= 0 and r["sync/bytes"] > 0

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from rlhf import weight_sync as ws
 from rlhf.config import SamplingConfig, SyncConfig
+from rlhf.weight_push import WeightSync
 
 # ----------------------------------------------------------------------------------------------
 # Wire format
@@ -174,7 +175,10 @@ class TinyLearner:
     def named_weight_buckets(self, bucket_bytes: int):
         return ws.iter_buckets(self.model.named_parameters(), bucket_bytes)
 
-    def send_weights(self, specs: list[ws.SyncSpec], bucket_bytes: int) -> list[ws.SyncPayload]:
+    def send_weights(
+        self, specs: list[ws.SyncSpec], bucket_bytes: int, background: bool = False
+    ) -> list[ws.SyncPayload]:
+        assert not background, "this harness sends synchronously"
         return ws.send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
 
     def num_bytes(self) -> int:
@@ -231,7 +235,7 @@ def _push_and_check(cluster, transport: str, seed: int) -> dict:
     expected = ray.get(learner.logprobs.remote(seqs))
     # Before the push the engine still runs the old weights: the audit metric sees it.
     assert ws.logprob_diff(rollout.logprobs(seqs), expected) > 1e-2
-    sync = ws.WeightSync(
+    sync = WeightSync(
         SyncConfig(transport=transport, bucket_mb=0.05), SimpleNamespace(actors=[learner]), rollout, "cpu"
     )
     sync.setup()

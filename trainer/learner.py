@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import shutil
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -460,19 +461,38 @@ class Learner:
             # Copies: the gathered storage is released when the context exits.
             return [(name, p.detach().clone()) for name, p in bucket]
 
-    def send_weights(self, specs, bucket_bytes: int | None = None) -> Any:
+    def send_weights(self, specs, bucket_bytes: int | None = None, background: bool = False) -> Any:
         """Weight-sync sender: ship the weights over each channel this rank feeds (`specs`, planned
         by rlhf.sync_routes; may be empty), one payload per spec. Every rank calls it together: under
         ZeRO-3 each bucket is all-gathered. A bare spec (old form) means: rank 0 sends, returns its
-        payload (None elsewhere)."""
+        payload (None elsewhere).
+
+        `background`: copy the weights (a staging copy on the same device), return None at once and
+        send the copy from a thread on its own CUDA stream while this rank trains on; `finish_send`
+        returns the payloads. The asynchronous loop uses it so that training never waits for an
+        engine to finish the generate call it is in."""
         from rlhf.weight_sync import send_to_channels
 
         single = not isinstance(specs, list | tuple)
         specs = ([specs] if self.rank == 0 else []) if single else list(specs)
         if bucket_bytes is None:
             bucket_bytes = specs[0].bucket_bytes if specs else int(self.cfg.sync.bucket_mb * 2**20)
-        payloads = send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
-        return (payloads[0] if payloads else None) if single else payloads
+        if not background:
+            payloads = send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
+            return (payloads[0] if payloads else None) if single else payloads
+        self.finish_send()
+        staged = [
+            [(name, tensor.detach().clone()) for name, tensor in bucket]
+            for bucket in self.named_weight_buckets(bucket_bytes)  # every rank: ZeRO-3 gathers
+            if specs
+        ]
+        self._sending = _BackgroundSend(send_to_channels, specs, staged, self.device)
+        return None
+
+    def finish_send(self) -> list:
+        """Wait for the background send started by `send_weights(background=True)`; its payloads."""
+        sending, self._sending = getattr(self, "_sending", None), None
+        return sending.result() if sending is not None else []
 
     def device_uuid(self) -> str | None:
         """This rank's GPU (CUDA device UUID), None on CPU: the sync planner matches it to engines."""
@@ -576,3 +596,38 @@ class Learner:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
+
+
+class _BackgroundSend:
+    """`send(specs, staged)` on a thread and, on a GPU, on a side stream (NCCL kernels waiting for a
+    busy engine must not block the training kernels queued on the default stream)."""
+
+    def __init__(self, send, specs: list, staged: list, device: torch.device):
+        self._payloads: list = []
+        self._error: BaseException | None = None
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the staging copies come first
+
+        def run() -> None:
+            try:
+                if stream is None:
+                    self._payloads = send(specs, staged)
+                    return
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    self._payloads = send(specs, staged)
+                    stream.synchronize()
+            except BaseException as exc:  # re-raised in result()
+                self._error = exc
+            finally:
+                staged.clear()
+
+        self._thread = threading.Thread(target=run, name="rlhf-weight-send", daemon=True)
+        self._thread.start()
+
+    def result(self) -> list:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._payloads
