@@ -677,6 +677,13 @@ def _validate_environment(cfg: RunConfig, fail) -> None:
         problem = check_tool_name(tool)
         if problem:
             raise fail(f"{key}.tools[{i}]", problem, tool)
+    if getattr(cls, "needs_tools", False) and not env.tools:
+        raise fail(f"{key}.tools", f"environment {env.name!r} calls tools: list at least one", env.tools)
+    missing = [t for t in getattr(cls, "required_tools", ()) if t not in env.tools]
+    if missing:
+        raise fail(
+            f"{key}.tools", f"environment {env.name!r} needs the tool(s) {', '.join(missing)}", env.tools
+        )
     if not uses_env_rule:
         raise fail(
             "reward.sources",

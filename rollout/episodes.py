@@ -158,8 +158,13 @@ class EpisodeRunner:
                 e.end("env_error", f"reset: {type(exc).__name__}: {exc}")
                 continue
             e.prompt = dataclasses.replace(e.prompt, text=text, token_ids=ids)
-            if self._room(e) < 1:
-                e.end("length", f"the first prompt ({len(ids)} tokens) fills the context")
+            if self._room(e) < 1:  # like an over-long data prompt: no episode (and no error)
+                log.warning(
+                    "episode of prompt %d: its first prompt (%d tokens) fills the context",
+                    e.prompt.index,
+                    len(ids),
+                )
+                e.end("length")
 
     def _after_step(self, e: _Episode, ok: bool, value: Any, last_turn: bool) -> None:
         if not ok:

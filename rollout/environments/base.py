@@ -29,6 +29,8 @@ Message = dict[str, Any]  # {"role": ..., "content": ...} as chat templates take
 # Built-in environments by name -> "module:Class" (imported only when used).
 BUILTIN_ENVIRONMENTS = {
     "guess_number": "rollout.environments.guess_number:GuessNumberEnv",
+    "calculator": "rollout.environments.calculator:CalculatorEnv",
+    "tools": "rollout.environments.tool_env:ToolEnvironment",
 }
 
 
