@@ -139,8 +139,10 @@ class EpisodeRunner:
 
     # ------------------------------------------------------------------------------------------
     def _room(self, e: _Episode) -> int:
-        """Tokens the episode may still add: its budget, and the engine's context."""
-        return min(self.cfg.max_tokens - len(e.ids), self.context_len - len(e.prompt.token_ids) - len(e.ids))
+        """Tokens the episode may still add: its budget, and the engine's context less one position
+        (scoring a sequence, as the sync audit does, asks the engine for one more token)."""
+        used = len(e.prompt.token_ids) + len(e.ids)
+        return min(self.cfg.max_tokens - len(e.ids), self.context_len - 1 - used)
 
     def _reset(self, episodes: list[_Episode]) -> None:
         calls = [lambda e=e: e.env.reset(e.prompt) for e in episodes]
