@@ -34,6 +34,7 @@ class Tool:
     description: str
     parameters: dict[str, str]  # argument name -> type name, shown to the model
     fn: Callable[..., Any]
+    example: dict[str, Any] | None = None  # arguments of the example call shown to the model
 
 
 @dataclass
@@ -216,8 +217,10 @@ class ToolBox:
         for name in cfg.tools:
             if name == "python":
                 tools.append(_tool_of("python", _python_tool(cfg.tool_timeout_s, cfg.tool_memory_mb)))
+                tools[-1].example = {"code": "print(2 ** 10)"}
             elif name == "calculator":
                 tools.append(_tool_of("calculator", calculator))
+                tools[-1].example = {"expression": "12 * 34"}
             else:
                 tools.append(load_tool(name))
         call_format = None
@@ -237,7 +240,8 @@ class ToolBox:
             args = ", ".join(f"{k}: {v}" for k, v in t.parameters.items())
             lines.append(f"- {t.name}({args}): {t.description}")
         first = next(iter(self.tools.values()))
-        example = json.dumps({"name": first.name, "arguments": {k: "..." for k in first.parameters}})
+        arguments = first.example or {k: "..." for k in first.parameters}
+        example = json.dumps({"name": first.name, "arguments": arguments})
         lines.append(
             f"Call a tool with {self.opening}{example}{self.closing}, then wait for its result. "
             "Give the final answer without a tool call."

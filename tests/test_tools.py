@@ -163,6 +163,7 @@ def test_python_tool_reports_errors_and_timeouts():
 
 def test_calculator_environment_runs_tool_turns_and_rewards_the_answer(tokenizer):
     cfg = EnvironmentConfig(name="calculator", tools=["calculator"], max_turns=3, max_tokens=300)
+    cfg.args = {"call_reward": 0.1}  # a turn whose tool call ran earns 0.1, the right answer 1
     box = ToolBox.from_config(cfg, tokenizer)
     runner = EpisodeRunner(cfg, CalculatorEnv, tokenizer, context_len=1024, toolbox=box)
     prompt = Prompt(
@@ -181,12 +182,12 @@ def test_calculator_environment_runs_tool_turns_and_rewards_the_answer(tokenizer
         return [SimpleNamespace(token_ids=ids, text=text, logprobs=None, finish_reason="stop")]
 
     (sample,) = runner.run([prompt], [0], 1, policy, max_new_tokens=64)
-    assert sample.finish_reason == "stop" and sample.episode["reward"] == 1.0
+    assert sample.finish_reason == "stop" and sample.episode["turn_rewards"] == [0.1, 1.0]
     assert sample.episode["info"] == {"answered": True, "tool_calls": 1, "tool_errors": 0}
     assert "calculator(expression: str)" in sample.prompt.text and "<tool_call>" in sample.prompt.text
     tool_part = tokenizer.decode([t for t, m in zip(sample.response_ids, sample.response_mask) if not m])
     assert "<|im_start|>tool\n56088<|im_end|>" in tool_part  # the tool's output is context, masked
     chat = ChatTokens(tokenizer)
-    env = CalculatorEnv()
+    env = CalculatorEnv(call_reward=0.1)
     env.tools = box
     assert sample.prompt.token_ids == chat.prompt(env.reset(prompt))[1]
