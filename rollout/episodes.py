@@ -191,10 +191,9 @@ class EpisodeRunner:
         except Exception as exc:
             e.end("env_error", f"step {len(e.turn_rewards)}: {type(exc).__name__}: {exc}")
             return
-        appended = close + delta
-        if not result.messages or self._room(e) - len(appended) < 1:
-            # Nothing to answer, or no room left for another assistant token.
-            e.end("length" if result.messages else "stop")
+        appended = close + delta  # no messages: just the next generation prompt (another turn)
+        if self._room(e) - len(appended) < 1:  # no room left for another assistant token
+            e.end("length")
             return
         closing_text = self.chat.tokenizer.decode(close, skip_special_tokens=False)
         self._add(e, appended, 0, closing_text + text, None)

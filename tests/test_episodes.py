@@ -188,3 +188,26 @@ def test_call_all_keeps_order_and_reports_errors():
         raise ValueError("bad")
 
     assert call_all([lambda: 1, boom, lambda: 3], 1.0) == [(True, 1), (False, "ValueError: bad"), (True, 3)]
+
+
+class SilentEnv(Environment):
+    """Says nothing after turn 1 (the policy simply gets another turn), done after turn 2."""
+
+    def __init__(self):
+        self.turn = 0
+
+    def step(self, text):
+        self.turn += 1
+        return [], 0.5, self.turn == 2, {}
+
+
+def test_an_environment_without_messages_gives_the_policy_another_turn(tokenizer):
+    cfg = EnvironmentConfig(name="x", max_turns=4, max_tokens=200)
+    runner = EpisodeRunner(cfg, SilentEnv, tokenizer, context_len=1024)
+    answers = {0: ["first", "second"]}
+    (sample,) = runner.run(
+        [_prompt(tokenizer, 0, 1)], [0], 1, scripted_policy(tokenizer, answers), max_new_tokens=8
+    )
+    assert sample.finish_reason == "stop" and sample.episode["turns"] == 2 and sample.episode["reward"] == 1.0
+    env_text = tokenizer.decode([t for t, m in zip(sample.response_ids, sample.response_mask) if not m])
+    assert env_text == "\n<|im_start|>assistant\n"
