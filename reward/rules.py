@@ -160,9 +160,13 @@ class RuleReward:
             except re.error as exc:
                 raise RewardError(f"rule 'format': pattern {pattern!r} is not a valid regex: {exc}") from exc
             return cls(name, _format_rule(pattern))
+        if name == "env":
+            if args:
+                raise RewardError(f"rule 'env' takes no args, got {sorted(args)}")
+            return EpisodeReward(name, episode_reward)
         if ":" not in name:
             raise RewardError(
-                f"unknown rule {name!r}: use 'task', 'format' or a function path 'pkg.module:function'"
+                f"unknown rule {name!r}: use 'task', 'format', 'env' or a function path 'pkg.module:function'"
             )
         return cls(name, load_reward_function(name), args, timeout_s=timeout_s)
 
@@ -194,3 +198,20 @@ class RuleReward:
     def score(self, samples: Sequence[Sample], source: str | None = None, on_error: str = "raise"):
         """(scores, errors) over `samples`; see `score_each`."""
         return score_each(source or self.name, samples, lambda _, sample: self(sample), on_error)
+
+
+def episode_reward(sample: Sample) -> float:
+    """Rule `env`: a multi-turn episode's environment reward (turn rewards + final reward, see
+    rollout/environments/base.py). A sample whose environment failed is an error (-> reward.on_error)."""
+    if sample.episode is None:
+        raise ValueError("rule 'env' scores multi-turn episodes: set rollout.environment.name")
+    if sample.episode.get("error"):
+        raise ValueError(f"the environment failed: {sample.episode['error']}")
+    return sample.episode["reward"]
+
+
+class EpisodeReward(RuleReward):
+    """A rule that reads the sample itself (its episode record) instead of (prompt, response, label)."""
+
+    def __call__(self, sample: Sample) -> float:
+        return self.fn(sample)

@@ -10,7 +10,8 @@ from rlhf.types import Sample, TrainBatch
 def make_train_batch(samples: list[Sample], pad_token_id: int) -> TrainBatch:
     """Right-pad prompt+response rows; per-token tensors are aligned with `input_ids`.
 
-    `loss_mask[i, t]` is 1 where token t is a response token of row i, so `rollout_logprobs[i, t]`
+    `loss_mask[i, t]` is 1 where token t is a response token of row i sampled by the policy
+    (`Sample.response_mask`; environment tokens of a multi-turn episode are 0), so `rollout_logprobs[i, t]`
     is the engine's log-probability of that token given everything before it.
     """
     lengths = [len(s.prompt.token_ids) + len(s.response_ids) for s in samples]
@@ -26,7 +27,10 @@ def make_train_batch(samples: list[Sample], pad_token_id: int) -> TrainBatch:
         p, r = len(s.prompt.token_ids), len(s.response_ids)
         input_ids[i, : p + r] = torch.tensor(s.prompt.token_ids + s.response_ids, dtype=torch.long)
         attention_mask[i, : p + r] = 1
-        loss_mask[i, p : p + r] = 1.0
+        if s.response_mask is None:
+            loss_mask[i, p : p + r] = 1.0
+        else:  # multi-turn: environment tokens are context, not actions
+            loss_mask[i, p : p + r] = torch.tensor(s.response_mask[:r], dtype=torch.float32)
         if r and with_logprobs:
             rollout_logprobs[i, p : p + r] = torch.tensor(s.logprobs[:r], dtype=torch.float32)
     return TrainBatch(

@@ -54,9 +54,28 @@ class SamplingConfig:
 
 
 @dataclass
+class EnvironmentConfig:
+    """Multi-turn episodes (docs/agents.md): the policy talks with an environment, turn by turn."""
+
+    # null: single-turn sampling. A built-in ("guess_number", "calculator") or "pkg.module:Class".
+    name: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the environment class
+    max_turns: int = 4  # assistant turns per episode
+    max_tokens: int = 512  # every token an episode adds after its first prompt (policy + environment)
+    step_timeout_s: float = 10.0  # an env step (tools included) past it is abandoned: the episode ends
+    # Tools the model may call: "python", "calculator" or "pkg.module:function".
+    tools: list[str] = field(default_factory=list)
+    # auto: the chat template's tool-call format where it has one, else <tool_call>{json}</tool_call>.
+    tool_call_format: Literal["auto", "tags"] = "auto"
+    tool_timeout_s: float = 5.0  # per tool call (the python sandbox's wall-clock limit)
+    tool_memory_mb: int = 512  # address-space limit of the python sandbox
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = 8
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     # Greedy evaluation on held-out prompts.
     eval_temperature: float = 0.0
     tensor_parallel: int = 1

@@ -35,8 +35,13 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
 # Group-relative estimators: a group of one sample has no baseline to compare against.
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+<<<<<<< HEAD
 BUILTIN_RULES = ("task", "format")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
+=======
+BUILTIN_RULES = ("task", "format", "env")
+ROLES = ("rollout", "learner", "reference", "critic", "reward_model")
+>>>>>>> agents
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
 
@@ -566,6 +571,7 @@ def validate(
         at_least("trainer.critic.warmup_steps", tr.critic.warmup_steps, 0)
 
     _validate_reward(cfg, fail)
+    _validate_environment(cfg, fail)
     _validate_placement(cfg, fail)
     _validate_evaluation(cfg, fail)
 
@@ -632,6 +638,7 @@ def _validate_reward(cfg: RunConfig, fail) -> None:
             raise fail(f"{key}.url", "an http reward source needs an http(s):// url", src.url)
 
 
+<<<<<<< HEAD
 def _validate_evaluation(cfg: RunConfig, fail) -> None:
     if cfg.evaluation.separate_engines and not cfg.evaluation.sets and cfg.data.num_eval == 0:
         raise fail(
@@ -671,6 +678,74 @@ def _validate_evaluation(cfg: RunConfig, fail) -> None:
                 raise fail(
                     f"{key}.pass_k", f"each k must be in 1..samples_per_prompt ({es.samples_per_prompt})", k
                 )
+=======
+def _validate_environment(cfg: RunConfig, fail) -> None:
+    """rollout.environment: the class imports, its args fit, its limits are sane, and its reward is used."""
+    env = cfg.rollout.environment
+    key = "rollout.environment"
+    uses_env_rule = any(s.kind == "rule" and s.name == "env" for s in cfg.reward.sources)
+    if env.name is None:
+        if uses_env_rule:
+            raise fail(
+                "reward.sources", "rule 'env' needs a multi-turn environment: set rollout.environment.name"
+            )
+        return
+    from rollout.environments import EnvError, check_environment_args, resolve_environment_class
+
+    try:
+        cls = resolve_environment_class(env.name)
+    except EnvError as exc:
+        raise fail(f"{key}.name", str(exc), env.name) from None
+    try:
+        check_environment_args(cls, env.args)
+    except (EnvError, ValueError) as exc:
+        raise fail(f"{key}.args", str(exc), env.args) from None
+    if env.max_turns < 1:
+        raise fail(f"{key}.max_turns", "must be >= 1", env.max_turns)
+    if env.max_tokens < 1:
+        raise fail(f"{key}.max_tokens", "must be >= 1", env.max_tokens)
+    if not env.step_timeout_s > 0:
+        raise fail(f"{key}.step_timeout_s", "must be > 0", env.step_timeout_s)
+    if not env.tool_timeout_s > 0:
+        raise fail(f"{key}.tool_timeout_s", "must be > 0", env.tool_timeout_s)
+    if env.tools and env.step_timeout_s <= env.tool_timeout_s:
+        raise fail(
+            f"{key}.step_timeout_s",
+            f"must exceed tool_timeout_s ({env.tool_timeout_s:g}): a step runs the turn's tool calls",
+            env.step_timeout_s,
+        )
+    if env.tool_memory_mb < 64:
+        raise fail(
+            f"{key}.tool_memory_mb",
+            "must be >= 64 (the Python interpreter alone needs ~30 MB)",
+            env.tool_memory_mb,
+        )
+    for i, tool in enumerate(env.tools):
+        problem = check_tool_name(tool)
+        if problem:
+            raise fail(f"{key}.tools[{i}]", problem, tool)
+    if getattr(cls, "needs_tools", False) and not env.tools:
+        raise fail(f"{key}.tools", f"environment {env.name!r} calls tools: list at least one", env.tools)
+    missing = [t for t in getattr(cls, "required_tools", ()) if t not in env.tools]
+    if missing:
+        raise fail(
+            f"{key}.tools", f"environment {env.name!r} needs the tool(s) {', '.join(missing)}", env.tools
+        )
+    if not uses_env_rule:
+        raise fail(
+            "reward.sources",
+            "the environment's rewards would be ignored: add {kind: rule, name: env} (docs/agents.md)",
+        )
+
+
+def check_tool_name(name: str) -> str | None:
+    """None if `name` is a built-in tool or an importable `pkg.mod:fn` callable, else the problem."""
+    if name in ("python", "calculator"):
+        return None
+    if ":" not in name:
+        return "unknown tool; use python, calculator or a 'pkg.module:function' path"
+    return check_reward_function(name)
+>>>>>>> agents
 
 
 def check_reward_function(name: str) -> str | None:

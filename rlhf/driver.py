@@ -300,7 +300,7 @@ class Trainer:
         k = self.cfg.sync.audit_samples
         if not self.cfg.sync.audit or k <= 0:
             return
-        probe = [s for s in samples if s.response_ids][:k]
+        probe = [s for s in samples if s.response_ids and any(s.response_mask or [1])][:k]
         if not probe:
             return
         seqs = [(s.prompt.token_ids, s.response_ids) for s in probe]
@@ -315,7 +315,10 @@ class Trainer:
             for i, s in enumerate(probe):
                 p = len(s.prompt.token_ids)
                 learner = learner_lp[i, p : p + len(s.response_ids)]
-                diffs.append((learner - torch.tensor(engine_lp[i], dtype=learner.dtype)).abs())
+                diff = (learner - torch.tensor(engine_lp[i], dtype=learner.dtype)).abs()
+                if s.response_mask is not None:  # multi-turn: only the policy's own tokens
+                    diff = diff[torch.tensor(s.response_mask, dtype=torch.bool)]
+                diffs.append(diff)
             diff = torch.cat(diffs)
             engine_means.append(float(diff.mean()))
             metrics["sync/audit_logprob_diff_max"] = max(
@@ -464,6 +467,10 @@ class Trainer:
         }
         if all("task" in s.reward_parts for s in samples):
             out["reward/accuracy"] = float(np.mean([s.reward_parts["task"] for s in samples]))
+        if any(s.episode is not None for s in samples):
+            from rollout.episodes import episode_metrics
+
+            out.update(episode_metrics(samples))
         return out
 
     # ------------------------------------------------------------------ eval, checkpoints

@@ -261,7 +261,34 @@ class Countdown(Task):
         return 1.0 if value == Fraction(target) else 0.0
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Countdown())}
+class GuessNumber(Task):
+    """Find a secret integer in 1..max_number; the multi-turn `guess_number` environment answers each
+    guess with "higher" or "lower" (rollout/environments/guess_number.py). answer = the secret."""
+
+    name = "guess_number"
+    format_pattern = r"\d"
+
+    def generate(self, n: int, seed: int, max_number: int = 20) -> list[dict]:
+        if max_number < 2:
+            raise ValueError(f"guess_number: max_number={max_number} must be >= 2")
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            # The game number keeps prompts distinct, so held-out games can be told apart from training ones.
+            prompt = (
+                f"Game {rng.randint(0, 10**6 - 1):06d}. I am thinking of an integer between 1 and {max_number}. "
+                "Guess it: reply with one number. I will tell you if my number is higher or lower."
+            )
+            out.append({"prompt": prompt, "answer": rng.randint(1, max_number), "max_number": max_number})
+        return out
+
+    def check(self, response: str, answer: Any) -> float:
+        """1.0 when the last number written is the secret."""
+        got = extract_number(response)
+        return 1.0 if got is not None and got == _as_fraction(answer) else 0.0
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Countdown(), GuessNumber())}
 
 
 def register_task(task: Task) -> Task:

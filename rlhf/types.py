@@ -40,6 +40,12 @@ class Sample:
     # generate call never spans a push (the engine actor runs one call at a time), so every token of
     # a response comes from this one version.
     policy_version: int = 0
+    # Multi-turn episodes (rollout/episodes.py): response_ids interleave the policy's tokens with
+    # environment/tool tokens; response_mask[i] is 1 where response_ids[i] was sampled by the policy
+    # (only those enter the loss and the audit). None: every response token is the policy's.
+    response_mask: list[int] | None = None
+    # The episode's record (turns, environment reward, per-turn rewards, error); None: single-turn.
+    episode: dict[str, Any] | None = None
 
     @property
     def truncated(self) -> bool:

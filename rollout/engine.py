@@ -100,6 +100,8 @@ class RolloutEngine:
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self.weight_version = 0  # pushes received; every sample is tagged with it (asynchronous RL)
         self.monitor = _start_monitor(self.llm, engine_index)  # queue / KV-cache figures for Prometheus
+        self.model_path, self.trust_remote_code = model_path, trust_remote_code
+        self._runner = None  # multi-turn episodes (generate_episodes), built on first use
 
     def ready(self) -> bool:
         return True
@@ -198,27 +200,99 @@ class RolloutEngine:
         the original run generated. CPU: the in-process engine samples from torch's global generator,
         reseeded per call from the call's prompts (free). GPU: one vLLM per-request seed per prompt
         (vLLM then samples seeded requests on a slower path: off by default there)."""
-        wanted = self.cfg.reproducible_sampling
-        if wanted is None:
-            wanted = self.device == "cpu"
-        if not wanted:
+        if not self._reproducible():
             return params
-
-        def seed_of(p: Prompt) -> int:
-            key = (self.cfg.seed, p.index, int(p.metadata.get("epoch", 0)), p.metadata.get("split", ""))
-            return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
-
         if self.in_process:
             import torch
 
-            torch.manual_seed(seed_of(prompts[0]) ^ len(prompts))
+            torch.manual_seed(self._prompt_seed(prompts[0]) ^ len(prompts))
             return params
         seeded = []
         for p in prompts:
             one = params.clone()
-            one.seed = seed_of(p)
+            one.seed = self._prompt_seed(p)
             seeded.append(one)
         return seeded
+
+    def _reproducible(self) -> bool:
+        wanted = self.cfg.reproducible_sampling
+        return self.device == "cpu" if wanted is None else wanted
+
+    def _prompt_seed(self, p: Prompt) -> int:
+        key = (self.cfg.seed, p.index, int(p.metadata.get("epoch", 0)), p.metadata.get("split", ""))
+        return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+
+    def generate_episodes(
+        self,
+        prompts: list[Prompt],
+        sampling: SamplingConfig | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        group_offset: int = 0,
+        groups: list[int] | None = None,
+        logprobs: bool = False,
+    ) -> list[Sample]:
+        """`generate` for multi-turn episodes with rollout.environment (rollout/episodes.py): n
+        episodes per prompt, each turn of all live episodes one batched `llm.generate` call."""
+        from rollout.episodes import Completion
+
+        if not prompts:
+            return []
+        if groups is None:
+            groups = [group_offset + i for i in range(len(prompts))]
+        sampling = sampling or self.cfg.sampling
+        base = self.sampling_params(sampling, 1, temperature, logprobs)
+        base.include_stop_str_in_output = True  # the text an environment reads is exactly the kept ids
+        first_seed, turn = self._prompt_seed(prompts[0]), [0]
+
+        def generate(inputs: list[list[int]], budgets: list[int]) -> list[Completion]:
+            params = []
+            for i, budget in enumerate(budgets):
+                one = base.clone()
+                one.max_tokens = budget
+                if self._reproducible() and not self.in_process:
+                    one.seed = (first_seed + 1_000_003 * turn[0] + i) % 2**32
+                params.append(one)
+            if self._reproducible() and self.in_process:
+                import torch
+
+                torch.manual_seed(first_seed ^ len(prompts) ^ (turn[0] * 0x9E3779B1))
+            turn[0] += 1
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in inputs], params, use_tqdm=False)
+            completions = [out.outputs[0] for out in outputs]
+            texts = self._texts(completions, detokenized=base.detokenize)
+            done = []
+            for c in completions:
+                ids = list(c.token_ids)
+                lps = _token_logprobs(c.logprobs, ids, 0) if logprobs else None
+                done.append(Completion(ids, texts[id(c)], lps, c.finish_reason or "length"))
+            return done
+
+        count = sampling.n if n is None else n
+        return self._episode_runner().run(
+            prompts, groups, count, generate, sampling.max_new_tokens, logprobs, self.weight_version
+        )
+
+    def _episode_runner(self):
+        """Built on first use: the environment class, the tokenizer's chat template and the tools."""
+        if self._runner is None:
+            from transformers import AutoTokenizer
+
+            from rollout.environments import resolve_environment_class
+            from rollout.episodes import EpisodeRunner
+
+            env_cfg = self.cfg.environment
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, trust_remote_code=self.trust_remote_code
+            )
+            toolbox = None
+            if env_cfg.tools:
+                from rollout.tools import ToolBox
+
+                toolbox = ToolBox.from_config(env_cfg, tokenizer)
+            cls = resolve_environment_class(env_cfg.name)
+            self._runner = EpisodeRunner(env_cfg, cls, tokenizer, self.cfg.max_model_len, toolbox)
+        return self._runner
 
     def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Raw (temperature 1) logprob of each response token given prompt + earlier response."""

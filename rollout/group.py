@@ -164,7 +164,9 @@ class RolloutGroup:
             for r, chosen in enumerate(rows)
             if chosen
         }
-        chunks = self._supervised("generate", args, logprobs=logprobs)
+        # With rollout.environment every sample is a multi-turn episode (rollout/episodes.py).
+        method = "generate_episodes" if self.cfg.rollout.environment.name else "generate"
+        chunks = self._supervised(method, args, logprobs=logprobs)
         samples = [sample for chunk in chunks for sample in chunk]
         return sorted(samples, key=lambda s: s.group)  # stable: sample order within a group is kept
 
