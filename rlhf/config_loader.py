@@ -35,13 +35,8 @@ ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
 # Group-relative estimators: a group of one sample has no baseline to compare against.
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-<<<<<<< HEAD
-BUILTIN_RULES = ("task", "format")
-ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
-=======
 BUILTIN_RULES = ("task", "format", "env")
-ROLES = ("rollout", "learner", "reference", "critic", "reward_model")
->>>>>>> agents
+ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
 
@@ -638,7 +633,6 @@ def _validate_reward(cfg: RunConfig, fail) -> None:
             raise fail(f"{key}.url", "an http reward source needs an http(s):// url", src.url)
 
 
-<<<<<<< HEAD
 def _validate_evaluation(cfg: RunConfig, fail) -> None:
     if cfg.evaluation.separate_engines and not cfg.evaluation.sets and cfg.data.num_eval == 0:
         raise fail(
@@ -678,7 +672,8 @@ def _validate_evaluation(cfg: RunConfig, fail) -> None:
                 raise fail(
                     f"{key}.pass_k", f"each k must be in 1..samples_per_prompt ({es.samples_per_prompt})", k
                 )
-=======
+
+
 def _validate_environment(cfg: RunConfig, fail) -> None:
     """rollout.environment: the class imports, its args fit, its limits are sane, and its reward is used."""
     env = cfg.rollout.environment
@@ -745,7 +740,6 @@ def check_tool_name(name: str) -> str | None:
     if ":" not in name:
         return "unknown tool; use python, calculator or a 'pkg.module:function' path"
     return check_reward_function(name)
->>>>>>> agents
 
 
 def check_reward_function(name: str) -> str | None:
