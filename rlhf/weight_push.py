@@ -256,4 +256,8 @@ def _sync_phases(payloads: list[SyncPayload], loaded: list) -> dict[str, float]:
         for key in ("wait_s", "load_s", "total_s"):
             if isinstance(stats, dict) and key in stats:
                 out[f"sync/engine_{key}"] = max(out.get(f"sync/engine_{key}", 0.0), float(stats[key]))
+        if isinstance(stats, dict) and "params_without_loader" in stats:  # why auto chose layerwise
+            out["sync/engine_params_without_loader"] = float(stats["params_without_loader"])
+        if isinstance(stats, dict) and "reload_direct" in stats:  # 1 only if every engine wrote directly
+            out["sync/engine_direct"] = min(out.get("sync/engine_direct", 1.0), float(stats["reload_direct"]))
     return out

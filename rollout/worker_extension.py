@@ -54,13 +54,14 @@ def _reprocess(layers: list[torch.nn.Module]) -> None:
             method.process_weights_after_loading(layer)
 
 
-def reload_mode(model: torch.nn.Module, requested: str = "auto") -> str:
+def reload_mode(model: torch.nn.Module, requested: str = "auto", quantized: bool = False) -> str:
     """ "direct": `model.load_weights` writes each tensor straight into the live parameter through its
     own weight loader (no reallocation: the fast path, what vLLM's own RLHF examples do on GPU).
     "layerwise": vLLM's layer-wise reload, which rebuilds each layer and redoes its post-load
     processing; needed where loading transformed the weights (the CPU backend repacks its GEMM
-    weights and drops the loaders; quantized layers). "auto" picks direct only when every parameter
-    still has its loader and no layer is quantized, or when vLLM has no layer-wise reload at all."""
+    weights and drops the loaders; quantized models). "auto" picks direct on a GPU when every
+    parameter still has its loader and the model is not quantized (or when vLLM has no layer-wise
+    reload at all)."""
     if requested not in ("auto", "direct", "layerwise"):
         raise ValueError(f"sync.engine_reload: expected auto, direct or layerwise, got {requested!r}")
     if requested != "auto":
@@ -69,11 +70,6 @@ def reload_mode(model: torch.nn.Module, requested: str = "auto") -> str:
         return "direct"
     params = list(model.parameters())
     loaders = all(hasattr(p, "weight_loader") for p in params)
-    quantized = any(
-        type(getattr(m, "quant_method", None)).__name__
-        not in ("NoneType", "UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
-        for m in model.modules()
-    )
     on_gpu = bool(params) and params[0].device.type == "cuda"
     return "direct" if loaders and on_gpu and not quantized else "layerwise"
 
@@ -100,9 +96,9 @@ class WeightUpdateExtension:
             if names:
                 loaded.update(names)
 
-        reload_api = (
-            _layerwise_reload_api() if reload_mode(model, spec.engine_reload) == "layerwise" else None
-        )
+        quantized = bool(getattr(self.vllm_config.model_config, "quantization", None))
+        mode = reload_mode(model, spec.engine_reload, quantized)
+        reload_api = _layerwise_reload_api() if mode == "layerwise" else None
         tied = _tied_followers(model) if reload_api else []
         with self.rlhf_config_context(), torch.no_grad():
             if reload_api:
@@ -112,6 +108,7 @@ class WeightUpdateExtension:
                 reload_api[1](model, self.vllm_config.model_config)
                 _reprocess(tied)
         stats["reload_direct"] = int(reload_api is None)
+        stats["params_without_loader"] = sum(1 for p in model.parameters() if not hasattr(p, "weight_loader"))
         stats["params_loaded"] = len(loaded)
         stats["params_total"] = sum(1 for _ in model.named_parameters())
         return stats
