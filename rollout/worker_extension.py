@@ -59,9 +59,10 @@ def reload_mode(model: torch.nn.Module, requested: str = "auto", quantized: bool
     own weight loader (no reallocation: the fast path, what vLLM's own RLHF examples do on GPU).
     "layerwise": vLLM's layer-wise reload, which rebuilds each layer and redoes its post-load
     processing; needed where loading transformed the weights (the CPU backend repacks its GEMM
-    weights and drops the loaders; quantized models). "auto" picks direct on a GPU when every
-    parameter still has its loader and the model is not quantized (or when vLLM has no layer-wise
-    reload at all)."""
+    weights and drops the loaders; quantized models). "auto" picks direct on a GPU unless the model
+    is quantized (or when vLLM has no layer-wise reload at all). Parameters created without a
+    loader (vLLM 0.26's RMSNorm weights on GPU, 49 in Qwen2.5-0.5B) take `default_weight_loader`,
+    a plain copy, inside `load_weights`, so they do not call for the layer-wise path."""
     if requested not in ("auto", "direct", "layerwise"):
         raise ValueError(f"sync.engine_reload: expected auto, direct or layerwise, got {requested!r}")
     if requested != "auto":
@@ -69,9 +70,8 @@ def reload_mode(model: torch.nn.Module, requested: str = "auto", quantized: bool
     if _layerwise_reload_api() is None:
         return "direct"
     params = list(model.parameters())
-    loaders = all(hasattr(p, "weight_loader") for p in params)
     on_gpu = bool(params) and params[0].device.type == "cuda"
-    return "direct" if loaders and on_gpu and not quantized else "layerwise"
+    return "direct" if on_gpu and not quantized else "layerwise"
 
 
 class WeightUpdateExtension:
