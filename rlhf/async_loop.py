@@ -177,6 +177,9 @@ class AsyncLoop:
                 "async/staleness_mean": sum(staleness) / len(staleness),
                 "async/staleness_max": float(max(staleness)),
                 "async/buffer_size": float(self.buffer.qsize()),
+                # partial rollouts: responses resumed under newer weights than they started with
+                "async/resumed_frac": sum(len(set(s.token_versions or [])) > 1 for s in samples)
+                / len(samples),
                 "async/learner_idle_frac": waited / elapsed,
                 "async/engine_idle_frac": max(0.0, 1.0 - busy / elapsed),
                 "time/wait_s": waited,

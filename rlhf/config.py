@@ -97,6 +97,11 @@ class RolloutConfig:
     # batches while the learner trains, and a sample generated more than k policy versions before the
     # learner's current one is dropped (its prompt is served again).
     max_staleness: int = 0
+    # Asynchronous runs: generate in chunks of partial_chunk_tokens so a weight push is loaded between
+    # two chunks, mid-response (paused, updated, resumed), instead of after the engine's whole batch.
+    # Each token records the policy version that sampled it (docs/async.md).
+    partial_rollouts: bool = False
+    partial_chunk_tokens: int = 128
     # Self-healing: a dead engine is restarted (current weights loaded, unfinished prompts re-sent);
     # more than max_restarts restarts of one engine within restart_window_s stop the run.
     max_restarts: int = 3

@@ -528,6 +528,19 @@ def validate(
         "is several versions old; leave it null",
         al.recompute_old_logprobs,
     )
+    at_least("rollout.partial_chunk_tokens", ro.partial_chunk_tokens, 1)
+    check(
+        not (ro.partial_rollouts and ro.max_staleness < 1),
+        "rollout.partial_rollouts",
+        "needs rollout.max_staleness >= 1 (a synchronous run never pushes weights mid-generation)",
+        ro.partial_rollouts,
+    )
+    check(
+        not (ro.partial_rollouts and ro.environment.name),
+        "rollout.partial_rollouts",
+        "does not combine with rollout.environment (episodes already generate turn by turn)",
+        ro.partial_rollouts,
+    )
     check(
         not (al.dynamic_sampling and ro.max_staleness > 0),
         "algorithm.dynamic_sampling",

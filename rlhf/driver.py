@@ -420,6 +420,7 @@ class Trainer:
                     "index": s.prompt.index,
                     "epoch": s.prompt.metadata.get("epoch", 0),
                     "policy_version": s.policy_version,
+                    "versions": sorted(set(s.token_versions)) if s.token_versions else [s.policy_version],
                 }
                 f.write(json.dumps(row) + "\n")
 

@@ -37,9 +37,13 @@ class Sample:
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)  # per reward source, unweighted
     # Weight pushes the engine had received when it generated this sample (0: the initial weights). A
-    # generate call never spans a push (the engine actor runs one call at a time), so every token of
-    # a response comes from this one version.
+    # generate call never spans a push (the engine actor runs one call at a time), so without partial
+    # rollouts every token of a response comes from this one version.
     policy_version: int = 0
+    # Partial rollouts (rollout.partial_rollouts): the version of each response token, where a response
+    # was paused, given new weights and resumed; `policy_version` stays the first (oldest) version,
+    # which the staleness bound counts. None: every token from `policy_version`.
+    token_versions: list[int] | None = None
     # Multi-turn episodes (rollout/episodes.py): response_ids interleave the policy's tokens with
     # environment/tool tokens; response_mask[i] is 1 where response_ids[i] was sampled by the policy
     # (only those enter the loss and the audit). None: every response token is the policy's.

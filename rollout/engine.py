@@ -11,6 +11,7 @@ Logprob conventions (see docs/weight_sync.md):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -185,6 +186,58 @@ class RolloutEngine:
                     )
                 )
         return samples
+
+    def continue_samples(
+        self,
+        samples: list[Sample],
+        sampling: SamplingConfig | None = None,
+        max_tokens: int = 1,
+        temperature: float | None = None,
+        logprobs: bool = False,
+    ) -> list[Sample]:
+        """Extend each sample by up to `max_tokens` tokens with the weights loaded now (partial
+        rollouts, rollout/partial.py): the request is the prompt plus the response so far, so a
+        weight push loaded since the last chunk shapes the rest of the response. Each new token is
+        tagged with this engine's weight version (`Sample.token_versions`)."""
+        if not samples:
+            return []
+        base = self.sampling_params(sampling or self.cfg.sampling, 1, temperature, logprobs)
+        base.max_tokens = max_tokens
+        inputs = [{"prompt_token_ids": list(s.prompt.token_ids) + list(s.response_ids)} for s in samples]
+        params: Any = base
+        if self._reproducible():
+            if self.in_process:
+                import torch
+
+                torch.manual_seed(self._prompt_seed(samples[0].prompt) ^ len(samples[0].response_ids))
+            else:  # distinct streams per sample: the n samples of a prompt must not share their draws
+                params = []
+                for j, s in enumerate(samples):
+                    one = base.clone()
+                    one.seed = (self._prompt_seed(s.prompt) + 7919 * j + 104729 * len(s.response_ids)) % 2**32
+                    params.append(one)
+        version = self.weight_version
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        tokenizer = self.llm.get_tokenizer()
+        extended = []
+        for sample, output in zip(samples, outputs):
+            completion = output.outputs[0]
+            new_ids = list(completion.token_ids)
+            before = sample.token_versions or [sample.policy_version] * len(sample.response_ids)
+            ids = list(sample.response_ids) + new_ids
+            extended.append(
+                dataclasses.replace(
+                    sample,
+                    response_ids=ids,
+                    response_text=tokenizer.decode(ids, skip_special_tokens=True),
+                    logprobs=(sample.logprobs or []) + _token_logprobs(completion.logprobs, new_ids, 0)
+                    if logprobs
+                    else None,
+                    finish_reason=completion.finish_reason or "length",
+                    token_versions=before + [version] * len(new_ids),
+                )
+            )
+        return extended
 
     def _texts(self, completions: list, detokenized: bool) -> dict[int, str]:
         """Response text of each completion (by id): vLLM's when it detokenized, else one batched decode."""

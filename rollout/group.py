@@ -164,11 +164,47 @@ class RolloutGroup:
             for r, chosen in enumerate(rows)
             if chosen
         }
-        # With rollout.environment every sample is a multi-turn episode (rollout/episodes.py).
-        method = "generate_episodes" if self.cfg.rollout.environment.name else "generate"
-        chunks = self._supervised(method, args, logprobs=logprobs)
+        if self.cfg.rollout.partial_rollouts:  # in chunks, so pushes land mid-response (rollout/partial.py)
+            chunks = self._in_chunks(args, logprobs)
+        else:  # with rollout.environment every sample is a multi-turn episode (rollout/episodes.py)
+            method = "generate_episodes" if self.cfg.rollout.environment.name else "generate"
+            chunks = self._supervised(method, args, logprobs=logprobs)
         samples = [sample for chunk in chunks for sample in chunk]
         return sorted(samples, key=lambda s: s.group)  # stable: sample order within a group is kept
+
+    def _in_chunks(self, args: dict[int, tuple], logprobs: bool) -> list:
+        """`generate` per rank as partial rollouts, one driver thread per engine; a rank whose engine
+        dies is restarted and its share generated again from the start. Results in rank order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from rollout.partial import generate_in_chunks
+
+        def share(rank: int) -> list[Sample]:
+            prompts, sampling, n, temperature, _, groups = args[rank]
+            while True:
+
+                def call(method, *a, **k):
+                    return ray.get(getattr(self.group.actors[rank], method).remote(*a, **k))
+
+                try:
+                    return generate_in_chunks(
+                        call,
+                        prompts,
+                        groups,
+                        sampling,
+                        n,
+                        temperature,
+                        logprobs,
+                        self.cfg.rollout.partial_chunk_tokens,
+                    )
+                except ray.exceptions.RayActorError as exc:
+                    self.restart(rank, exc)
+                except Exception as exc:
+                    raise GroupCallError("rollout", rank, "generate (partial rollouts)", exc) from exc
+
+        with ThreadPoolExecutor(max_workers=len(args), thread_name_prefix="rlhf-partial") as pool:
+            futures = {rank: pool.submit(share, rank) for rank in args}
+            return [futures[rank].result() for rank in sorted(futures)]
 
     def _supervised(self, method: str, args: dict[int, tuple], **kwargs) -> list:
         """Call `method(*args[r], **kwargs)` on each rank r in `args`; a rank whose engine dies is

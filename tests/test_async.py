@@ -117,16 +117,26 @@ def test_async_config_errors(tmp_path):
         load_config(recipe, ["rollout.max_staleness=1", "algorithm.recompute_old_logprobs=false"])
     with pytest.raises(ConfigError, match="tis needs"):
         load_config(recipe, ["algorithm.off_policy_correction=tis"])
+    with pytest.raises(ConfigError, match="rollout.partial_rollouts: needs rollout.max_staleness"):
+        load_config(recipe, ["rollout.partial_rollouts=true"])
+    with pytest.raises(ConfigError, match="rollout.partial_chunk_tokens"):
+        load_config(
+            recipe,
+            ["rollout.max_staleness=1", "rollout.partial_rollouts=true", "rollout.partial_chunk_tokens=0"],
+        )
     cfg = load_config(recipe, ["rollout.max_staleness=2"])
     assert cfg.rollout.max_staleness == 2
 
 
 @pytest.mark.slow
-def test_async_push_is_sent_from_the_learners_background_thread(tiny_model_dir, tmp_path):
+def test_async_background_push_and_partial_rollouts(tiny_model_dir, tmp_path):
     """With a collective transport (gloo broadcast here, NCCL on GPUs) the learner stages its weights
-    and sends them from a thread while it trains on; every push still lands in both engines."""
+    and sends them from a thread while it trains on; every push still lands in both engines. With
+    partial rollouts the engines generate in 2-token chunks (pushes land between chunks)."""
     extra = {
         "sync.transport": "broadcast",
+        "rollout.partial_rollouts": "true",
+        "rollout.partial_chunk_tokens": "2",
         "steps": "3",
         "checkpoint.every": "0",
         "logging.run_name": "bcast",
@@ -139,8 +149,13 @@ def test_async_push_is_sent_from_the_learners_background_thread(tiny_model_dir, 
     for r in rows:
         assert r["sync/background"] == 1.0
         assert r["async/staleness_max"] <= 1
+        assert 0 <= r["async/resumed_frac"] <= 1
         # the audit's engine pass queues behind the push in each engine: it sees the new weights
         assert r["sync/audit_worst_engine_diff"] < 1e-3
     # from the second step on, the previous push is collected (its figures come with the next one)
     for r in rows[1:]:
         assert r["sync/wait_previous_s"] >= 0 and r["sync/bytes"] > 0
+    dumped = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    for row in dumped:  # the versions that sampled each response, oldest first; never more than k behind
+        assert row["versions"][0] == row["policy_version"] and max(row["versions"]) < row["step"]
+        assert row["step"] - 1 - row["policy_version"] <= 1

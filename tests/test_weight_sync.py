@@ -264,3 +264,33 @@ def test_broadcast_gloo_push_matches_learner(cluster):
     # A skipped sync is detected: the learner moves on, the engine does not.
     ray.get(learner.perturb.remote(4))
     assert ws.logprob_diff(rollout.logprobs(seqs), ray.get(learner.logprobs.remote(seqs))) > 1e-2
+
+
+@pytest.mark.slow
+def test_partial_rollout_resumes_under_the_new_weights(cluster):
+    """rollout.partial_rollouts: a response paused after its first chunk, given new weights and resumed
+    samples the rest with the new weights; each token carries the version that sampled it, and its
+    engine logprob is that policy's (the behaviour term of decoupled PPO)."""
+    from rlhf.types import Prompt
+
+    ray, learner, rollout = cluster.ray, cluster.learner, cluster.rollout
+    engine = rollout.engines[0]
+    prompt = Prompt(0, "p", list(cluster.seqs[0][0]))
+    sampling = SamplingConfig(n=2, max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    first = ray.get(engine.generate.remote([prompt], replace(sampling, max_new_tokens=4), logprobs=True))
+    assert [len(s.response_ids) for s in first] == [4, 4] and all(s.finish_reason == "length" for s in first)
+    old = ray.get(learner.logprobs.remote([(prompt.token_ids, s.response_ids) for s in first]))
+
+    ray.get(learner.perturb.remote(11))
+    sync = WeightSync(SyncConfig(transport="object_store"), SimpleNamespace(actors=[learner]), rollout, "cpu")
+    sync.setup()
+    sync.push()
+    resumed = ray.get(engine.continue_samples.remote(first, sampling, 8, None, True))
+    new = ray.get(learner.logprobs.remote([(prompt.token_ids, s.response_ids) for s in resumed]))
+    for before, after, old_lp, new_lp in zip(first, resumed, old, new):
+        assert after.response_ids[:4] == before.response_ids and len(after.response_ids) == 12
+        assert after.token_versions == [before.policy_version] * 4 + [sync.version] * 8
+        assert after.policy_version == before.policy_version  # the staleness bound counts the oldest
+        assert max(abs(a - b) for a, b in zip(after.logprobs[:4], old_lp)) < 1e-3
+        assert max(abs(a - b) for a, b in zip(after.logprobs[4:], new_lp[4:])) < 1e-3
+        assert max(abs(a - b) for a, b in zip(old_lp, new_lp[:4])) > 1e-2  # the push mattered
