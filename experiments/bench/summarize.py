@@ -34,7 +34,7 @@ def entry(run: dict, raw: dict, session: str, source: str) -> dict:
         "offload": "trainer.offload_during_generation=true" in " ".join(args.get("override") or []),
         "step_s": round(s["step_s"], 3),
         "tokens_per_s": round(s["end_to_end_tokens_per_s"]),
-        "generate_s": round(parts["generate"], 3),
+        "generate_s": round(parts["generate"], 3) if "generate" in parts else None,  # async: producer side
         "train_s": round(parts["train"], 3),
         "sync_s": round(parts["sync"], 3),
         "sync_alone_s": round(s["sync_alone_s"], 4),
