@@ -29,6 +29,13 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="combined JSON")
     ap.add_argument("--shared", default="", help="arguments every configuration gets")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    ap.add_argument(
+        "--first-extra",
+        type=float,
+        default=150,
+        help="extra seconds for the first configuration: on a fresh host vLLM's first start compiles "
+        "(torch.compile, CUDA graphs; 144 s seen on an H200) and later starts reuse the cache",
+    )
     ap.add_argument("configs", nargs="+", help='NAME="bench_step.py arguments"')
     args = ap.parse_args()
     out = Path(args.out)
@@ -46,7 +53,8 @@ def main() -> None:
         log = run_dir / "log.txt"
         # the log goes to the console and to run_dir/log.txt; a failure keeps its tail
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        killer = threading.Timer(args.timeout, proc.kill)
+        limit = args.timeout + (args.first_extra if not combined else 0)
+        killer = threading.Timer(limit, proc.kill)
         killer.start()
         with open(log, "w") as sink:
             for line in proc.stdout:
