@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -400,6 +401,42 @@ def send_to_channels(specs: list[SyncSpec], buckets: Iterable[NamedTensors]) -> 
     for payload in payloads:
         payload.add_time("gather", gather_s)
     return payloads
+
+
+class BackgroundSend:
+    """`send_to_channels(specs, staged)` on a thread and, on a GPU, on a side stream: NCCL kernels
+    waiting for a busy engine must not block the training kernels queued on the default stream.
+    `staged` is a copy of the weights (buckets of named tensors), freed once sent."""
+
+    def __init__(self, specs: list, staged: list, device: torch.device):
+        self._payloads: list = []
+        self._error: BaseException | None = None
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the staging copies come first
+
+        def run() -> None:
+            try:
+                if stream is None:
+                    self._payloads = send_to_channels(specs, staged)
+                    return
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    self._payloads = send_to_channels(specs, staged)
+                    stream.synchronize()
+            except BaseException as exc:  # re-raised in result()
+                self._error = exc
+            finally:
+                staged.clear()
+
+        self._thread = threading.Thread(target=run, name="rlhf-weight-send", daemon=True)
+        self._thread.start()
+
+    def result(self) -> list:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._payloads
 
 
 def _rebuild_ipc_tensor(handle: tuple, device: torch.device) -> torch.Tensor:

@@ -17,7 +17,6 @@ import dataclasses
 import math
 import os
 import shutil
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -471,7 +470,7 @@ class Learner:
         send the copy from a thread on its own CUDA stream while this rank trains on; `finish_send`
         returns the payloads. The asynchronous loop uses it so that training never waits for an
         engine to finish the generate call it is in."""
-        from rlhf.weight_sync import send_to_channels
+        from rlhf.weight_sync import BackgroundSend, send_to_channels
 
         single = not isinstance(specs, list | tuple)
         specs = ([specs] if self.rank == 0 else []) if single else list(specs)
@@ -486,7 +485,7 @@ class Learner:
             for bucket in self.named_weight_buckets(bucket_bytes)  # every rank: ZeRO-3 gathers
             if specs
         ]
-        self._sending = _BackgroundSend(send_to_channels, specs, staged, self.device)
+        self._sending = BackgroundSend(specs, staged, self.device)
         return None
 
     def finish_send(self) -> list:
@@ -596,38 +595,3 @@ class Learner:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
-
-
-class _BackgroundSend:
-    """`send(specs, staged)` on a thread and, on a GPU, on a side stream (NCCL kernels waiting for a
-    busy engine must not block the training kernels queued on the default stream)."""
-
-    def __init__(self, send, specs: list, staged: list, device: torch.device):
-        self._payloads: list = []
-        self._error: BaseException | None = None
-        stream = None
-        if device.type == "cuda":
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))  # the staging copies come first
-
-        def run() -> None:
-            try:
-                if stream is None:
-                    self._payloads = send(specs, staged)
-                    return
-                with torch.cuda.device(device), torch.cuda.stream(stream):
-                    self._payloads = send(specs, staged)
-                    stream.synchronize()
-            except BaseException as exc:  # re-raised in result()
-                self._error = exc
-            finally:
-                staged.clear()
-
-        self._thread = threading.Thread(target=run, name="rlhf-weight-send", daemon=True)
-        self._thread.start()
-
-    def result(self) -> list:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._payloads
