@@ -63,6 +63,16 @@ def config_kwargs(spec: dict) -> dict:
     return kwargs
 
 
+def last_completions(trainer, k: int = 8) -> list[dict]:
+    """A few completions of the last generation batch with their rewards (TRL keeps them for logging),
+    to read beside our samples.jsonl; empty if this TRL version keeps them elsewhere."""
+    logs = getattr(trainer, "_logs", {})
+    completions, rewards = list(logs.get("completion", []))[-k:], list(logs.get("rewards", {}).values())
+    scores = list(rewards[0])[-k:] if rewards else [None] * len(completions)
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [{"completion": t, "reward": r} for t, r in zip(texts, scores)]
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import datasets
@@ -100,6 +110,7 @@ def main(spec_path: str) -> None:
         "log_history": [{k: h[k] for k in keep if k in h} for h in history],
         "models": models,
         "train_s": train_s,
+        "last_completions": last_completions(trainer),
         "versions": {"trl": trl.__version__, "datasets": datasets.__version__},
         "config": {k: v for k, v in config_kwargs(spec).items() if k != "output_dir"},
         "defaults_kept": {
