@@ -9,7 +9,7 @@ import pytest
 
 from experiments.learning import prompts as P
 from experiments.learning import summary as S
-from experiments.learning.compare_trl import ours_overrides, parse_args
+from experiments.learning.compare_trl import ours_batches_match, ours_overrides, parse_args
 from experiments.learning.peer_trl import config_kwargs, task_reward
 
 
@@ -67,6 +67,21 @@ def test_both_sides_get_the_same_budget():
     assert kw["lr_scheduler_type"] == "constant" and kw["save_steps"] == 20 and not kw["shuffle_dataset"]
     with pytest.raises(ValueError, match="does not divide"):
         config_kwargs({**spec, "micro_batch": 48})
+
+
+def test_batch_check_reads_our_logged_samples(tmp_path):
+    import json
+
+    peer = P.write_jsonl(
+        tmp_path / "peer.jsonl", [{"prompt": f"Compute {i} + 1.", "answer": i + 1} for i in range(4)]
+    )
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    logged = [(1, "Compute 0 + 1."), (1, "Compute 1 + 1."), (2, "Compute 3 + 1.")]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"step": s, "prompt": chat.format(u)}) + "\n" for s, u in logged))
+    assert ours_batches_match(samples, peer, per_step=2) is True
+    assert ours_batches_match(samples, peer, per_step=1) is False  # step 1 would be prompt 0 only
+    assert ours_batches_match(tmp_path / "none.jsonl", peer, per_step=2) is None
 
 
 # ------------------------------------------------------------------------------ summary maths

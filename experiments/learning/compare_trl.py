@@ -179,12 +179,33 @@ def run_ours(args, label: str, seed: int, files: dict, extra: list[str]) -> dict
                 step_s.append(m.get("time/step_s"))
     record["train_reward"] = curve
     record["step_s_mean"] = S.curve_mean(step_s[1:] or step_s)
+    record["batches_match"] = ours_batches_match(
+        run_dir / "samples.jsonl", files["peer_train"][seed], args.prompts_per_step
+    )
     record["models"] = {}
     for step in filter(None, (args.mid_step, args.steps)):
         hf = run_dir / "checkpoints" / f"step_{step:06d}" / "policy" / "hf"
         if (hf / "config.json").is_file():
             record["models"][str(step)] = str(hf)
     return record
+
+
+def step_batches(peer_file: Path, per_step: int) -> list[set[str]]:
+    """The user prompts of each step, from the peer's dataset (our served order)."""
+    users = [json.loads(line)["prompt"] for line in peer_file.read_text().splitlines()]
+    return [set(users[i : i + per_step]) for i in range(0, len(users), per_step)]
+
+
+def ours_batches_match(samples_file: Path, peer_file: Path, per_step: int) -> bool | None:
+    """Whether every sample our run logged (samples.jsonl) answers a prompt of that step's batch in the
+    peer's dataset: the two sides trained on the same batches. None without logged samples."""
+    if not samples_file.is_file():
+        return None
+    batches = step_batches(peer_file, per_step)
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    return bool(samples) and all(
+        any(f"\n{u}<|im_end|>" in s["prompt"] for u in batches[s["step"] - 1]) for s in samples
+    )
 
 
 def run_peer(args, seed: int, files: dict) -> dict:
@@ -229,6 +250,10 @@ def run_peer(args, seed: int, files: dict) -> dict:
         )
         record["log_history"] = result["log_history"]
         record["train_s"] = result["train_s"]
+        record["last_completions"] = result.get("last_completions")
+        if result.get("last_batch_prompts"):  # the peer's last generation batch, as TRL logged it
+            last = step_batches(files["peer_train"][seed], args.prompts_per_step)[args.steps - 1]
+            record["batches_match"] = set(result["last_batch_prompts"]) == last
     return record
 
 

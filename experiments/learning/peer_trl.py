@@ -111,6 +111,9 @@ def main(spec_path: str) -> None:
         "models": models,
         "train_s": train_s,
         "last_completions": last_completions(trainer),
+        "last_batch_prompts": sorted(
+            {m[-1]["content"] for m in getattr(trainer, "_logs", {}).get("prompt", [])}
+        ),
         "versions": {"trl": trl.__version__, "datasets": datasets.__version__},
         "config": {k: v for k, v in config_kwargs(spec).items() if k != "output_dir"},
         "defaults_kept": {
