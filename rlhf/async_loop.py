@@ -159,10 +159,7 @@ class AsyncLoop:
         trainer._finish_reasons = [s.finish_reason for s in samples]
         batch = make_train_batch(samples, trainer.pad_id)
         trainer.advantages(batch, timer, metrics)
-        with timer.phase("train"):
-            stats = roles.policy.train(batch)
-            if roles.critic is not None:
-                stats.update({f"critic/{k}": v for k, v in roles.critic.train(batch).items()})
+        stats = trainer.train_on(batch, timer)
         with timer.phase("sync"):
             # Staged and sent from the learners' background thread; each engine loads it after the
             # generate call it is in (the previous push is collected first: one in flight at a time).

@@ -364,10 +364,7 @@ class Trainer:
         batch = make_train_batch(samples, self.pad_id)
         self.gpus_to_learners(timer)
         self.advantages(batch, timer, metrics)
-        with timer.phase("train"):
-            stats = roles.policy.train(batch)
-            if roles.critic is not None:
-                stats.update({f"critic/{k}": v for k, v in roles.critic.train(batch).items()})
+        stats = self.train_on(batch, timer)
         self.wake_engines(timer)
         with timer.phase("sync"):
             metrics.update(roles.sync.push())
@@ -375,6 +372,14 @@ class Trainer:
             self.audit(samples, timer, metrics)
         self.offload_learners(timer)
         return self.step_metrics(metrics, samples, stats, timer, time.perf_counter() - t0)
+
+    def train_on(self, batch: TrainBatch, timer: Timer) -> dict[str, float]:
+        """One optimizer step of the policy (and the critic): both loops' training phase."""
+        with timer.phase("train"):
+            stats = self.roles.policy.train(batch)
+            if self.roles.critic is not None:
+                stats.update({f"critic/{k}": v for k, v in self.roles.critic.train(batch).items()})
+        return stats
 
     def step_metrics(
         self, metrics: dict, samples: list[Sample], stats: dict, timer: Timer, elapsed: float
