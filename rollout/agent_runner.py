@@ -267,14 +267,14 @@ class AgentRunner:
                     url = endpoint.base_url(e.key, public_host)
                     e.started = time.monotonic()
                     threading.Thread(
-                        target=self._run_episode, args=(e, url), daemon=True, name="agent"
+                        target=self._run_episode, args=(e, url, self._queue), daemon=True, name="agent"
                     ).start()
                 self._serve(episodes, generate)
         finally:
             self._close()
         return [s for e in episodes for s in self._samples(e, version, logprobs)]
 
-    def _run_episode(self, e: AgentEpisode, base_url: str) -> None:
+    def _run_episode(self, e: AgentEpisode, base_url: str, wake: queue.Queue) -> None:
         try:
             reward, info, error = (
                 *parse_agent_result(self.function(e.prompt, base_url, **self.cfg.args)),
@@ -285,7 +285,7 @@ class AgentRunner:
         with self._lock:
             if not e.finished:  # else it timed out already: its late result is not used
                 e.reward, e.info, e.error, e.finished = reward, info, error, True
-        self._queue.put(None)  # wake the serving loop
+        wake.put(None)  # wake its step's serving loop (an abandoned episode may return steps later)
 
     def _serve(self, episodes: list[AgentEpisode], generate: AgentGenerateFn) -> None:
         """The actor thread: batch pending calls into the engine until every episode has finished."""

@@ -9,6 +9,7 @@ vLLM engine, DeepSpeed), where an agent makes two chat calls per episode over HT
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -210,7 +211,8 @@ def test_agent_over_http_trains_through_the_real_loop(tiny_model_dir, tmp_path, 
     from rlhf.config_loader import load_config
     from rlhf.driver import Trainer
 
-    monkeypatch.syspath_prepend(str(TESTS))  # Ray hands the driver's sys.path to the engine actor
+    # the engine actor imports the agent: its module must be on the PYTHONPATH Ray starts with
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     overrides = {
         "model.path": tiny_model_dir,
         "rollout.agent.function": "openai_agents:two_calls_or_misbehave",
@@ -218,6 +220,7 @@ def test_agent_over_http_trains_through_the_real_loop(tiny_model_dir, tmp_path, 
         "rollout.agent.timeout_s": "8",
         "reward.on_error": "zero",
         "data.num_eval": "0",
+        "evaluation.sets": "[]",
         "rollout.prompts_per_step": "2",
         "rollout.sampling.n": "2",
         "rollout.sampling.max_new_tokens": "6",
