@@ -206,6 +206,40 @@ def test_endpoint_records_each_episode_and_reports_a_failing_agent_per_sample(to
     assert sum(batches) == sum(s.episode["calls"] for s in samples if s.episode["chain"] == 0)
 
 
+def test_the_documented_example_agent_runs_against_the_endpoint(tokenizer, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments/examples/openai_agent"))
+    from agent import solve_then_check
+
+    runner = AgentRunner(AgentConfig(), tokenizer, 256, "tiny", function=solve_then_check)
+    prompts = [
+        Prompt(index=i, text="", token_ids=[1], label=label, metadata={"raw_prompt": "Compute 40 + 2."})
+        for i, label in enumerate(["42", "41"])
+    ]
+    samples = runner.run(prompts, [0, 1], 2, scripted_engine(tokenizer, []), 16)
+    assert [s.episode["reward"] for s in samples] == [1.0, 1.0, 0.0, 0.0]
+    assert all(s.episode["calls"] == 2 and s.episode["chains"] == 1 for s in samples)
+    assert "Check your work." in samples[0].response_text
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("rollout.agent.function=agent:nope", "rollout.agent.function: module 'agent' has no attribute"),
+        ("rollout.agent.args={tries: 3}", "rollout.agent.args: solve_then_check(prompt, base_url, **args)"),
+        ("rollout.agent.max_calls=0", "rollout.agent.max_calls: must be >= 1"),
+        ("rollout.environment.name=guess_number", "rollout.agent.function: set either"),
+        ("reward.sources=[{kind: rule, name: task}]", "reward.sources: the agent's rewards would be ignored"),
+    ],
+)
+def test_bad_agent_config_is_one_line_naming_the_key(override, key, monkeypatch):
+    from rlhf.config_loader import ConfigError, load_config
+
+    monkeypatch.syspath_prepend(str(REPO / "experiments/examples/openai_agent"))
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "experiments/examples/openai_agent/config.yaml", [override])
+    assert key in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.slow
 def test_agent_over_http_trains_through_the_real_loop(tiny_model_dir, tmp_path, monkeypatch):
     from rlhf.config_loader import load_config
