@@ -275,11 +275,9 @@ class AgentRunner:
         return [s for e in episodes for s in self._samples(e, version, logprobs)]
 
     def _run_episode(self, e: AgentEpisode, base_url: str, wake: queue.Queue) -> None:
+        error = None
         try:
-            reward, info, error = (
-                *parse_agent_result(self.function(e.prompt, base_url, **self.cfg.args)),
-                None,
-            )
+            reward, info = parse_agent_result(self.function(e.prompt, base_url, **self.cfg.args))
         except BaseException as exc:  # the agent's bug ends its own episode, never the step
             reward, info, error = 0.0, {}, f"{type(exc).__name__}: {exc}"
         with self._lock:
@@ -369,7 +367,12 @@ class AgentRunner:
                 raise RequestError(
                     429, f"the episode made rollout.agent.max_calls={self.cfg.max_calls} calls", "max_calls"
                 )
-            pending = e.calls.begin(request)
+            try:
+                pending = e.calls.begin(request)
+            except RequestError:
+                raise
+            except Exception as exc:  # the agent's messages, not the engine: a 400 it can read
+                raise RequestError(400, f"the chat template cannot render these messages: {exc}") from exc
             e.num_calls += 1
             self._queue.put((e, pending, future))
         return future.result()
