@@ -204,9 +204,11 @@ def episode_reward(sample: Sample) -> float:
     """Rule `env`: a multi-turn episode's environment reward (turn rewards + final reward, see
     rollout/environments/base.py). A sample whose environment failed is an error (-> reward.on_error)."""
     if sample.episode is None:
-        raise ValueError("rule 'env' scores multi-turn episodes: set rollout.environment.name")
+        raise ValueError(
+            "rule 'env' scores multi-turn episodes: set rollout.environment.name or rollout.agent.function"
+        )
     if sample.episode.get("error"):
-        raise ValueError(f"the environment failed: {sample.episode['error']}")
+        raise ValueError(f"the episode failed: {sample.episode['error']}")
     return sample.episode["reward"]
 
 

@@ -72,10 +72,24 @@ class EnvironmentConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Train the user's own agent code through an OpenAI-compatible endpoint (docs/agents.md)."""
+
+    # null: no agent. "pkg.module:function", called as function(prompt, base_url, **args) per episode;
+    # returns the episode's reward (a number) or (reward, info dict).
+    function: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the function
+    timeout_s: float = 300.0  # an episode still running after it is abandoned and counted as an error
+    max_calls: int = 32  # chat completions per episode; more are refused with HTTP 429
+    host: str = "127.0.0.1"  # where each engine's endpoint listens (the agent must reach it)
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = 8
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     # Greedy evaluation on held-out prompts.
     eval_temperature: float = 0.0
     tensor_parallel: int = 1

@@ -143,9 +143,9 @@ def validate(
         ro.partial_rollouts,
     )
     check(
-        not (ro.partial_rollouts and ro.environment.name),
+        not (ro.partial_rollouts and (ro.environment.name or ro.agent.function)),
         "rollout.partial_rollouts",
-        "does not combine with rollout.environment (episodes already generate turn by turn)",
+        "does not combine with rollout.environment or rollout.agent (episodes generate turn by turn)",
         ro.partial_rollouts,
     )
     check(
@@ -300,11 +300,21 @@ def _validate_environment(cfg: RunConfig, fail) -> None:
     key = "rollout.environment"
     uses_env_rule = any(s.kind == "rule" and s.name == "env" for s in cfg.reward.sources)
     if env.name is None:
-        if uses_env_rule:
+        if cfg.rollout.agent.function is not None:
+            _validate_agent(cfg, fail, uses_env_rule)
+        elif uses_env_rule:
             raise fail(
-                "reward.sources", "rule 'env' needs a multi-turn environment: set rollout.environment.name"
+                "reward.sources",
+                "rule 'env' needs a multi-turn environment or an agent: set rollout.environment.name "
+                "or rollout.agent.function",
             )
         return
+    if cfg.rollout.agent.function is not None:
+        raise fail(
+            "rollout.agent.function",
+            "set either rollout.environment.name or rollout.agent.function, not both",
+            cfg.rollout.agent.function,
+        )
     from rollout.environments import EnvError, check_environment_args, resolve_environment_class
 
     try:
@@ -429,3 +439,31 @@ def _validate_placement(cfg: RunConfig, fail) -> None:
                 "the learner on different GPUs; drop this colocation or set rollout.max_staleness=0",
                 group,
             )
+
+
+def _validate_agent(cfg: RunConfig, fail, uses_env_rule: bool) -> None:
+    """rollout.agent: the function imports and takes (prompt, base_url, **args); sane limits; its
+    reward is used."""
+    agent = cfg.rollout.agent
+    key = "rollout.agent"
+    from rollout.agent_runner import AgentError, check_agent_args, load_agent_function
+
+    try:
+        fn = load_agent_function(agent.function)
+    except AgentError as exc:
+        raise fail(f"{key}.function", str(exc), agent.function) from None
+    try:
+        check_agent_args(fn, agent.args)
+    except AgentError as exc:
+        raise fail(f"{key}.args", str(exc), agent.args) from None
+    if not agent.timeout_s > 0:
+        raise fail(f"{key}.timeout_s", "must be > 0", agent.timeout_s)
+    if agent.max_calls < 1:
+        raise fail(f"{key}.max_calls", "must be >= 1", agent.max_calls)
+    if not agent.host:
+        raise fail(f"{key}.host", "must be an address to listen on, e.g. 127.0.0.1", agent.host)
+    if not uses_env_rule:
+        raise fail(
+            "reward.sources",
+            "the agent's rewards would be ignored: add {kind: rule, name: env} (docs/agents.md)",
+        )

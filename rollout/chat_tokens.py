@@ -36,18 +36,20 @@ class ChatTokens:
         # What the template writes after an assistant message's content (ChatML: "<|im_end|>\n").
         self.turn_end_ids = self.encode(self._base_text[end + len(_ASSISTANT) :])
 
-    def render(self, messages: list[dict], generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], generation_prompt: bool = True, tools: list | None = None) -> str:
+        """`tools` (OpenAI function schemas) go to templates that render them, e.g. in a system message."""
+        extra = {"tools": tools} if tools else {}
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=False
+            messages, add_generation_prompt=generation_prompt, tokenize=False, **extra
         )
 
     def encode(self, text: str) -> list[int]:
         """Template text already holds its special tokens: tokenize without adding any."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
+    def prompt(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[int]]:
         """The first prompt of an episode: the messages and the assistant generation prompt."""
-        text = self.render(messages)
+        text = self.render(messages, tools=tools)
         return text, self.encode(text)
 
     def close_turn(self, generated: list[int]) -> list[int]:
@@ -59,14 +61,15 @@ class ChatTokens:
                 return ends[k:]
         return list(ends)
 
-    def delta(self, messages: list[dict]) -> tuple[str, list[int]]:
+    def delta(self, messages: list[dict], tools: list | None = None) -> tuple[str, list[int]]:
         """Text and ids the template adds for `messages` after a closed assistant turn, including the
         next assistant generation prompt."""
-        full = self.render([*self._base, *messages])
-        if not full.startswith(self._base_text):
+        base_text = self.render(self._base, False, tools) if tools else self._base_text
+        full = self.render([*self._base, *messages], tools=tools)
+        if not full.startswith(base_text):
             raise ChatTemplateError(
                 "the chat template renders earlier turns differently once messages follow them "
                 "(e.g. it strips reasoning from past turns), so a trajectory cannot be extended token by token"
             )
-        text = full[len(self._base_text) :]
+        text = full[len(base_text) :]
         return text, self.encode(text)

@@ -103,6 +103,7 @@ class RolloutEngine:
         self.monitor = _start_monitor(self.llm, engine_index)  # queue / KV-cache figures for Prometheus
         self.model_path, self.trust_remote_code = model_path, trust_remote_code
         self._runner = None  # multi-turn episodes (generate_episodes), built on first use
+        self._agent_runner = None  # the user's agent over HTTP (generate_agent_episodes), same
 
     def ready(self) -> bool:
         return True
@@ -325,6 +326,71 @@ class RolloutEngine:
         return self._episode_runner().run(
             prompts, groups, count, generate, sampling.max_new_tokens, logprobs, self.weight_version
         )
+
+    def generate_agent_episodes(
+        self,
+        prompts: list[Prompt],
+        sampling: SamplingConfig | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        group_offset: int = 0,
+        groups: list[int] | None = None,
+        logprobs: bool = False,
+    ) -> list[Sample]:
+        """`generate` with rollout.agent (rollout/agent_runner.py): n runs of the user's agent per
+        prompt against this engine's OpenAI-compatible endpoint, served for the duration of the call.
+        Sampling is rollout.sampling's (the request's temperature etc. are not read); batches follow
+        the agents' timing, so it is not reproducible."""
+        from rollout.episodes import Completion
+
+        if not prompts:
+            return []
+        if groups is None:
+            groups = [group_offset + i for i in range(len(prompts))]
+        sampling = sampling or self.cfg.sampling
+
+        def generate(calls: list[tuple[list[int], int, list[str]]]) -> list[Completion]:
+            params = [  # the request's own stop strings join rollout.sampling.stop; every call is recorded
+                self.sampling_params(
+                    dataclasses.replace(sampling, max_new_tokens=budget, stop=[*sampling.stop, *stop]),
+                    1,
+                    temperature,
+                    logprobs=True,
+                )
+                for _, budget, stop in calls
+            ]
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids, _, _ in calls], params, use_tqdm=False
+            )
+            done = []
+            for out, one in zip(outputs, params):
+                c = out.outputs[0]
+                ids = list(c.token_ids)
+                text = self._texts([c], detokenized=one.detokenize)[id(c)]
+                done.append(
+                    Completion(ids, text, _token_logprobs(c.logprobs, ids, 0), c.finish_reason or "length")
+                )
+            return done
+
+        count = sampling.n if n is None else n
+        return self._agent().run(
+            prompts, groups, count, generate, sampling.max_new_tokens, logprobs, self.weight_version
+        )
+
+    def _agent(self):
+        """Built on first use: the agent function and the tokenizer's chat template."""
+        if self._agent_runner is None:
+            from transformers import AutoTokenizer
+
+            from rollout.agent_runner import AgentRunner
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, trust_remote_code=self.trust_remote_code
+            )
+            self._agent_runner = AgentRunner(
+                self.cfg.agent, tokenizer, self.cfg.max_model_len, self.model_path
+            )
+        return self._agent_runner
 
     def _episode_runner(self):
         """Built on first use: the environment class, the tokenizer's chat template and the tools."""

@@ -166,8 +166,14 @@ class RolloutGroup:
         }
         if self.cfg.rollout.partial_rollouts:  # in chunks, so pushes land mid-response (rollout/partial.py)
             chunks = self._in_chunks(args, logprobs)
-        else:  # with rollout.environment every sample is a multi-turn episode (rollout/episodes.py)
-            method = "generate_episodes" if self.cfg.rollout.environment.name else "generate"
+        else:
+            # With rollout.environment every sample is a multi-turn episode (rollout/episodes.py); with
+            # rollout.agent the user's agent makes chat calls to the engine (rollout/agent_runner.py).
+            method = "generate"
+            if self.cfg.rollout.environment.name:
+                method = "generate_episodes"
+            elif self.cfg.rollout.agent.function:
+                method = "generate_agent_episodes"
             chunks = self._supervised(method, args, logprobs=logprobs)
         samples = [sample for chunk in chunks for sample in chunk]
         return sorted(samples, key=lambda s: s.group)  # stable: sample order within a group is kept

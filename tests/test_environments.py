@@ -100,7 +100,7 @@ def test_env_rule_reads_the_episode_and_combines_with_other_sources():
     assert rule(_sample({"reward": 1.5})) == 1.5
     with pytest.raises(ValueError, match="set rollout.environment.name"):
         rule(_sample(None))
-    with pytest.raises(ValueError, match="the environment failed: boom"):
+    with pytest.raises(ValueError, match="the episode failed: boom"):
         rule(_sample({"reward": 0.0, "error": "boom"}))
     with pytest.raises(RewardError, match="takes no args"):
         RuleReward.from_config("env", {"x": 1})

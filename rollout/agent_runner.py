@@ -1,0 +1,445 @@
+"""Train the user's own agent: run `rollout.agent.function` per episode against an OpenAI-compatible
+endpoint on the engine, record every chat call as token ids and logprobs, and assemble the calls
+into training samples (docs/agents.md).
+
+Per engine and generate call: one `ChatEndpoint` (rollout/openai_server.py) listens on a free port;
+each episode's function runs in its own daemon thread with a `base_url` that names the episode; the
+actor's own thread batches the pending calls into `llm.generate` (vLLM is not thread-safe, and
+concurrent calls share a batch). An episode ends when its function returns, raises, or runs past
+`timeout_s` (abandoned: a Python thread cannot be killed, and its later calls are refused).
+
+Assembly (`CallAssembler`): a call whose messages are an earlier call's messages plus that call's
+reply plus new messages *extends* that call's chain. Its prompt is then built from token ids, not
+re-rendered text: the chain's tokens (the policy's reply exactly as sampled), the end of the
+assistant turn the policy did not write, and the chat template's delta for the new messages
+(rollout/chat_tokens.py), so the model is conditioned on what it really generated and the chain is
+one multi-turn sample whose non-policy tokens are masked (`Sample.response_mask` 0). Any other call
+(a different conversation, a rewritten history, parallel calls from one state) starts a new chain.
+Every chain becomes one Sample; all chains of an episode share its reward and its prompt's group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf.config import AgentConfig
+from rlhf.types import Prompt, Sample
+from rollout.chat_tokens import ChatTemplateError, ChatTokens
+from rollout.episodes import Completion
+from rollout.openai_server import ChatEndpoint, ChatRequest, ChatResult, RequestError
+
+log = logging.getLogger(__name__)
+
+# (input ids, max new tokens, extra stop strings) of each pending call -> one completion each, in order
+AgentGenerateFn = Callable[[list[tuple[list[int], int, list[str]]]], list[Completion]]
+GATHER_S = 0.01  # after a call arrives, how long to wait for concurrent ones to share its batch
+
+
+class AgentError(ValueError):
+    """A bad agent function path or arguments (the message says which)."""
+
+
+def load_agent_function(path: str) -> Callable[..., Any]:
+    """ "pkg.module:function" -> the callable (one clear error line otherwise)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise AgentError(f"{path!r} is not a 'pkg.module:function' path")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AgentError(f"cannot import module {module_name!r} ({exc})") from exc
+    except Exception as exc:  # a broken user module
+        raise AgentError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise AgentError(f"module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise AgentError(f"{path!r} is not callable")
+    return target
+
+
+def check_agent_args(fn: Callable[..., Any], args: dict[str, Any]) -> None:
+    """The function must accept (prompt, base_url, **args)."""
+    try:
+        inspect.signature(fn).bind(None, "http://x/v1", **args)
+    except TypeError as exc:
+        raise AgentError(f"{getattr(fn, '__name__', fn)}(prompt, base_url, **args): {exc}") from None
+
+
+def parse_agent_result(value: Any) -> tuple[float, dict[str, Any]]:
+    """A number, or (number, info dict); anything else is the episode's error."""
+    info: Any = {}
+    reward = value
+    if isinstance(value, tuple) and len(value) == 2:
+        reward, info = value
+    if isinstance(reward, bool) or not isinstance(reward, int | float) or not isinstance(info, dict):
+        raise AgentError(f"the agent returned {value!r:.200}; expected a number or (number, info dict)")
+    if not math.isfinite(reward):
+        raise AgentError(f"the agent returned a non-finite reward {reward!r}")
+    return float(reward), info
+
+
+# ------------------------------------------------------------------------------------------------
+# Assembly: calls -> token chains
+
+
+@dataclass
+class Chain:
+    """Calls that continue one conversation: one training sample."""
+
+    prompt_text: str
+    prompt_ids: list[int]
+    tools: list | None
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation incl. the last reply
+    ids: list[int] = field(default_factory=list)  # everything after prompt_ids
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    last: list[int] = field(default_factory=list)  # the last reply's ids
+    calls: int = 0
+    finish_reason: str = "stop"
+    busy: bool = False  # a call is being generated: parallel calls from this state start new chains
+
+
+@dataclass
+class PendingCall:
+    """A call whose prompt is decided but whose reply is not generated yet."""
+
+    chain: Chain
+    messages: list[dict[str, Any]]
+    appended_ids: list[int]  # tokens between the chain's last reply and this reply (mask 0)
+    appended_text: str
+    input_ids: list[int]
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)  # the request's own stop strings
+
+
+class CallAssembler:
+    """Joins one episode's calls into chains; `begin` decides a call's prompt, `finish` records it."""
+
+    def __init__(self, chat: ChatTokens, context_len: int, max_new_tokens: int):
+        self.chat = chat
+        self.context_len = context_len
+        self.max_new_tokens = max_new_tokens
+        self.chains: list[Chain] = []
+
+    def begin(self, request: ChatRequest) -> PendingCall:
+        """The call's prompt: its chain's tokens + the delta when it extends one, else a fresh render.
+        Raises RequestError (400) when it does not fit the context; nothing is changed then."""
+        pending = self._extend(request)
+        if pending is None:
+            text, ids = self.chat.prompt(request.messages, request.tools)
+            chain = Chain(text, ids, request.tools)
+            pending = PendingCall(chain, request.messages, [], "", list(ids), 0)
+        room = self.context_len - 1 - len(pending.input_ids)  # one position kept for scoring (sync audit)
+        if room < 1:
+            raise RequestError(
+                400,
+                f"context length exceeded: the conversation has {len(pending.input_ids)} tokens and "
+                f"rollout.max_model_len is {self.context_len}",
+                "context_length_exceeded",
+            )
+        pending.max_tokens = min(room, self.max_new_tokens, request.max_tokens or self.max_new_tokens)
+        pending.stop = list(request.stop)
+        if pending.chain not in self.chains:
+            self.chains.append(pending.chain)
+        pending.chain.busy = True
+        return pending
+
+    def _extend(self, request: ChatRequest) -> PendingCall | None:
+        for chain in reversed(self.chains):
+            k = len(chain.messages)
+            if chain.busy or not chain.calls or chain.tools != request.tools or len(request.messages) <= k:
+                continue
+            if request.messages[:k] != chain.messages:
+                continue
+            new = request.messages[k:]
+            try:
+                text, delta = self.chat.delta(new, request.tools)
+            except ChatTemplateError:  # the template rewrites earlier turns: render this call afresh
+                return None
+            close = self.chat.close_turn(chain.last)
+            closing = self.chat.tokenizer.decode(close, skip_special_tokens=False)
+            appended = close + delta
+            input_ids = chain.prompt_ids + chain.ids + appended
+            return PendingCall(chain, request.messages, appended, closing + text, input_ids, 0)
+        return None
+
+    def finish(self, pending: PendingCall, completion: Completion) -> None:
+        chain = pending.chain
+        ids = list(completion.token_ids)
+        logprobs = list(completion.logprobs or [0.0] * len(ids))[: len(ids)]
+        chain.ids += pending.appended_ids + ids
+        chain.mask += [0] * len(pending.appended_ids) + [1] * len(ids)
+        chain.logprobs += [0.0] * len(pending.appended_ids) + logprobs
+        chain.texts += [pending.appended_text, completion.text]
+        chain.messages = [*pending.messages, {"role": "assistant", "content": completion.text}]
+        chain.last = ids
+        chain.calls += 1
+        chain.finish_reason = completion.finish_reason
+        chain.busy = False
+
+    def abandon(self, pending: PendingCall) -> None:
+        pending.chain.busy = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Episodes
+
+
+@dataclass
+class AgentEpisode:
+    prompt: Prompt
+    group: int
+    key: str
+    calls: CallAssembler
+    started: float = 0.0
+    finished: bool = False  # the function returned or raised, or the episode timed out
+    reward: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    num_calls: int = 0
+
+
+class AgentRunner:
+    """Runs `n` agent episodes per prompt through one engine's generate function."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        tokenizer: Any,
+        context_len: int,
+        model_name: str,
+        function: Callable[..., Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.chat = ChatTokens(tokenizer)
+        self.context_len = context_len
+        self.model_name = model_name
+        self.function = function or load_agent_function(cfg.function)
+        self._lock = threading.Lock()
+        self._episodes: dict[str, AgentEpisode] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._open = False
+
+    # -------------------------------------------------------------------------------- the step
+    def run(
+        self,
+        prompts: list[Prompt],
+        groups: list[int],
+        n: int,
+        generate: AgentGenerateFn,
+        max_new_tokens: int,
+        logprobs: bool = False,
+        version: int = 0,
+    ) -> list[Sample]:
+        """n episodes per prompt, prompt-major; each episode gives one Sample per chain (at least one)."""
+        episodes = [
+            AgentEpisode(
+                p, g, secrets.token_urlsafe(8), CallAssembler(self.chat, self.context_len, max_new_tokens)
+            )
+            for p, g in zip(prompts, groups)
+            for _ in range(n)
+        ]
+        with self._lock:
+            self._episodes = {e.key: e for e in episodes}
+            self._queue = queue.Queue()
+            self._open = True
+        endpoint = ChatEndpoint(self.cfg.host, self.model_name, self._handle_chat, self._is_open)
+        public_host = _reachable_host(self.cfg.host)
+        try:
+            with endpoint:
+                for e in episodes:
+                    url = endpoint.base_url(e.key, public_host)
+                    e.started = time.monotonic()
+                    threading.Thread(
+                        target=self._run_episode, args=(e, url, self._queue), daemon=True, name="agent"
+                    ).start()
+                self._serve(episodes, generate)
+        finally:
+            self._close()
+        return [s for e in episodes for s in self._samples(e, version, logprobs)]
+
+    def _run_episode(self, e: AgentEpisode, base_url: str, wake: queue.Queue) -> None:
+        error = None
+        try:
+            reward, info = parse_agent_result(self.function(e.prompt, base_url, **self.cfg.args))
+        except BaseException as exc:  # the agent's bug ends its own episode, never the step
+            reward, info, error = 0.0, {}, f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if not e.finished:  # else it timed out already: its late result is not used
+                e.reward, e.info, e.error, e.finished = reward, info, error, True
+        wake.put(None)  # wake its step's serving loop (an abandoned episode may return steps later)
+
+    def _serve(self, episodes: list[AgentEpisode], generate: AgentGenerateFn) -> None:
+        """The actor thread: batch pending calls into the engine until every episode has finished."""
+        while True:
+            self._expire(episodes)
+            with self._lock:
+                running = sum(not e.finished for e in episodes)
+            if not running:
+                return
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            batch = [first, *self._drain()]
+            if sum(item is not None for item in batch) < running:
+                time.sleep(GATHER_S)
+                batch += self._drain()
+            calls = []
+            with self._lock:
+                for item in batch:
+                    if item is None:
+                        continue
+                    e, pending, future = item
+                    if e.finished:
+                        e.calls.abandon(pending)
+                        future.set_exception(RequestError(410, "the episode is over", "episode_finished"))
+                    else:
+                        calls.append(item)
+            if not calls:
+                continue
+            try:
+                completions = generate([(p.input_ids, p.max_tokens, p.stop) for _, p, _ in calls])
+            except Exception as exc:  # an engine failure: every waiting agent gets a 500, then it is raised
+                for _, _, future in calls:
+                    future.set_exception(exc)
+                raise
+            with self._lock:
+                for (e, pending, future), completion in zip(calls, completions):
+                    e.calls.finish(pending, completion)
+                    future.set_result(self._result(pending, completion))
+
+    def _drain(self) -> list:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _expire(self, episodes: list[AgentEpisode]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for e in episodes:
+                if not e.finished and now - e.started > self.cfg.timeout_s:
+                    e.finished = True
+                    e.error = f"no result within rollout.agent.timeout_s={self.cfg.timeout_s:g}s (abandoned)"
+
+    def _close(self) -> None:
+        """The step is over: refuse new calls and answer the waiting ones."""
+        with self._lock:
+            self._open = False
+            for item in self._drain():
+                if item is not None:
+                    item[0].calls.abandon(item[1])
+                    item[2].set_exception(RequestError(503, "the rollout step is over", "step_over"))
+
+    # -------------------------------------------------------------------------------- server side
+    def _is_open(self, key: str) -> bool:
+        with self._lock:
+            e = self._episodes.get(key)
+            return self._open and e is not None and not e.finished
+
+    def _handle_chat(self, key: str, request: ChatRequest) -> ChatResult:
+        """Runs on a server thread: decide the call's prompt, queue it, wait for the reply."""
+        future: Future = Future()
+        with self._lock:
+            e = self._episodes.get(key)
+            if not self._open or e is None or e.finished:
+                raise RequestError(410, "the episode is over", "episode_finished")
+            if e.num_calls >= self.cfg.max_calls:
+                raise RequestError(
+                    429, f"the episode made rollout.agent.max_calls={self.cfg.max_calls} calls", "max_calls"
+                )
+            try:
+                pending = e.calls.begin(request)
+            except RequestError:
+                raise
+            except Exception as exc:  # the agent's messages, not the engine: a 400 it can read
+                raise RequestError(400, f"the chat template cannot render these messages: {exc}") from exc
+            e.num_calls += 1
+            self._queue.put((e, pending, future))
+        return future.result()
+
+    def _result(self, pending: PendingCall, completion: Completion) -> ChatResult:
+        ids = list(completion.token_ids)
+        decode = self.chat.tokenizer.decode
+        return ChatResult(
+            text=completion.text,
+            prompt_ids=list(pending.input_ids),
+            completion_ids=ids,
+            logprobs=list(completion.logprobs or [0.0] * len(ids)),
+            finish_reason="length" if completion.finish_reason == "length" else "stop",
+            token_texts=[decode([t]) for t in ids],
+        )
+
+    # -------------------------------------------------------------------------------- samples
+    def _samples(self, e: AgentEpisode, version: int, logprobs: bool) -> list[Sample]:
+        chains = [c for c in e.calls.chains if c.calls]
+        record = {
+            "reward": e.reward if e.error is None else 0.0,
+            "turn_rewards": [],
+            "final_reward": e.reward if e.error is None else 0.0,
+            "error": e.error,
+            "info": e.info,
+            "calls": sum(c.calls for c in chains),
+            "chains": len(chains),
+        }
+        if not chains:  # no call was answered: an empty response carries the reward (or the error)
+            return [
+                Sample(
+                    group=e.group,
+                    prompt=e.prompt,
+                    response_ids=[],
+                    response_text="",
+                    logprobs=[] if logprobs else None,
+                    finish_reason="agent_error" if e.error else "stop",
+                    policy_version=version,
+                    response_mask=[],
+                    episode={**record, "turns": 0, "chain": 0},
+                )
+            ]
+        return [
+            Sample(
+                group=e.group,
+                prompt=dataclasses.replace(e.prompt, text=c.prompt_text, token_ids=list(c.prompt_ids)),
+                response_ids=c.ids,
+                response_text="".join(c.texts),
+                logprobs=c.logprobs if logprobs else None,
+                finish_reason="agent_error" if e.error else c.finish_reason,
+                policy_version=version,
+                response_mask=c.mask,
+                episode={**record, "turns": c.calls, "chain": i},
+            )
+            for i, c in enumerate(chains)
+        ]
+
+
+def _reachable_host(host: str) -> str:
+    """The address agents use: the bound one, or this node's IP when bound to every interface."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        import socket
+
+        return socket.gethostbyname(socket.gethostname())
