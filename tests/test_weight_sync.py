@@ -275,6 +275,9 @@ def test_partial_rollout_resumes_under_the_new_weights(cluster):
 
     ray, learner, rollout = cluster.ray, cluster.learner, cluster.rollout
     engine = rollout.engines[0]
+    sync = WeightSync(SyncConfig(transport="object_store"), SimpleNamespace(actors=[learner]), rollout, "cpu")
+    sync.setup()
+    sync.push()  # engine and learner agree first (an earlier test may have left them apart)
     prompt = Prompt(0, "p", list(cluster.seqs[0][0]))
     sampling = SamplingConfig(n=2, max_new_tokens=12, temperature=1.0, ignore_eos=True)
     first = ray.get(engine.generate.remote([prompt], replace(sampling, max_new_tokens=4), logprobs=True))
@@ -282,8 +285,6 @@ def test_partial_rollout_resumes_under_the_new_weights(cluster):
     old = ray.get(learner.logprobs.remote([(prompt.token_ids, s.response_ids) for s in first]))
 
     ray.get(learner.perturb.remote(11))
-    sync = WeightSync(SyncConfig(transport="object_store"), SimpleNamespace(actors=[learner]), rollout, "cpu")
-    sync.setup()
     sync.push()
     resumed = ray.get(engine.continue_samples.remote(first, sampling, 8, None, True))
     new = ray.get(learner.logprobs.remote([(prompt.token_ids, s.response_ids) for s in resumed]))
