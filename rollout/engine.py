@@ -24,6 +24,20 @@ from rlhf.weight_sync import SyncPayload, SyncSpec, bucket_to_bytes, engine_firs
 WORKER_EXTENSION = "rollout.worker_extension.WeightUpdateExtension"
 
 
+def tensor_parallel_compilation() -> dict[str, Any]:
+    """vLLM compilation settings for a tensor-parallel engine on GPUs.
+
+    On Hopper and Blackwell vLLM 0.26 fuses each all-reduce with the following RMSNorm through
+    FlashInfer, whose default "mnnvl" workspace maps NVLink multicast memory (`cuMulticastCreate`).
+    Multicast can take a shared host's GPUs out of service and is switched off on the hosts we test
+    on; with it off the fused workspace broke engine start (`CUBLAS_STATUS_INTERNAL_ERROR` in
+    `cublasCreate` on every TP worker, 2026-11-25 and 2026-11-26). Without the fusion the all-reduce
+    goes through vLLM's custom (CUDA IPC) kernel or NCCL."""
+    # a FlashInfer workspace made anyway (another fusion pass) takes the IPC-only backend
+    os.environ.setdefault("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm")
+    return {"pass_config": {"fuse_allreduce_rms": False}}
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """ "auto" -> float32 on CPU (vLLM's CPU kernels and exact audits), bfloat16 on GPU."""
     if dtype in (None, "auto"):
@@ -93,6 +107,7 @@ class RolloutEngine:
                 # Workers as Ray actors in this engine's placement bundles (VLLM_RAY_BUNDLE_INDICES,
                 # set by rlhf.placement), so colocated learners and engine workers share each GPU.
                 kwargs["distributed_executor_backend"] = "ray"
+                kwargs["compilation_config"] = tensor_parallel_compilation()
         if self.colocated:
             kwargs["enable_sleep_mode"] = True
         self.cfg = cfg

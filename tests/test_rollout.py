@@ -15,7 +15,7 @@ import torch
 
 from rlhf.actor_group import balance, split_evenly
 from rlhf.config import RunConfig, SamplingConfig
-from rollout.engine import _token_logprobs, resolve_dtype
+from rollout.engine import _token_logprobs, resolve_dtype, tensor_parallel_compilation
 from rollout.group import _engine_options, is_colocated
 
 
@@ -61,6 +61,17 @@ def test_colocation_and_dtype():
     assert not is_colocated(cfg, "cuda")
     assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("auto", "cuda") == "bfloat16"
     assert resolve_dtype("float16", "cuda") == "float16"
+
+
+def test_tensor_parallel_engines_skip_the_multicast_allreduce_fusion(monkeypatch):
+    """TP engines turn off vLLM's FlashInfer all-reduce + RMSNorm fusion (its default workspace maps
+    NVLink multicast memory); the settings must be ones vLLM's CompilationConfig accepts."""
+    from vllm.config import CompilationConfig
+
+    monkeypatch.delenv("VLLM_FLASHINFER_ALLREDUCE_BACKEND", raising=False)
+    settings = tensor_parallel_compilation()
+    assert CompilationConfig(**settings).pass_config.fuse_allreduce_rms is False
+    assert os.environ["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] == "trtllm"
 
 
 def test_token_logprobs_both_vllm_containers():
