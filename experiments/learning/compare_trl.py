@@ -160,6 +160,16 @@ def ours_overrides(args, seed: int, train_file: Path, run_root: Path, extra: lis
     return out + list(args.ours_override) + extra
 
 
+OURS_STEP_KEYS = (
+    "train/grad_norm",
+    "train/entropy",
+    "train/loss",
+    "train/num_tokens",
+    "response/length_mean",
+    "sync/audit_logprob_diff",
+)
+
+
 def run_ours(args, label: str, seed: int, files: dict, extra: list[str]) -> dict:
     run_root = Path(args.work) / "runs" / f"{label.replace(':', '-')}-s{seed}"
     shutil.rmtree(run_root, ignore_errors=True)
@@ -170,6 +180,9 @@ def run_ours(args, label: str, seed: int, files: dict, extra: list[str]) -> dict
     record = {"command": shlex.join(cmd), "rc": rc, "wall_s": wall, "log": str(run_root / "log.txt")}
     run_dir = run_root / "run"
     curve: list[float | None] = [None] * args.steps
+    # per-step learner figures beside the reward, for diagnosing a slow start (the peer's log history
+    # has its own grad_norm and entropy)
+    learner = {key: [None] * args.steps for key in OURS_STEP_KEYS}
     step_s = []
     if (run_dir / "metrics.jsonl").is_file():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -177,7 +190,10 @@ def run_ours(args, label: str, seed: int, files: dict, extra: list[str]) -> dict
             if 1 <= m.get("step", 0) <= args.steps and "reward/mean" in m:
                 curve[m["step"] - 1] = m["reward/mean"]
                 step_s.append(m.get("time/step_s"))
+                for key in OURS_STEP_KEYS:
+                    learner[key][m["step"] - 1] = m.get(key)
     record["train_reward"] = curve
+    record["per_step"] = learner
     record["step_s_mean"] = S.curve_mean(step_s[1:] or step_s)
     record["batches_match"] = ours_batches_match(
         run_dir / "samples.jsonl", files["peer_train"][seed], args.prompts_per_step
