@@ -29,7 +29,7 @@ from rlhf.batch import make_train_batch
 from rlhf.config import RunConfig
 from rlhf.config_loader import resolve_device, to_dict, to_yaml
 from rlhf.data import PromptData
-from rlhf.metrics import MetricsLogger, Timer, plot_rewards, step_line
+from rlhf.metrics import MetricsLogger, Timer, plot_rewards, sample_metrics, sample_rows, step_line
 from rlhf.models import check_engine_can_run, resolve_model_path
 from rlhf.monitoring import RunMonitor, engine_actor_options
 from rlhf.placement import RayPlacement, make_plan
@@ -385,7 +385,7 @@ class Trainer:
         self, metrics: dict, samples: list[Sample], stats: dict, timer: Timer, elapsed: float
     ) -> dict[str, float]:
         """The per-step figures every loop logs (synchronous and asynchronous alike)."""
-        metrics.update(self.sample_metrics(samples))
+        metrics.update(sample_metrics(samples))
         metrics.update({f"train/{k}": v for k, v in stats.items() if not k.startswith("critic/")})
         metrics.update({k: v for k, v in stats.items() if k.startswith("critic/")})
         metrics.update(timer.as_metrics())
@@ -408,26 +408,10 @@ class Trainer:
 
     def dump_samples(self, samples: list[Sample]) -> None:
         """The first `logging.samples_per_step` samples of each step, for reading what the policy writes."""
-        k = self.cfg.logging.samples_per_step
-        if k <= 0:
-            return
-        with open(self.run_dir / "samples.jsonl", "a") as f:
-            for s in samples[:k]:
-                row = {
-                    "step": self.step + 1,
-                    "group": s.group,
-                    "prompt": s.prompt.text,
-                    "response": s.response_text,
-                    "label": str(s.prompt.label),
-                    "reward": s.reward,
-                    "parts": s.reward_parts,
-                    "finish_reason": s.finish_reason,
-                    "index": s.prompt.index,
-                    "epoch": s.prompt.metadata.get("epoch", 0),
-                    "policy_version": s.policy_version,
-                    "versions": sorted(set(s.token_versions)) if s.token_versions else [s.policy_version],
-                }
-                f.write(json.dumps(row) + "\n")
+        rows = sample_rows(samples[: max(self.cfg.logging.samples_per_step, 0)], self.step + 1)
+        if rows:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
 
     # ------------------------------------------------------------------ sharing the GPUs (colocated)
     # Colocated on GPUs, engines and learners take turns: vLLM releases its weights and KV cache while
@@ -459,25 +443,6 @@ class Trainer:
         if self.learner_offloads():
             with timer.phase("offload"):
                 self.roles.policy.offload()
-
-    @staticmethod
-    def sample_metrics(samples: list[Sample]) -> dict[str, float]:
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-        lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
-        out = {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std(unbiased=False)),
-            "response/length_mean": float(lengths.mean()),
-            "response/length_max": float(lengths.max()),
-            "response/truncated_frac": float(np.mean([s.truncated for s in samples])),
-        }
-        if all("task" in s.reward_parts for s in samples):
-            out["reward/accuracy"] = float(np.mean([s.reward_parts["task"] for s in samples]))
-        if any(s.episode is not None for s in samples):
-            from rollout.episodes import episode_metrics
-
-            out.update(episode_metrics(samples))
-        return out
 
     # ------------------------------------------------------------------ eval, checkpoints
     def evaluation_due(self) -> bool:

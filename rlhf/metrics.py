@@ -198,3 +198,47 @@ def reward_figure(rows: list[dict[str, float]], eval_temperature: float | None =
     ax_ent.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def sample_metrics(samples: list) -> dict[str, float]:
+    """Reward, length and (multi-turn) episode figures of one step's samples."""
+    import numpy as np
+    import torch
+
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+    out = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std(unbiased=False)),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/truncated_frac": float(np.mean([s.truncated for s in samples])),
+    }
+    if all("task" in s.reward_parts for s in samples):
+        out["reward/accuracy"] = float(np.mean([s.reward_parts["task"] for s in samples]))
+    if any(s.episode is not None for s in samples):
+        from rollout.episodes import episode_metrics
+
+        out.update(episode_metrics(samples))
+    return out
+
+
+def sample_rows(samples: list, step: int) -> list[dict[str, Any]]:
+    """samples.jsonl rows: what the policy wrote, its reward and the policy version(s) behind it."""
+    return [
+        {
+            "step": step,
+            "group": s.group,
+            "prompt": s.prompt.text,
+            "response": s.response_text,
+            "label": str(s.prompt.label),
+            "reward": s.reward,
+            "parts": s.reward_parts,
+            "finish_reason": s.finish_reason,
+            "index": s.prompt.index,
+            "epoch": s.prompt.metadata.get("epoch", 0),
+            "policy_version": s.policy_version,
+            "versions": sorted(set(s.token_versions)) if s.token_versions else [s.policy_version],
+        }
+        for s in samples
+    ]
