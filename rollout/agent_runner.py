@@ -15,6 +15,8 @@ assistant turn the policy did not write, and the chat template's delta for the n
 (rollout/chat_tokens.py), so the model is conditioned on what it really generated and the chain is
 one multi-turn sample whose non-policy tokens are masked (`Sample.response_mask` 0). Any other call
 (a different conversation, a rewritten history, parallel calls from one state) starts a new chain.
+A request with `n` choices is n calls: choice 0 extends the chain, the others start chains whose
+prompt is the same token state, so whichever choice the agent continues carries on its own chain.
 Every chain becomes one Sample; all chains of an episode share its reward and its prompt's group.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import logging
 import math
 import queue
@@ -38,7 +41,8 @@ from rlhf.config import AgentConfig
 from rlhf.types import Prompt, Sample
 from rollout.chat_tokens import ChatTemplateError, ChatTokens
 from rollout.episodes import Completion
-from rollout.openai_server import ChatEndpoint, ChatRequest, ChatResult, RequestError, normalize_message
+from rollout.openai_protocol import ChatRequest, ChatResult, RequestError, normalize_message
+from rollout.openai_server import ChatEndpoint
 from rollout.openai_stream import content_pieces
 from rollout.openai_tool_calls import ToolCallReader
 
@@ -180,7 +184,7 @@ class CallAssembler:
             k = len(chain.messages)
             if chain.busy or not chain.calls or chain.tools != request.tools or len(request.messages) <= k:
                 continue
-            if request.messages[:k] != chain.messages:
+            if [_comparable(m) for m in request.messages[:k]] != [_comparable(m) for m in chain.messages]:
                 continue
             new = request.messages[k:]
             try:
@@ -472,6 +476,24 @@ class AgentRunner:
             )
             for i, c in enumerate(chains)
         ]
+
+
+def _comparable(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as continuations are matched: tool calls by name and parsed arguments, so an agent
+    that rebuilds the assistant message from stream chunks or re-serializes the arguments (or drops
+    the call ids) is still recognised; the turn's tokens are the policy's either way."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    key = []
+    for call in calls:
+        function = call["function"]
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            arguments = function["arguments"]
+        key.append((function["name"], arguments))
+    return {**message, "tool_calls": key}
 
 
 def _reachable_host(host: str) -> str:

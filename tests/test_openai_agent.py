@@ -194,7 +194,9 @@ def test_endpoint_records_each_episode_and_reports_a_failing_agent_per_sample(to
     tool_choice_error = checks["tool_choice"][1]["error"]
     n_error = {"message": "'n' must be a positive integer, got 0", "type": "invalid_request_error"}
     n_error |= {"param": "n", "code": "invalid_request_error"}
-    assert tool_choice_error["param"] == "tool_choice" and tool_choice_error["type"] == "invalid_request_error"
+    assert (
+        tool_choice_error["param"] == "tool_choice" and tool_choice_error["type"] == "invalid_request_error"
+    )
     assert checks == {
         "models": "tiny",
         "tool_choice": (400, {"error": tool_choice_error}),
