@@ -227,3 +227,17 @@ def test_bad_requests_get_openai_errors_naming_the_field():
     (sample,) = runner.run([Prompt(0, "", [1], None, {})], [0], 1, scripted(tokenizer, ["x"], []), 8)
     assert sample.episode["info"] == {p: (400, "invalid_request_error", p) for p in bad}
     assert sample.episode["calls"] == 0  # nothing refused reached the engine
+
+
+def test_stream_pieces_keep_characters_split_over_tokens_whole():
+    from rollout.openai_stream import content_pieces
+
+    tokenizer = build_tokenizer()
+    text = "héllo 😀 wörld"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    pieces = content_pieces(lambda t: tokenizer.decode(t, skip_special_tokens=True), ids, text)
+    assert len(pieces) == len(ids) and "".join(pieces) == text and "😀" in pieces
+    cut = content_pieces(
+        lambda t: tokenizer.decode(t, skip_special_tokens=True), ids, "héllo"
+    )  # a stop string
+    assert "".join(cut) == "héllo"
