@@ -15,6 +15,8 @@ assistant turn the policy did not write, and the chat template's delta for the n
 (rollout/chat_tokens.py), so the model is conditioned on what it really generated and the chain is
 one multi-turn sample whose non-policy tokens are masked (`Sample.response_mask` 0). Any other call
 (a different conversation, a rewritten history, parallel calls from one state) starts a new chain.
+A request with `n` choices is n calls: choice 0 extends the chain, the others start chains whose
+prompt is the same token state, so whichever choice the agent continues carries on its own chain.
 Every chain becomes one Sample; all chains of an episode share its reward and its prompt's group.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import logging
 import math
 import queue
@@ -38,7 +41,10 @@ from rlhf.config import AgentConfig
 from rlhf.types import Prompt, Sample
 from rollout.chat_tokens import ChatTemplateError, ChatTokens
 from rollout.episodes import Completion
-from rollout.openai_server import ChatEndpoint, ChatRequest, ChatResult, RequestError
+from rollout.openai_protocol import ChatRequest, ChatResult, RequestError, normalize_message
+from rollout.openai_server import ChatEndpoint
+from rollout.openai_stream import content_pieces
+from rollout.openai_tool_calls import ToolCallReader
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +143,12 @@ class CallAssembler:
         self.max_new_tokens = max_new_tokens
         self.chains: list[Chain] = []
 
-    def begin(self, request: ChatRequest) -> PendingCall:
-        """The call's prompt: its chain's tokens + the delta when it extends one, else a fresh render.
-        Raises RequestError (400) when it does not fit the context; nothing is changed then."""
+    def begin(self, request: ChatRequest) -> list[PendingCall]:
+        """The call's prompt: its chain's tokens + the delta when it extends one, else a fresh render;
+        one PendingCall per choice (`n`). Choice 0 extends the chain; every other choice is a chain
+        of its own whose prompt is that same token state, so the shared history trains once (in
+        choice 0's sample) and each reply trains once. Raises RequestError (400) when it does not
+        fit the context; nothing is changed then."""
         pending = self._extend(request)
         if pending is None:
             text, ids = self.chat.prompt(request.messages, request.tools)
@@ -152,20 +161,30 @@ class CallAssembler:
                 f"context length exceeded: the conversation has {len(pending.input_ids)} tokens and "
                 f"rollout.max_model_len is {self.context_len}",
                 "context_length_exceeded",
+                "messages",
             )
         pending.max_tokens = min(room, self.max_new_tokens, request.max_tokens or self.max_new_tokens)
         pending.stop = list(request.stop)
-        if pending.chain not in self.chains:
-            self.chains.append(pending.chain)
-        pending.chain.busy = True
-        return pending
+        branches = [pending]
+        state_text = pending.chain.prompt_text + "".join(pending.chain.texts) + pending.appended_text
+        for _ in range(1, request.n):
+            fork = Chain(state_text, list(pending.input_ids), request.tools)
+            branches.append(
+                PendingCall(fork, request.messages, [], "", list(pending.input_ids), pending.max_tokens)
+            )
+            branches[-1].stop = list(request.stop)
+        for branch in branches:
+            if branch.chain not in self.chains:
+                self.chains.append(branch.chain)
+            branch.chain.busy = True
+        return branches
 
     def _extend(self, request: ChatRequest) -> PendingCall | None:
         for chain in reversed(self.chains):
             k = len(chain.messages)
             if chain.busy or not chain.calls or chain.tools != request.tools or len(request.messages) <= k:
                 continue
-            if request.messages[:k] != chain.messages:
+            if [_comparable(m) for m in request.messages[:k]] != [_comparable(m) for m in chain.messages]:
                 continue
             new = request.messages[k:]
             try:
@@ -179,7 +198,9 @@ class CallAssembler:
             return PendingCall(chain, request.messages, appended, closing + text, input_ids, 0)
         return None
 
-    def finish(self, pending: PendingCall, completion: Completion) -> None:
+    def finish(self, pending: PendingCall, completion: Completion, message: dict | None = None) -> None:
+        """Record the reply; `message` is the assistant message as returned (with parsed tool calls),
+        which a continuation repeats, so the chain keeps it as the conversation's last turn."""
         chain = pending.chain
         ids = list(completion.token_ids)
         logprobs = list(completion.logprobs or [0.0] * len(ids))[: len(ids)]
@@ -187,7 +208,8 @@ class CallAssembler:
         chain.mask += [0] * len(pending.appended_ids) + [1] * len(ids)
         chain.logprobs += [0.0] * len(pending.appended_ids) + logprobs
         chain.texts += [pending.appended_text, completion.text]
-        chain.messages = [*pending.messages, {"role": "assistant", "content": completion.text}]
+        reply = message or {"role": "assistant", "content": completion.text}
+        chain.messages = [*pending.messages, normalize_message(reply)]
         chain.last = ids
         chain.calls += 1
         chain.finish_reason = completion.finish_reason
@@ -228,6 +250,7 @@ class AgentRunner:
     ):
         self.cfg = cfg
         self.chat = ChatTokens(tokenizer)
+        self.tool_calls = ToolCallReader(tokenizer)
         self.context_len = context_len
         self.model_name = model_name
         self.function = function or load_agent_function(cfg.function)
@@ -306,24 +329,31 @@ class AgentRunner:
                 for item in batch:
                     if item is None:
                         continue
-                    e, pending, future = item
+                    e, branches, request, future = item
                     if e.finished:
-                        e.calls.abandon(pending)
+                        for pending in branches:
+                            e.calls.abandon(pending)
                         future.set_exception(RequestError(410, "the episode is over", "episode_finished"))
                     else:
                         calls.append(item)
             if not calls:
                 continue
+            flat = [p for _, branches, _, _ in calls for p in branches]  # every choice of every call
             try:
-                completions = generate([(p.input_ids, p.max_tokens, p.stop) for _, p, _ in calls])
+                completions = iter(generate([(p.input_ids, p.max_tokens, p.stop) for p in flat]))
             except Exception as exc:  # an engine failure: every waiting agent gets a 500, then it is raised
-                for _, _, future in calls:
+                for *_, future in calls:
                     future.set_exception(exc)
                 raise
             with self._lock:
-                for (e, pending, future), completion in zip(calls, completions):
-                    e.calls.finish(pending, completion)
-                    future.set_result(self._result(pending, completion))
+                for e, branches, request, future in calls:
+                    results = []
+                    for pending in branches:
+                        completion = next(completions)
+                        result = self._result(pending, completion, request)
+                        e.calls.finish(pending, completion, result.message)
+                        results.append(result)
+                    future.set_result(results)
 
     def _drain(self) -> list:
         items = []
@@ -347,8 +377,9 @@ class AgentRunner:
             self._open = False
             for item in self._drain():
                 if item is not None:
-                    item[0].calls.abandon(item[1])
-                    item[2].set_exception(RequestError(503, "the rollout step is over", "step_over"))
+                    for pending in item[1]:
+                        item[0].calls.abandon(pending)
+                    item[3].set_exception(RequestError(503, "the rollout step is over", "step_over"))
 
     # -------------------------------------------------------------------------------- server side
     def _is_open(self, key: str) -> bool:
@@ -356,37 +387,53 @@ class AgentRunner:
             e = self._episodes.get(key)
             return self._open and e is not None and not e.finished
 
-    def _handle_chat(self, key: str, request: ChatRequest) -> ChatResult:
-        """Runs on a server thread: decide the call's prompt, queue it, wait for the reply."""
+    def _handle_chat(self, key: str, request: ChatRequest) -> list[ChatResult]:
+        """Runs on a server thread: decide the call's prompt, queue it, wait for its n choices."""
         future: Future = Future()
         with self._lock:
             e = self._episodes.get(key)
             if not self._open or e is None or e.finished:
                 raise RequestError(410, "the episode is over", "episode_finished")
-            if e.num_calls >= self.cfg.max_calls:
+            if e.num_calls + request.n > self.cfg.max_calls:  # each choice counts as a call
                 raise RequestError(
-                    429, f"the episode made rollout.agent.max_calls={self.cfg.max_calls} calls", "max_calls"
+                    429,
+                    f"the episode made {e.num_calls} of rollout.agent.max_calls={self.cfg.max_calls} "
+                    f"calls (each of n choices counts), {request.n} more asked",
+                    "max_calls",
                 )
             try:
-                pending = e.calls.begin(request)
+                branches = e.calls.begin(request)
             except RequestError:
                 raise
             except Exception as exc:  # the agent's messages, not the engine: a 400 it can read
-                raise RequestError(400, f"the chat template cannot render these messages: {exc}") from exc
-            e.num_calls += 1
-            self._queue.put((e, pending, future))
+                raise RequestError(
+                    400, f"the chat template cannot render these messages: {exc}", param="messages"
+                ) from exc
+            e.num_calls += request.n
+            self._queue.put((e, branches, request, future))
         return future.result()
 
-    def _result(self, pending: PendingCall, completion: Completion) -> ChatResult:
+    def _result(self, pending: PendingCall, completion: Completion, request: ChatRequest) -> ChatResult:
         ids = list(completion.token_ids)
         decode = self.chat.tokenizer.decode
+        finish = "length" if completion.finish_reason == "length" else "stop"
+        message = self.tool_calls.message(completion.text, ids) if request.parse_tool_calls else None
+        if message is not None:
+            finish = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": completion.text}
+        pieces = []
+        if request.stream and not message.get("tool_calls"):
+            pieces = content_pieces(lambda t: decode(t, skip_special_tokens=True), ids, completion.text)
         return ChatResult(
             text=completion.text,
             prompt_ids=list(pending.input_ids),
             completion_ids=ids,
             logprobs=list(completion.logprobs or [0.0] * len(ids)),
-            finish_reason="length" if completion.finish_reason == "length" else "stop",
+            finish_reason=finish,
             token_texts=[decode([t]) for t in ids],
+            message=message,
+            pieces=pieces,
         )
 
     # -------------------------------------------------------------------------------- samples
@@ -429,6 +476,24 @@ class AgentRunner:
             )
             for i, c in enumerate(chains)
         ]
+
+
+def _comparable(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as continuations are matched: tool calls by name and parsed arguments, so an agent
+    that rebuilds the assistant message from stream chunks or re-serializes the arguments (or drops
+    the call ids) is still recognised; the turn's tokens are the policy's either way."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    key = []
+    for call in calls:
+        function = call["function"]
+        try:
+            arguments = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            arguments = function["arguments"]
+        key.append((function["name"], arguments))
+    return {**message, "tool_calls": key}
 
 
 def _reachable_host(host: str) -> str:

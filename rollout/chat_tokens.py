@@ -10,6 +10,8 @@ re-tokenization (tests/test_episodes.py checks this for the tiny tokenizers).
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any
 
 # Placeholders for the fixed conversation the deltas are measured against (never sent to a model).
@@ -40,7 +42,10 @@ class ChatTokens:
         """`tools` (OpenAI function schemas) go to templates that render them, e.g. in a system message."""
         extra = {"tools": tools} if tools else {}
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=False, **extra
+            [_for_template(m) for m in messages],
+            add_generation_prompt=generation_prompt,
+            tokenize=False,
+            **extra,
         )
 
     def encode(self, text: str) -> list[int]:
@@ -73,3 +78,20 @@ class ChatTokens:
             )
         text = full[len(base_text) :]
         return text, self.encode(text)
+
+
+def _for_template(message: dict) -> dict:
+    """OpenAI clients send a tool call's arguments as a JSON string; templates (Qwen, Llama 3.1, like
+    vLLM's own server) render them as a mapping."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    out = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                function = {**function, "arguments": json.loads(arguments)}
+        out.append({**call, "function": function})
+    return {**message, "tool_calls": out}

@@ -250,6 +250,11 @@ class ToolBox:
 
     def parse(self, text: str) -> list[ToolCall]:
         """Every tool call in an assistant turn, in order (unparseable ones carry their error)."""
+        return [call for _, _, call in self.find(text)]
+
+    def find(self, text: str) -> list[tuple[int, int, ToolCall]]:
+        """(start, end, call) of every tool call in `text`: the OpenAI endpoint cuts the spans out of
+        the reply's content (rollout/openai_tool_calls.py), so both read calls with this one parser."""
         if not self.opening:  # bare JSON objects with a "name"
             calls, decoder, i = [], json.JSONDecoder(), 0
             while (i := text.find("{", i)) >= 0:
@@ -259,16 +264,18 @@ class ToolBox:
                     i += 1
                     continue
                 if isinstance(obj, dict) and "name" in obj:
-                    calls.append(_parse_json_call(json.dumps(obj)))
+                    calls.append((i, end, _parse_json_call(json.dumps(obj))))
                 i = end
             return calls
         calls = []
         pattern = re.escape(self.opening) + r"(.*?)" + (re.escape(self.closing) if self.closing else r"$")
         for match in re.finditer(pattern, text, flags=re.DOTALL):
-            calls.append(_parse_json_call(match.group(1).strip()))
+            calls.append((match.start(), match.end(), _parse_json_call(match.group(1).strip())))
         unclosed = text.count(self.opening) - len(calls)
         if unclosed > 0:
-            calls.append(ToolCall(None, error=f"a tool call was opened with {self.opening} but not closed"))
+            at = text.rfind(self.opening)
+            error = f"a tool call was opened with {self.opening} but not closed"
+            calls.append((at, len(text), ToolCall(None, error=error)))
         return calls
 
     def call(self, call: ToolCall) -> str:

@@ -54,14 +54,14 @@ def request(*messages, **kw) -> ChatRequest:
 def test_a_call_that_extends_the_last_one_joins_its_sample_with_the_new_messages_masked(tokenizer):
     chat = ChatTokens(tokenizer)
     calls = CallAssembler(chat, context_len=1024, max_new_tokens=32)
-    first = calls.begin(request(SYSTEM, USER, max_tokens=8))
+    (first,) = calls.begin(request(SYSTEM, USER, max_tokens=8))
     assert first.input_ids == chat.prompt([SYSTEM, USER])[1] and first.max_tokens == 8
     reply1 = policy_reply(tokenizer, "Let us compute: 84", -0.25)
     calls.finish(first, reply1)
     # the client echoes its own message object back (None fields and all): still the same turn
     echoed = {"role": "assistant", "content": reply1.text, "refusal": None, "tool_calls": None, "audio": None}
     tool = {"role": "tool", "content": '{"result": 84}'}
-    second = calls.begin(request(SYSTEM, USER, echoed, tool, {"role": "user", "content": "Sure?"}))
+    (second,) = calls.begin(request(SYSTEM, USER, echoed, tool, {"role": "user", "content": "Sure?"}))
     assert second.chain is first.chain and second.max_tokens == 32
     conversation = [SYSTEM, USER, {"role": "assistant", "content": reply1.text}, tool]
     conversation.append({"role": "user", "content": "Sure?"})
@@ -86,7 +86,7 @@ def test_a_call_that_extends_the_last_one_joins_its_sample_with_the_new_messages
     now = request(SYSTEM, USER, echoed, tool, {"role": "user", "content": "Sure?"})
     now.messages.append({"role": "assistant", "content": reply2.text})
     now.messages.append({"role": "user", "content": "Again?"})
-    a, b = calls.begin(now), calls.begin(now)
+    (a,), (b,) = calls.begin(now), calls.begin(now)
     assert a.chain is chain and b.chain is not chain
     # a conversation past the context is refused, and nothing changes
     small = CallAssembler(chat, context_len=len(full) + 1, max_new_tokens=32)
@@ -139,8 +139,8 @@ def scripted_agents(prompt: Prompt, base_url: str):
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     checks = {
         "models": http(f"{base_url}/models")[1]["data"][0]["id"],
-        "stream": http(f"{base_url}/chat/completions", {**chat, "stream": True})[0],
-        "n": http(f"{base_url}/chat/completions", {**chat, "n": 2})[0],
+        "tool_choice": http(f"{base_url}/chat/completions", {**chat, "tool_choice": "required"}),
+        "n": http(f"{base_url}/chat/completions", {**chat, "n": 0}),
         "no_episode": http(f"{root}/v1/chat/completions", chat)[0],
         "unknown_episode": http(f"{root}/e/nope/v1/chat/completions", chat)[0],
         "bad_route": http(f"{base_url}/completions", chat)[0],
@@ -191,10 +191,16 @@ def test_endpoint_records_each_episode_and_reports_a_failing_agent_per_sample(to
     assert "RateLimitError" in over[0].episode["error"] and over[0].episode["calls"] == 3
     assert len(over) == 2  # calls 1-2 were one conversation, call 3 started another
     checks = by_index[5][0].episode["info"]
+    tool_choice_error = checks["tool_choice"][1]["error"]
+    n_error = {"message": "'n' must be a positive integer, got 0", "type": "invalid_request_error"}
+    n_error |= {"param": "n", "code": "invalid_request_error"}
+    assert (
+        tool_choice_error["param"] == "tool_choice" and tool_choice_error["type"] == "invalid_request_error"
+    )
     assert checks == {
         "models": "tiny",
-        "stream": 400,
-        "n": 400,
+        "tool_choice": (400, {"error": tool_choice_error}),
+        "n": (400, {"error": n_error}),
         "no_episode": 404,
         "unknown_episode": 404,
         "bad_route": 404,
