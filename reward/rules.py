@@ -11,7 +11,6 @@ config. Also home of `RewardError` and the checks every reward source shares.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import numbers
@@ -77,22 +76,16 @@ def score_each(
 
 def load_reward_function(path: str) -> RewardFn:
     """Import a user reward function from "pkg.module:fn"."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardError(f"reward function {path!r}: expected 'pkg.module:function'")
+    from rlhf.dotted import DottedPathError, import_object, split_path
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RewardError(f"reward function {path!r}: cannot import module {module_name!r}: {exc}") from exc
-    except Exception as exc:  # a broken user module: say which one
-        raise RewardError(
-            f"reward function {path!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    fn = module
-    for part in attr.split("."):  # allows "pkg.mod:Class.method"
-        if not hasattr(fn, part):
-            raise RewardError(f"reward function {path!r}: module {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
+        _, attr = split_path(path)
+    except DottedPathError:
+        raise RewardError(f"reward function {path!r}: expected 'pkg.module:function'") from None
+    try:
+        fn = import_object(path)  # also "pkg.mod:Class.method"
+    except DottedPathError as exc:
+        raise RewardError(f"reward function {path!r}: {exc}") from exc
     if not callable(fn):
         raise RewardError(f"reward function {path!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn

@@ -376,18 +376,12 @@ def check_reward_function(name: str) -> str | None:
     """None if `name` is a builtin rule or an importable `pkg.mod:fn` callable, else the problem."""
     if ":" not in name:
         return f"unknown rule; use one of {', '.join(BUILTIN_RULES)} or a 'pkg.module:function' path"
-    module_name, _, attr = name.partition(":")
+    from rlhf.dotted import DottedPathError, import_object
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        return f"cannot import module '{module_name}' ({exc})"
-    except Exception as exc:  # noqa: BLE001 - a broken user module; report it in one line
-        return f"importing '{module_name}' failed: {type(exc).__name__}: {exc}"
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            return f"module '{module_name}' has no attribute '{attr}'"
-        target = getattr(target, part)
+        target = import_object(name)
+    except DottedPathError as exc:
+        return str(exc)
     if not callable(target):
         return f"'{name}' is not callable"
     return None

@@ -115,12 +115,10 @@ def reward_sources(reward_cfg) -> list[dict[str, Any]]:
 
 
 def _function_hash(dotted: str) -> str | None:
-    module_name, _, attr = dotted.partition(":")
+    from rlhf.dotted import import_object
+
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-        return sha256_text(inspect.getsource(target))
+        return sha256_text(inspect.getsource(import_object(dotted)))
     except Exception:  # noqa: BLE001 - a function that cannot be read is recorded as such
         return None
 

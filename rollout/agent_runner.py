@@ -23,7 +23,6 @@ Every chain becomes one Sample; all chains of an episode share its reward and it
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import json
 import logging
@@ -59,20 +58,12 @@ class AgentError(ValueError):
 
 def load_agent_function(path: str) -> Callable[..., Any]:
     """ "pkg.module:function" -> the callable (one clear error line otherwise)."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise AgentError(f"{path!r} is not a 'pkg.module:function' path")
+    from rlhf.dotted import DottedPathError, import_object
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AgentError(f"cannot import module {module_name!r} ({exc})") from exc
-    except Exception as exc:  # a broken user module
-        raise AgentError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise AgentError(f"module {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
+        target = import_object(path)
+    except DottedPathError as exc:
+        raise AgentError(str(exc)) from exc
     if not callable(target):
         raise AgentError(f"{path!r} is not callable")
     return target

@@ -16,7 +16,6 @@ other configured source like every reward source (docs/agents.md).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -104,25 +103,20 @@ class Environment:
 
 def resolve_environment_class(name: str) -> type:
     """A built-in name or "pkg.module:Class" / "pkg.module.Class" -> the class (clear error otherwise)."""
+    from rlhf.dotted import DottedPathError, import_object, split_path
+
     path = BUILTIN_ENVIRONMENTS.get(name, name)
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        known = ", ".join(sorted(BUILTIN_ENVIRONMENTS))
-        raise EnvError(f"unknown environment {name!r}: use a built-in ({known}) or 'pkg.module:Class'")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise EnvError(f"cannot import module {module_name!r} ({exc})") from exc
-    except Exception as exc:  # a broken user module: one line saying which
-        raise EnvError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise EnvError(f"module {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
+        split_path(path, allow_dots=True)
+    except DottedPathError:
+        known = ", ".join(sorted(BUILTIN_ENVIRONMENTS))
+        raise EnvError(
+            f"unknown environment {name!r}: use a built-in ({known}) or 'pkg.module:Class'"
+        ) from None
+    try:
+        target = import_object(path, allow_dots=True)
+    except DottedPathError as exc:
+        raise EnvError(str(exc)) from exc
     if not (isinstance(target, type) and issubclass(target, Environment)):
         raise EnvError(f"{path!r} is not a subclass of rollout.environments.Environment")
     return target
