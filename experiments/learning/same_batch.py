@@ -306,7 +306,9 @@ def visible_drift(model_dir: str, delta: dict, ks=(1, 2, 5, 10, 20)) -> dict:
     k x the first step is the drift of a steady gradient), from two starting points: the fp32 checkpoint
     (TRL: fp32 weights, autocast rounds them per matmul) and the checkpoint rounded to bf16 (ours: the
     module is loaded in bf16, so the fp32 masters start on the bf16 grid). Per k: the fraction of
-    elements whose bf16 value moved, and |round(w0 + k delta) - round(w0)| / |k delta| (1 = all of it)."""
+    elements whose bf16 value moved, the projection <v, k delta> / |k delta|^2 of the visible change
+    v = round(w0 + k delta) - round(w0) on the intended one (1: all of it, on average), and |v| / |k delta|
+    (above the projection: rounding noise)."""
     from safetensors.torch import load_file
 
     ckpt = load_file(str(Path(model_dir) / "model.safetensors"))
@@ -322,16 +324,18 @@ def visible_drift(model_dir: str, delta: dict, ks=(1, 2, 5, 10, 20)) -> dict:
     ):
         rows = []
         for k in ks:
-            moved = seen = wanted = 0.0
+            moved = seen = wanted = along = 0.0
             for name, d in delta.items():
                 w0 = start(ckpt[name].float())
                 step = (w0 + k * d).bfloat16().double() - w0.bfloat16().double()
                 moved += int((step != 0).sum())
                 seen += float(step.square().sum())
+                along += float((step * (k * d.double())).sum())
                 wanted += float((k * d.double()).square().sum())
             rows.append(
-                {"k": k, "fraction_changed": moved / numel, "visible_norm_ratio": math.sqrt(seen / wanted)}
-            )
+                {"k": k, "fraction_changed": moved / numel, "visible_projection": along / wanted,
+                 "visible_norm_ratio": math.sqrt(seen / wanted)}
+            )  # fmt: skip
         out[label] = rows
     return out
 
