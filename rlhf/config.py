@@ -217,6 +217,10 @@ class TrainerConfig:
     # while vLLM generates (more KV cache for the engines), back before the learners compute. Costs a
     # host round trip per step; pays only when the engines are short of memory (docs/trainer.md).
     offload_during_generation: bool = False
+    # Half-precision learners: start DeepSpeed's fp32 master weights from the checkpoint's fp32 values
+    # (where it stores fp32) instead of the bf16-rounded module; small updates then show in the bf16
+    # weights from the first step (trainer/masters.py, docs/trainer.md).
+    masters_from_checkpoint: bool = True
     # GPU learners: torch.compile the per-token logprob/entropy kernels (fused passes over the logits).
     compile_logprobs: bool = True
     # Name the parameters whose gradients turned inf/NaN when an optimizer step is skipped (small cost).

@@ -250,7 +250,7 @@ def master_copies(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def bf16_learner(zero_stage: int, model_dir: str, monkeypatch):
+def bf16_learner(zero_stage: int, model_dir: str, monkeypatch, masters_from_checkpoint: bool = True):
     """A bf16 learner on the CPU: DeepSpeed runs its bf16 path here (every stage); it is our
     make_ds_config that refuses bf16 for CPU learners, so hand it the config a GPU learner gets."""
     import trainer.ds_config as ds_config
@@ -261,7 +261,9 @@ def bf16_learner(zero_stage: int, model_dir: str, monkeypatch):
         "make_ds_config",
         lambda tc, device, dtype, ws, **kw: make_gpu_config(tc, "cuda", dtype, ws, **kw),
     )
-    return make_learner(make_cfg(zero_stage, dtype="bfloat16"), model_dir)
+    cfg = make_cfg(zero_stage, dtype="bfloat16")
+    cfg.trainer.masters_from_checkpoint = masters_from_checkpoint
+    return make_learner(cfg, model_dir)
 
 
 @pytest.mark.slow
@@ -328,7 +330,7 @@ def test_bf16_optimizer_takes_no_step_before_the_first_train_step(
 ):
     """Adam's state must count our optimizer steps only, and the masters must start as the loaded
     weights: an extra step shrinks the first updates and applies weight decay once more."""
-    learner = bf16_learner(zero_stage, tiny_model_dir, monkeypatch)
+    learner = bf16_learner(zero_stage, tiny_model_dir, monkeypatch, masters_from_checkpoint=False)
     adam = learner.engine.basic_optimizer
     pairs = master_copies(learner.optimizer)
     assert {int(s["step"]) for s in adam.state.values()} <= {0}, "Adam stepped before any training"
@@ -339,3 +341,35 @@ def test_bf16_optimizer_takes_no_step_before_the_first_train_step(
     assert learner.engine.zero_optimization_stage() == max(
         zero_stage, 1
     )  # half-precision ZeRO-0 runs as ZeRO-1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_bf16_masters_start_from_the_fp32_checkpoint(zero_stage, in_process, tiny_model_dir, monkeypatch):
+    """The fp32 masters hold the checkpoint's own fp32 values, not their bf16 roundings, so that an
+    update far below a bf16 step still moves the rounded weights on average (trainer/masters.py)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import load_file
+
+    from trainer.masters import fp32_checkpoint_tensors
+
+    stored = fp32_checkpoint_tensors(tiny_model_dir)
+    checkpoint = {}
+    for path in set(stored.values()):
+        checkpoint.update(load_file(path))
+    learner = bf16_learner(zero_stage, tiny_model_dir, monkeypatch)
+    params = dict(learner.engine.module.named_parameters())
+    assert learner.masters_restored == len(params) and set(params) <= set(stored)
+    off_grid = 0
+    for name, param in params.items():
+        master = safe_get_full_fp32_param(param)
+        assert torch.equal(master, checkpoint[name]), name  # the fp32 value itself
+        assert torch.equal(param.data, checkpoint[name].to(torch.bfloat16)), name  # the module: its rounding
+        off_grid += int((master != param.data.float()).sum())
+    assert off_grid > 0.9 * sum(
+        p.numel() for p in params.values()
+    )  # random fp32 weights: few are bf16 numbers
+    # one optimizer step of lr 1e-3 on top: the rounded module still equals the rounded masters
+    learner_run_steps(learner, make_batch(tiny_model_dir), 1)
+    for name, param in params.items():
+        assert torch.equal(param.data, safe_get_full_fp32_param(param).to(torch.bfloat16)), name

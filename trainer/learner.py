@@ -182,6 +182,11 @@ class Learner:
         )
         if not self.trainable:
             self.engine.eval()
+        self.masters_restored = 0
+        if role == "policy" and self.dtype != torch.float32 and cfg.trainer.masters_from_checkpoint:
+            from trainer.masters import restore_fp32_masters
+
+            self.masters_restored = restore_fp32_masters(self.engine.module, self.model_path)
         self._nonfinite = (
             self._watch_gradients() if self.trainable and cfg.trainer.debug_nonfinite_grads else None
         )

@@ -1,0 +1,63 @@
+"""fp32 master weights from the checkpoint itself, not from the bf16 copy of it.
+
+A half-precision learner loads its module in bf16, and DeepSpeed builds the fp32 master weights (the
+ones Adam steps) from that module: every master starts exactly on a bf16 value. An update of lr 1e-5
+is far below half a bf16 step for most weights, so for many steps neither the learner's bf16 weights
+nor the engines' (both rounded from the masters) move: on SmolLM2-135M, after one step 1.8 % of the
+bf16 weights changed, and the rounded weights showed 2 % of the intended update (34 % after 20
+identical steps). Started from the checkpoint's own fp32 values, which lie between bf16 values, the
+rounded weights follow the masters' drift on average from the first step, as a learner that keeps
+fp32 weights under autocast does (TRL). See experiments/results/learning/README.md.
+
+Only tensors the checkpoint stores in fp32 are restored: a bf16 checkpoint's values are bf16 numbers
+already, and the masters built from them are exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from torch import nn
+
+
+def fp32_checkpoint_tensors(model_path: str) -> dict[str, str]:
+    """{tensor name: safetensors file} of the tensors `model_path` stores in float32."""
+    from safetensors import safe_open
+
+    found: dict[str, str] = {}
+    for path in sorted(glob.glob(os.path.join(model_path, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle is not iterable
+                if f.get_slice(name).get_dtype() == "F32":
+                    found[name] = path
+    return found
+
+
+def restore_fp32_masters(module: nn.Module, model_path: str, prefix: str = "") -> int:
+    """Set each DeepSpeed fp32 master of `module` to the checkpoint's fp32 value of that parameter.
+
+    Call on every rank right after `deepspeed.initialize` (ZeRO 1-3: each rank writes its own part).
+    `prefix` is prepended to the module's parameter names to find them in the checkpoint. Returns
+    the number of parameters restored; parameters the checkpoint lacks or stores in half precision
+    keep the masters DeepSpeed built."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    from safetensors import safe_open
+
+    stored = fp32_checkpoint_tensors(model_path)
+    restored = 0
+    files: dict[str, object] = {}
+    for name, param in module.named_parameters():
+        path = stored.get(prefix + name)
+        # only half-precision parameters have a master (ZeRO-3: ds_id; ZeRO-1/2: a fragment mapping)
+        has_master = hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+        if path is None or not param.requires_grad or not has_master:
+            continue
+        if path not in files:
+            files[path] = safe_open(path, framework="pt")
+        value = files[path].get_tensor(prefix + name)
+        if tuple(value.shape) != tuple(getattr(param, "ds_shape", param.shape)):
+            continue
+        safe_set_full_fp32_param(param, value.float())
+        restored += 1
+    return restored
