@@ -38,7 +38,8 @@ class GuessNumberEnv(Environment):
         if guess is None:
             reply = "Please answer with one whole number."
         elif guess == self.secret:
-            return StepResult([], self.win_reward, True, {"found": True, "guesses": len(self.guesses)})
+            info = {"found": True, "success": True, "guesses": len(self.guesses)}
+            return StepResult([], self.win_reward, True, info)
         else:
             reply = "Higher." if self.secret > guess else "Lower."
-        return StepResult([{"role": "user", "content": reply}], -self.turn_cost, False, {})
+        return StepResult([{"role": "user", "content": reply}], -self.turn_cost, False, {"success": False})
