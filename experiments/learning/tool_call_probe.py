@@ -19,13 +19,20 @@ CALL = '<tool_call>{{"name": "calculator", "arguments": {{"expression": "{e}"}}}
 Q = "Compute {e}. Answer with just the number."
 
 
-def demo(pairs):
+def demo(pairs, tool_role=False):
+    """Worked examples; the results as user turns in <tool_response> tags, or (tool_role) as the
+    `tool` turns the calculator environment writes for SmolLM2 (configs/calculator_tool.yaml)."""
     out = []
     for e, r in pairs:
+        result = (
+            {"role": "tool", "content": str(r)}
+            if tool_role
+            else {"role": "user", "content": f"<tool_response>{r}</tool_response>"}
+        )
         out += [
             {"role": "user", "content": Q.format(e=e)},
             {"role": "assistant", "content": CALL.format(e=e)},
-            {"role": "user", "content": f"<tool_response>{r}</tool_response>"},
+            result,
             {"role": "assistant", "content": str(r)},
         ]
     return out
@@ -42,6 +49,9 @@ VARIANTS = {
     "one_example": (SHORT, demo(ONE)),
     "three_examples": (SHORT, demo(THREE)),
     "three_examples_always": (ALWAYS, demo(THREE)),
+    "one_example_tool_role": (SHORT, demo(ONE, tool_role=True)),
+    "two_examples_tool_role": (SHORT, demo(THREE[:2], tool_role=True)),
+    "three_examples_tool_role": (SHORT, demo(THREE, tool_role=True)),
 }
 
 
@@ -49,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     args = ap.parse_args()
     from vllm import LLM, SamplingParams
 
@@ -72,6 +83,8 @@ def main() -> None:
     rows = get_task("arithmetic").generate(8, seed=12345, difficulty=2, operators="*")
     results = {}
     for name, (system, examples) in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
         prompts = []
         for row in rows:
             msgs = [
