@@ -156,6 +156,10 @@ def summarize(es: EvalSet, samples: list[Sample], seconds: float) -> dict[str, f
     }
     if samples and all("task" in s.reward_parts for s in samples):
         out["accuracy"] = sum(s.reward_parts["task"] for s in samples) / n
+    if samples and any(s.episode is not None for s in samples):  # environments: turns, task success, tools
+        from rollout.episodes import episode_metrics
+
+        out.update({k.removeprefix("episode/"): v for k, v in episode_metrics(samples).items()})
     for k in es.cfg.pass_k:
         per_prompt = [pass_at_k(len(v), sum(v), k) for v in solved_by_group.values() if len(v) >= k]
         if per_prompt:

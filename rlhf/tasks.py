@@ -140,10 +140,14 @@ class Arithmetic(Task):
     # difficulty -> (operands, max digits per operand, operators)
     LEVELS = {1: (2, 2, "+-"), 2: (2, 3, "+-*"), 3: (3, 2, "+-*"), 4: (3, 3, "+-*"), 5: (4, 3, "+-*")}
 
-    def generate(self, n: int, seed: int, difficulty: int = 1) -> list[dict]:
+    def generate(self, n: int, seed: int, difficulty: int = 1, operators: str | None = None) -> list[dict]:
+        """`operators` (e.g. "*") replaces the level's operators: multiplication only for tool tasks."""
         if difficulty not in self.LEVELS:
             raise ValueError(f"arithmetic: difficulty={difficulty!r}, expected one of {sorted(self.LEVELS)}")
-        operands, digits, operators = self.LEVELS[difficulty]
+        operands, digits, level_operators = self.LEVELS[difficulty]
+        operators = level_operators if operators is None else operators
+        if not operators or set(operators) - set("+-*"):
+            raise ValueError(f"arithmetic: operators={operators!r}, expected some of '+-*'")
         rng = random.Random(seed)
         out = []
         for _ in range(n):

@@ -29,6 +29,7 @@ def test_recipe_runs_two_steps(path, tiny_model_dir, tmp_path):
         f"model.path={tiny_model_dir}",
         "steps=2",
         "data.num_eval=0",
+        "evaluation.sets=[]",  # no held-out prompts, so no evaluation (a recipe's own sets need them)
         "rollout.prompts_per_step=2",
         "rollout.sampling.n=4",
         "rollout.sampling.max_new_tokens=12",

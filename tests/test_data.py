@@ -47,6 +47,10 @@ def test_builtin_prompts_are_chat_formatted_with_one_bos(llama_tok):
     assert llama_tok.decode(prompt.token_ids) == prompt.text
     assert get_task("arithmetic").check(str(prompt.label), prompt.label) == 1.0
     assert prompt.metadata["task"] == "arithmetic" and prompt.metadata["difficulty"] == 1
+    products = get_task("arithmetic").generate(20, seed=0, difficulty=2, operators="*")
+    assert all(" * " in r["prompt"] and "+" not in r["prompt"] and " - " not in r["prompt"] for r in products)
+    with pytest.raises(ValueError, match="operators"):
+        get_task("arithmetic").generate(1, seed=0, operators="/")
 
 
 def test_system_prompt_and_raw_text(qwen_tok, llama_tok):

@@ -124,10 +124,18 @@ def test_guess_number_task_and_env():
     assert task.check("My guess: 7", 7) == 1.0 and task.check("7 or 8", 7) == 0.0
     env = GuessNumberEnv(win_reward=1.0, turn_cost=0.1)
     assert env.reset(Prompt(index=0, text="", token_ids=[1], label=7)) is None
-    assert env.step("5") == StepResult([{"role": "user", "content": "Higher."}], -0.1, False, {})
+    higher = StepResult([{"role": "user", "content": "Higher."}], -0.1, False, {"success": False})
+    assert env.step("5") == higher
     assert env.step("I think 9").messages == [{"role": "user", "content": "Lower."}]
     assert env.step("no idea").messages[0]["content"].startswith("Please answer")
     found = env.step("7")
-    assert found.done and found.reward == 1.0 and found.info["guesses"] == 4
+    assert found.done and found.reward == 1.0 and found.info["guesses"] == 4 and found.info["success"]
     with pytest.raises(ValueError, match="expected the secret integer"):
         GuessNumberEnv().reset(Prompt(index=3, text="", token_ids=[1], label="x"))
+    # a demonstration game (few-shot) and a system prompt come before the prompt's question
+    demo = [{"role": "user", "content": "Guess."}, {"role": "assistant", "content": "4"}]
+    env = GuessNumberEnv(system_prompt="Play.", examples=demo)
+    messages = env.reset(Prompt(index=0, text="", token_ids=[1], label=2, metadata={"raw_prompt": "Game 1."}))
+    assert messages == [{"role": "system", "content": "Play."}, *demo, {"role": "user", "content": "Game 1."}]
+    with pytest.raises(EnvError, match="args.examples"):
+        check_environment_args(GuessNumberEnv, {"examples": [{"content": "4"}]})

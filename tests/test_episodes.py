@@ -122,6 +122,8 @@ def test_guess_number_episodes_mask_rewards_and_batching(tokenizer):
     assert batch.rollout_logprobs is None
     metrics = episode_metrics(samples)
     assert metrics["episode/done_frac"] == 0.5 and metrics["episode/turns_mean"] == (3 + 4 + 1 + 4) / 4
+    assert metrics["episode/success_frac"] == 0.5  # games won (info["success"]), whatever the reward
+    assert "episode/tool_call_frac" not in metrics
 
 
 class BrokenEnv(Environment):

@@ -13,8 +13,9 @@ from rlhf.config import EnvironmentConfig
 from rlhf.testing import build_tokenizer
 from rlhf.types import Prompt
 from rollout.chat_tokens import ChatTokens
+from rollout.environments.base import EnvError, check_environment_args
 from rollout.environments.calculator import CalculatorEnv
-from rollout.episodes import EpisodeRunner
+from rollout.episodes import EpisodeRunner, episode_metrics
 from rollout.sandbox import network_namespace_available, run_python
 from rollout.tools import ToolBox, ToolCall, ToolError, calculator, detect_tool_call_format, load_tool
 
@@ -183,7 +184,9 @@ def test_calculator_environment_runs_tool_turns_and_rewards_the_answer(tokenizer
 
     (sample,) = runner.run([prompt], [0], 1, policy, max_new_tokens=64)
     assert sample.finish_reason == "stop" and sample.episode["turn_rewards"] == [0.1, 1.0]
-    assert sample.episode["info"] == {"answered": True, "tool_calls": 1, "tool_errors": 0}
+    assert sample.episode["info"] == {"answered": True, "tool_calls": 1, "tool_errors": 0, "success": True}
+    metrics = episode_metrics([sample])
+    assert metrics["episode/tool_call_frac"] == 1.0 and metrics["episode/success_frac"] == 1.0
     assert "calculator(expression: str)" in sample.prompt.text and "<tool_call>" in sample.prompt.text
     tool_part = tokenizer.decode([t for t, m in zip(sample.response_ids, sample.response_mask) if not m])
     assert "<|im_start|>tool\n56088<|im_end|>" in tool_part  # the tool's output is context, masked
@@ -191,3 +194,12 @@ def test_calculator_environment_runs_tool_turns_and_rewards_the_answer(tokenizer
     env = CalculatorEnv(call_reward=0.1)
     env.tools = box
     assert sample.prompt.token_ids == chat.prompt(env.reset(prompt))[1]
+    # `examples`: a worked demonstration between the system message and the question
+    demo = [{"role": "user", "content": "Compute 2 * 3."}, {"role": "assistant", "content": "6"}]
+    env = CalculatorEnv(examples=demo)
+    env.tools = box
+    messages = env.reset(prompt)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"] and messages[1:3] == demo
+    assert env.step("56088").info["success"]  # a right answer is a success, shaping or not
+    with pytest.raises(EnvError, match="args.examples"):
+        check_environment_args(CalculatorEnv, {"examples": [{"role": "user"}]})

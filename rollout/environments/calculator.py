@@ -23,17 +23,21 @@ class CalculatorEnv(ToolEnvironment):
         max_calls_per_turn: int = 2,
         correct_reward: float = 1.0,
         call_reward: float = 0.0,
+        examples: list[dict[str, str]] | None = None,
     ):
-        super().__init__(system_prompt, max_calls_per_turn)
+        super().__init__(system_prompt, max_calls_per_turn, examples)
         self.correct_reward = float(correct_reward)
         self.call_reward = float(call_reward)
+        self.correct = False  # the final answer was right (info["success"]: task success without shaping)
 
     def step(self, assistant_text: str):
         calls, errors = self.calls, self.errors
         result = super().step(assistant_text)
         if (self.calls - calls) > (self.errors - errors):  # at least one call of this turn worked
             result.reward += self.call_reward
+        result.info["success"] = self.correct
         return result
 
     def answer_reward(self, text: str) -> float:
-        return self.correct_reward * get_task("arithmetic").check(text, self.prompt.label)
+        self.correct = get_task("arithmetic").check(text, self.prompt.label) == 1.0
+        return self.correct_reward * float(self.correct)

@@ -3,7 +3,8 @@
 Each assistant turn is parsed for tool calls (rollout/tools.py). With calls, they run (at most
 `max_calls_per_turn`) and their outputs come back as tool messages; the episode goes on. A turn
 without a call is the final answer: the episode ends with `answer_reward(text)` (0 here; subclasses
-such as the calculator environment check the answer).
+such as the calculator environment check the answer). `examples` (chat messages) go between the
+system message and the prompt: a worked demonstration of a call, which small models need to call at all.
 """
 
 from __future__ import annotations
@@ -18,12 +19,25 @@ class ToolEnvironment(Environment):
     needs_tools = True  # config validation: rollout.environment.tools must not be empty
     required_tools: tuple[str, ...] = ()
 
-    def __init__(self, system_prompt: str | None = None, max_calls_per_turn: int = 4):
+    def __init__(
+        self,
+        system_prompt: str | None = None,
+        max_calls_per_turn: int = 4,
+        examples: list[dict[str, str]] | None = None,
+    ):
         self.system_prompt = system_prompt
+        self.examples = [dict(m) for m in examples or []]
         self.max_calls_per_turn = int(max_calls_per_turn)
         self.prompt: Prompt | None = None
         self.calls = 0
         self.errors = 0
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        """`examples` must be chat messages (checked by `rlhf validate`)."""
+        from rollout.environments.base import check_messages
+
+        check_messages(list(args.get("examples") or []), "args.examples")
 
     def reset(self, prompt: Prompt) -> list[dict[str, Any]]:
         """A system message with the tool instructions, then the data prompt's own messages."""
@@ -39,7 +53,7 @@ class ToolEnvironment(Environment):
             system = f"{self.system_prompt}\n\n{system}"
         if messages and messages[0]["role"] == "system":
             system = f"{messages.pop(0)['content']}\n\n{system}"
-        return [{"role": "system", "content": system}, *messages]
+        return [{"role": "system", "content": system}, *self.examples, *messages]
 
     def step(self, assistant_text: str) -> StepResult:
         calls = self.tools.parse(assistant_text)
