@@ -26,6 +26,8 @@ def test_multi_turn_episodes_train_with_masked_environment_tokens(tiny_model_dir
         "data.num_eval": "0",
         "rollout.environment.max_turns": "3",
         "rollout.environment.max_tokens": "96",
+        # the recipe's demonstration game would fill most of the 256-token context of this test
+        "rollout.environment.args.examples": "[]",
         "reward.sources": "[{kind: rule, name: env}, {kind: rule, name: task, weight: 0.5}]",
         "rollout.prompts_per_step": "2",
         "rollout.sampling.n": "2",

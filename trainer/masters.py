@@ -37,7 +37,8 @@ def fp32_checkpoint_tensors(model_path: str) -> dict[str, str]:
 def restore_fp32_masters(module: nn.Module, model_path: str, prefix: str = "") -> int:
     """Set each DeepSpeed fp32 master of `module` to the checkpoint's fp32 value of that parameter.
 
-    Call on every rank right after `deepspeed.initialize` (ZeRO 1-3: each rank writes its own part).
+    Call on every rank right after `deepspeed.initialize` (ZeRO 1 and 2: each rank writes its own
+    part; ZeRO-3 masters are left as DeepSpeed built them).
     `prefix` is prepended to the module's parameter names to find them in the checkpoint. Returns
     the number of parameters restored; parameters the checkpoint lacks or stores in half precision
     keep the masters DeepSpeed built."""
@@ -49,14 +50,16 @@ def restore_fp32_masters(module: nn.Module, model_path: str, prefix: str = "") -
     files: dict[str, object] = {}
     for name, param in module.named_parameters():
         path = stored.get(prefix + name)
-        # only half-precision parameters have a master (ZeRO-3: ds_id; ZeRO-1/2: a fragment mapping)
-        has_master = hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+        # ZeRO-1/2 masters (a fragment mapping on this rank). ZeRO-3 is left alone: DeepSpeed 0.19's
+        # stage-3 set_full_hp_param slices past the end of a parameter whose size the ranks do not
+        # divide (the last partition is padded), so its masters stay the bf16 module's.
+        has_master = getattr(param, "_hp_mapping", None) is not None
         if path is None or not param.requires_grad or not has_master:
             continue
         if path not in files:
             files[path] = safe_open(path, framework="pt")
         value = files[path].get_tensor(prefix + name)
-        if tuple(value.shape) != tuple(getattr(param, "ds_shape", param.shape)):
+        if tuple(value.shape) != tuple(param.shape):
             continue
         safe_set_full_fp32_param(param, value.float())
         restored += 1
