@@ -217,7 +217,7 @@ class TrainerConfig:
     # while vLLM generates (more KV cache for the engines), back before the learners compute. Costs a
     # host round trip per step; pays only when the engines are short of memory (docs/trainer.md).
     offload_during_generation: bool = False
-    # Half-precision learners: start DeepSpeed's fp32 master weights from the checkpoint's fp32 values
+    # Half-precision learners (ZeRO 1, 2): start DeepSpeed's fp32 master weights from the checkpoint's fp32 values
     # (where it stores fp32) instead of the bf16-rounded module; small updates then show in the bf16
     # weights from the first step (trainer/masters.py, docs/trainer.md).
     masters_from_checkpoint: bool = True
