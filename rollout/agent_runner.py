@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import math
 import queue
@@ -476,14 +475,9 @@ def _comparable(message: dict[str, Any]) -> dict[str, Any]:
     calls = message.get("tool_calls")
     if not calls:
         return message
-    key = []
-    for call in calls:
-        function = call["function"]
-        try:
-            arguments = json.loads(function["arguments"])
-        except json.JSONDecodeError:
-            arguments = function["arguments"]
-        key.append((function["name"], arguments))
+    from rollout.chat_tokens import parsed_arguments
+
+    key = [(call["function"]["name"], parsed_arguments(call["function"]["arguments"])) for call in calls]
     return {**message, "tool_calls": key}
 
 

@@ -80,18 +80,24 @@ class ChatTokens:
         return text, self.encode(text)
 
 
+def parsed_arguments(arguments: Any) -> Any:
+    """A tool call's arguments as the mapping they encode: OpenAI clients send them as a JSON string
+    (left as it is when it is not JSON)."""
+    if isinstance(arguments, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(arguments)
+    return arguments
+
+
 def _for_template(message: dict) -> dict:
-    """OpenAI clients send a tool call's arguments as a JSON string; templates (Qwen, Llama 3.1, like
-    vLLM's own server) render them as a mapping."""
+    """Templates (Qwen, Llama 3.1, like vLLM's own server) render a tool call's arguments as a mapping."""
     calls = message.get("tool_calls")
     if not calls:
         return message
     out = []
     for call in calls:
         function = call.get("function") or {}
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            with contextlib.suppress(json.JSONDecodeError):
-                function = {**function, "arguments": json.loads(arguments)}
+        if "arguments" in function:
+            function = {**function, "arguments": parsed_arguments(function["arguments"])}
         out.append({**call, "function": function})
     return {**message, "tool_calls": out}
