@@ -365,7 +365,7 @@ class Trainer:
         self.gpus_to_learners(timer)
         self.advantages(batch, timer, metrics)
         stats = self.train_on(batch, timer)
-        self.wake_engines(timer)
+        self.wake_engines(timer, metrics)
         with timer.phase("sync"):
             metrics.update(roles.sync.push())
         if self.audit_due():
@@ -434,10 +434,18 @@ class Trainer:
             with timer.phase("reload"):
                 self.roles.policy.reload()
 
-    def wake_engines(self, timer: Timer) -> None:
-        if self.engine_sleeps():
-            with timer.phase("wake"):
-                self.roles.rollout.wake()
+    def wake_engines(self, timer: Timer, metrics: dict | None = None) -> None:
+        if not self.engine_sleeps():
+            return
+        if self.cfg.trainer.release_cache_before_wake and not self.learner_offloads():
+            with timer.phase("release"):
+                released = self.roles.policy.release_cache()
+                if self.roles.critic is not None:
+                    self.roles.critic.release_cache()
+            if metrics is not None:
+                metrics.update({f"memory/{k}": v for k, v in released.items()})
+        with timer.phase("wake"):
+            self.roles.rollout.wake()
 
     def offload_learners(self, timer: Timer) -> None:
         if self.learner_offloads():

@@ -137,3 +137,29 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "curve.png"
     S.plot(S.aggregate(runs, steps=3, mid_step=None, base=0.2), str(path), "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_state_takes_the_other_dirs_finished_runs_only():
+    from experiments.learning.compare_trl import SHARED_KEYS, merge_state
+
+    settings = {k: 1 for k in SHARED_KEYS}
+    mine = {
+        "settings": dict(settings),
+        "runs": {"ours/s0": {"status": "ok"}},
+        "evals": {"base": {"accuracy": 0.25}},
+    }
+    other = {
+        "settings": {**settings, "train_fingerprints": {"1": "abc"}},
+        "runs": {
+            "peer/s0": {"status": "ok"},
+            "peer/s1": {"status": "failed"},
+            "ours/s0": {"status": "ok", "x": 1},
+        },
+        "evals": {"base": {"accuracy": 0.5}, "/w/peer-s0": {"accuracy": 0.75}},
+    }
+    assert merge_state(mine, other) == ["peer/s0"]
+    assert set(mine["runs"]) == {"ours/s0", "peer/s0"} and "x" not in mine["runs"]["ours/s0"]
+    assert mine["evals"] == {"base": {"accuracy": 0.25}, "/w/peer-s0": {"accuracy": 0.75}}
+    assert mine["settings"]["train_fingerprints"] == {"1": "abc"}
+    with pytest.raises(SystemExit, match="other settings"):
+        merge_state(mine, {**other, "settings": {**settings, "steps": 2}})

@@ -259,6 +259,14 @@ class LearnerGroup:
     def reload(self) -> None:
         self.group.call("reload")
 
+    def release_cache(self) -> dict[str, float]:
+        """`Learner.release_cache` on every rank: the largest figures over ranks."""
+        out: dict[str, float] = {}
+        for figures in self.group.call("release_cache"):
+            for key, value in figures.items():
+                out[key] = max(out.get(key, 0.0), value)
+        return out
+
     def shutdown(self) -> None:
         for actor in self._actors:
             ray.kill(actor)

@@ -570,6 +570,16 @@ class Learner:
             self._move_all("cpu")
         torch.cuda.empty_cache()
 
+    def release_cache(self) -> dict[str, float]:
+        """Give the allocator's cached blocks back to CUDA (colocated engines are about to wake);
+        returns this rank's reserved memory in GiB before and after."""
+        if self.device.type != "cuda":
+            return {}
+        before = torch.cuda.memory_reserved(self.device) / 2**30
+        torch.cuda.empty_cache()
+        after = torch.cuda.memory_reserved(self.device) / 2**30
+        return {"learner_reserved_gb": before, "learner_released_gb": before - after}
+
     def reload(self) -> None:
         if self.device.type != "cuda":
             return

@@ -69,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(REPO / "experiments/results/learning"))
     ap.add_argument("--fresh", action="store_true", help="wipe --work first")
     ap.add_argument("--force", action="store_true", help="rerun runs already done in --work")
+    ap.add_argument(
+        "--merge-from",
+        nargs="+",
+        default=[],
+        metavar="WORK",
+        help="first take the finished runs (and evaluations) of these --work dirs' state.json: runs of one "
+        "comparison made in parallel, one --work per GPU, then judged together",
+    )
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--eval-only", action="store_true")
     args = ap.parse_args(argv)
@@ -439,6 +447,19 @@ def prepare(args, log: Log) -> tuple[dict, dict]:
     return files, state
 
 
+def merge_state(state: dict, other: dict) -> list[str]:
+    """Take `other`'s finished runs and evaluations that `state` lacks (same settings required)."""
+    if any(other["settings"].get(k) != state["settings"].get(k) for k in SHARED_KEYS):
+        raise SystemExit("--merge-from: that state holds runs with other settings")
+    taken = [k for k, r in other["runs"].items() if r.get("status") == "ok" and k not in state["runs"]]
+    state["runs"].update({k: other["runs"][k] for k in taken})
+    for key, result in other["evals"].items():
+        state["evals"].setdefault(key, result)
+    fingerprints = state["settings"].setdefault("train_fingerprints", {})
+    fingerprints.update(other["settings"].get("train_fingerprints", {}))
+    return taken
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out, work = Path(args.out), Path(args.work)
@@ -449,6 +470,9 @@ def main(argv=None) -> None:
     log = Log(out / "compare_trl.log")
     log(f"compare_trl {' '.join(sys.argv[1:])}")
     files, state = prepare(args, log)
+    for other in args.merge_from:
+        merged = merge_state(state, json.loads((Path(other) / "state.json").read_text()))
+        log(f"merged from {other}: {', '.join(merged) or 'nothing new'}")
     plan: list[tuple[str, list[str]]] = []
     if args.only in (None, "ours"):
         plan.append(("ours", []))
