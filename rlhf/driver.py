@@ -203,6 +203,7 @@ class Trainer:
             samples = rollout.generate(
                 self.data.next_batch(want), cfg.rollout.sampling, logprobs=self.engine_logprobs
             )
+        metrics.update({f"time/{k}": v for k, v in getattr(rollout, "last_timing", {}).items()})
         if not cfg.algorithm.dynamic_sampling:
             return samples
         kept: list[Sample] = []

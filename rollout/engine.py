@@ -181,7 +181,9 @@ class RolloutEngine:
         inputs = [{"prompt_token_ids": list(p.token_ids)} for p in prompts]
         params = self._seeded(params, prompts)
         version = self.weight_version
+        started = time.perf_counter()
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        generated = time.perf_counter()
         completions = [c for output in outputs for c in output.outputs]
         texts = self._texts(
             completions, detokenized=(params[0] if isinstance(params, list) else params).detokenize
@@ -201,7 +203,13 @@ class RolloutEngine:
                         policy_version=version,
                     )
                 )
+        self.last_timing = {"vllm_s": generated - started, "post_s": time.perf_counter() - generated}
         return samples
+
+    def generate_timing(self) -> dict[str, float]:
+        """Seconds of the last `generate` call inside vLLM (`vllm_s`) and building its samples
+        (`post_s`): what the driver's generate phase spends beyond them is Ray and the driver."""
+        return dict(getattr(self, "last_timing", {}))
 
     def continue_samples(
         self,

@@ -84,6 +84,7 @@ class RolloutGroup:
         # weights through `on_restart` (set by the driver), and its unfinished prompts are sent again.
         self.on_restart: Callable[[int], None] | None = None
         self.restarts = 0
+        self.last_timing: dict[str, float] = {}  # the last generate's engine_vllm_s / engine_post_s
         self._restart_times: dict[int, list[float]] = {}
 
     def _start_engine(self, i: int):
@@ -175,8 +176,19 @@ class RolloutGroup:
             elif self.cfg.rollout.agent.function:
                 method = "generate_agent_episodes"
             chunks = self._supervised(method, args, logprobs=logprobs)
+            if method == "generate":
+                self.last_timing = self._engine_timing(list(args))
         samples = [sample for chunk in chunks for sample in chunk]
         return sorted(samples, key=lambda s: s.group)  # stable: sample order within a group is kept
+
+    def _engine_timing(self, ranks: list[int]) -> dict[str, float]:
+        """The slowest engine's seconds in vLLM and in building samples, for the last generate."""
+        try:
+            timings = ray.get([self.group.actors[r].generate_timing.remote() for r in ranks], timeout=10)
+        except Exception:  # diagnostics only: a dead engine is the supervisor's business
+            return {}
+        keys = {k for t in timings for k in t}
+        return {f"engine_{k}": max(t.get(k, 0.0) for t in timings) for k in sorted(keys)}
 
     def _in_chunks(self, args: dict[int, tuple], logprobs: bool) -> list:
         """`generate` per rank as partial rollouts, one driver thread per engine; a rank whose engine
