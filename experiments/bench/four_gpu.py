@@ -18,7 +18,7 @@ generate/train/sync seconds and the ZeRO-3 gather and NCCL broadcast GB/s of the
 Everything the issue asks, in ONE command (each run a fresh process; a shared time budget; runs that
 no longer fit are skipped and said so; the combined JSON and markdown are rewritten after each run):
 
-  python experiments/bench/four_gpu.py --out $OUT/four_gpu --runs sync,async,gpu2,gpu1 --budget 530
+  python experiments/bench/four_gpu.py --out $OUT/four_gpu --runs sync,async,gpu2,gpu1 --budget 500 --eager
 
   sync   the 4-GPU layout, rollout.max_staleness=0
   async  the 4-GPU layout, rollout.max_staleness=1
@@ -801,7 +801,7 @@ def main() -> None:
     ap.add_argument("--override", nargs="*", default=[])
     ap.add_argument("--no-cli-plan", action="store_true", help="skip the `rlhf plan` child process")
     ap.add_argument("--runs", help="several runs in child processes, e.g. sync,async,gpu2,gpu1")
-    ap.add_argument("--budget", type=float, default=530, help="--runs: seconds for all of them")
+    ap.add_argument("--budget", type=float, default=500, help="--runs: seconds for all of them")
     ap.add_argument("--min-run-s", type=float, default=140, help="--runs: do not start a run with less left")
     ap.add_argument("--session", default=f"four_gpu_{time.strftime('%Y%m%d')}")
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny models, the plan on h100x4.yaml, exit")
