@@ -399,6 +399,7 @@ def one_run(args: argparse.Namespace) -> dict:
 
     sampler = GpuSampler(out / "gpu_samples.csv", args.sample_ms).start()
     real_start = rlhf.driver.Trainer.start_roles
+    kept: dict = {}  # the Trainer's plan, for the pairing at the end
 
     def start_roles(trainer):
         roles = real_start(trainer)
@@ -414,7 +415,7 @@ def one_run(args: argparse.Namespace) -> dict:
         except Exception as exc:  # noqa: BLE001  (pairing falls back to indices)
             result["uuid_error"] = repr(exc)
         result["roles_ready_s"] = time.perf_counter() - t_start
-        result["_plan"] = plan
+        kept["plan"] = plan
         save()
         sampler.mark("steps")
         return roles
@@ -425,7 +426,7 @@ def one_run(args: argparse.Namespace) -> dict:
     finally:
         peaks = sampler.stop()
         result["memory_samples"] = peaks
-        plan = result.pop("_plan", None)
+        plan = kept.get("plan")
         if plan is not None:
             result["memory"] = pair_with_plan(
                 plan, peaks["all"], result.get("learner_uuids"), result.get("worker_uuids")
