@@ -218,9 +218,9 @@ class TrainerConfig:
     # host round trip per step; pays only when the engines are short of memory (docs/trainer.md).
     offload_during_generation: bool = False
     # Colocated on GPUs, without offload: the learners hand their allocator's cached, unused blocks back
-    # to CUDA before the engines wake, so vLLM's own allocations during generation find free memory
-    # (the next training step allocates again; docs/trainer.md).
-    release_cache_before_wake: bool = True
+    # to CUDA before the engines wake, for vLLM's allocations during generation (the next training step
+    # allocates again). Off: on an H200 it freed 9 GB and generation was no faster (docs/trainer.md).
+    release_cache_before_wake: bool = False
     # Half-precision learners (ZeRO 1, 2): start DeepSpeed's fp32 master weights from the checkpoint's fp32 values
     # (where it stores fp32) instead of the bf16-rounded module; small updates then show in the bf16
     # weights from the first step (trainer/masters.py, docs/trainer.md).

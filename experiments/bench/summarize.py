@@ -19,6 +19,10 @@ def load(spec: str, root: Path) -> dict:
     return json.loads((root / path).read_text())[name]
 
 
+def _round(value, digits: int = 3):
+    return None if value is None else round(value, digits)
+
+
 def entry(run: dict, raw: dict, session: str, source: str) -> dict:
     s, args = run["summary"], run["args"]
     parts = s["breakdown_s"]
@@ -39,6 +43,8 @@ def entry(run: dict, raw: dict, session: str, source: str) -> dict:
         "sync_s": round(parts["sync"], 3),
         "sync_alone_s": round(s["sync_alone_s"], 4),
         "raw_vllm_nologprobs_s": round(raw["vllm"]["generate_no_logprobs_s"], 3),
+        # the same requests as our engines make them (no per-token detokenization): the stricter baseline
+        "raw_vllm_nologprobs_lean_s": _round(raw["vllm"].get("generate_lean_no_logprobs_s")),
         "raw_vllm_logprobs_s": round(raw["vllm"]["generate_s"], 3),
         "raw_deepspeed_train_s": round(raw["deepspeed"]["train_s"], 3),
         "audit_logprob_diff": round(s["audit_logprob_diff"], 4),
