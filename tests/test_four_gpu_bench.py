@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.bench import four_gpu
+from experiments.bench import four_gpu, gpu_memory
 from rlhf.placement import estimate_params, load_inventory, make_plan, params_from_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,14 +72,14 @@ SAMPLES = """\
 
 
 def test_samples_parse_into_peaks_and_skip_bad_lines():
-    peaks = four_gpu.parse_samples(SAMPLES)
+    peaks = gpu_memory.parse_samples(SAMPLES)
     assert {i: g["mib"] for i, g in peaks.items()} == {0: 30000, 1: 41000, 2: 20000}
     assert peaks[0]["uuid"] == "GPU-a" and peaks[0]["samples"] == 2 and peaks[2]["samples"] == 1
-    assert four_gpu.parse_samples(SAMPLES, reduce=min)[0]["mib"] == 1000
+    assert gpu_memory.parse_samples(SAMPLES, reduce=min)[0]["mib"] == 1000
 
 
 def test_sampler_marks_split_phases(tmp_path):
-    sampler = four_gpu.GpuSampler(tmp_path / "s.csv")
+    sampler = gpu_memory.GpuSampler(tmp_path / "s.csv")
     sampler.sink = open(sampler.path, "w")  # noqa: SIM115  (closed by stop)
     sampler.sink.write("0, GPU-a, 100, 80000\n")
     sampler.mark("roles")
@@ -118,7 +118,7 @@ def test_pairing_follows_the_uuids_ray_gave_each_role(planned):
     engine_plan = [a.gpus[0] for a in plan.assignments["rollout"]]
     # Ray put learner rank 0 on physical GPU 3, rank 1 on 2, the engines on 1 and 0
     measured = {i: {"uuid": f"GPU-{i}", "mib": 1000 * (i + 1), "total_mib": 81559} for i in range(4)}
-    rows = four_gpu.pair_with_plan(plan, measured, ["GPU-3", "GPU-2"], [["GPU-1"], ["GPU-0"]])
+    rows = gpu_memory.pair_with_plan(plan, measured, ["GPU-3", "GPU-2"], [["GPU-1"], ["GPU-0"]])
     by_plan = {r["plan_gpu"]: r for r in rows}
     assert len(rows) == 4 and all(r["paired_by"] == "uuid" for r in rows)
     assert by_plan[learner_plan[0]]["gpu_index"] == 3 and by_plan[learner_plan[1]]["gpu_index"] == 2
@@ -128,7 +128,7 @@ def test_pairing_follows_the_uuids_ray_gave_each_role(planned):
     assert rank0["measured_peak_gb"] == round(4000 * 2**20 / 1e9, 2)
     assert rank0["measured_over_estimate"] == round(4000 * 2**20 / 1e9 / rank0["estimate_gb"], 3)
     # without UUIDs: plan GPU i is nvidia-smi index i
-    rows = four_gpu.pair_with_plan(plan, measured)
+    rows = gpu_memory.pair_with_plan(plan, measured)
     assert all(r["paired_by"] == "index" and r["gpu_index"] == r["plan_gpu"] for r in rows)
 
 
@@ -137,7 +137,7 @@ def test_pairing_of_a_tensor_parallel_engine(planned):
     (engine,) = plan.assignments["rollout"]
     measured = {i: {"uuid": f"GPU-{i}", "mib": 100.0, "total_mib": 81559} for i in range(4)}
     learners = [f"GPU-{g}" for g in (0, 1)]
-    rows = four_gpu.pair_with_plan(plan, measured, learners, [["GPU-3", "GPU-2"]])
+    rows = gpu_memory.pair_with_plan(plan, measured, learners, [["GPU-3", "GPU-2"]])
     by_plan = {r["plan_gpu"]: r["gpu_index"] for r in rows}
     assert [by_plan[g] for g in engine.gpus] == [3, 2]
 
