@@ -99,6 +99,11 @@ class RolloutConfig:
     enforce_eager: bool | None = None  # None: True on CPU
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = None  # vLLM's concurrent sequences (None: vLLM's default)
+    # Whether the engines can return sampled-token logprobs. They need vLLM's "processed_logprobs" mode
+    # (after temperature, as the learner computes them), in which vLLM's sampler takes a full-vocabulary
+    # log-softmax at every decode step whether or not a request asks for logprobs. None: only where the
+    # run asks for them (engine pi_old, an off-policy correction, rollout.agent); true: always.
+    engine_logprobs: bool | None = None
     # Release weights and KV cache while learners train (colocated GPU mode).
     sleep_between_steps: bool | None = None  # None: True when colocated on GPU
     load_format: str = "auto"  # "dummy" for throughput benchmarks

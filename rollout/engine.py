@@ -57,6 +57,7 @@ class RolloutEngine:
         colocated: bool = False,
         engine_index: int = 0,
         trust_remote_code: bool = False,
+        sampled_logprobs: bool = True,
     ):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"RolloutEngine: device must be 'cpu' or 'cuda', got {device!r}")
@@ -68,6 +69,7 @@ class RolloutEngine:
         from vllm import LLM
 
         self.device = device
+        self.sampled_logprobs = sampled_logprobs
         self.dtype = resolve_dtype(dtype, device)
         self.engine_index = engine_index
         self.colocated = colocated and not on_cpu
@@ -90,7 +92,10 @@ class RolloutEngine:
             load_format=cfg.load_format,
             trust_remote_code=trust_remote_code,
             worker_extension_cls=WORKER_EXTENSION,
-            logprobs_mode="processed_logprobs",
+            # Sampled-token logprobs after temperature, as the learner computes them. vLLM's sampler then
+            # takes a full-vocabulary log-softmax at every decode step, asked for or not, so engines of
+            # runs that never ask for them keep vLLM's default (rollout.engine_logprobs).
+            logprobs_mode="processed_logprobs" if sampled_logprobs else "raw_logprobs",
         )
         if cfg.max_num_seqs:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
@@ -137,6 +142,11 @@ class RolloutEngine:
         large vocabulary costs more than half of the generation time (see docs/weight_sync.md)."""
         from vllm import SamplingParams
 
+        if logprobs and not getattr(self, "sampled_logprobs", True):
+            raise ValueError(
+                "rollout: sampled-token logprobs were asked of an engine built without them; set "
+                "rollout.engine_logprobs=true (the run's algorithm does not need them, so they are off)"
+            )
         stop = list(sampling.stop) or None
         return SamplingParams(
             # vLLM would detokenize every token as it is generated (and every logprob's token): Python

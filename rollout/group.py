@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from rlhf.actor_group import ActorGroup, GroupCallError, balance
+from rlhf.algorithms.old_logprobs import engines_return_logprobs
 from rlhf.config import RunConfig, SamplingConfig
 from rlhf.types import Prompt, Sample
 from rollout.engine import RolloutEngine, resolve_dtype
@@ -99,6 +100,7 @@ class RolloutGroup:
             colocated=self.colocated,
             engine_index=i,
             trust_remote_code=cfg.model.trust_remote_code,
+            sampled_logprobs=engines_return_logprobs(cfg),
         )
 
     def restart(self, rank: int, cause: BaseException, resync: bool = True) -> None:

@@ -38,6 +38,7 @@ def test_multi_turn_episodes_train_with_masked_environment_tokens(tiny_model_dir
         "logging.output_dir": str(tmp_path),
         "logging.plot": "false",
         "steps": "2",
+        "rollout.engine_logprobs": "true",  # the multi-turn logprobs and their mask are checked below
     }
     cfg = load_config(REPO / "configs/guess_number.yaml", [f"{k}={v}" for k, v in overrides.items()])
     trainer = Trainer(cfg)

@@ -39,6 +39,7 @@ def test_two_engines_two_learner_ranks_end_to_end(tiny_model_dir, tmp_path):
         "logging.plot": "false",
         "logging.output_dir": str(tmp_path),
         "steps": "2",
+        "rollout.engine_logprobs": "true",  # GRPO needs none; this test compares them with the learner's
     }
     cfg = load_config(REPO / "configs/quickstart.yaml", [f"{k}={v}" for k, v in overrides.items()])
     trainer = Trainer(cfg)

@@ -74,6 +74,39 @@ def test_tensor_parallel_engines_skip_the_multicast_allreduce_fusion(monkeypatch
     assert os.environ["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] == "trtllm"
 
 
+def test_engines_return_logprobs_only_where_the_run_asks():
+    """vLLM's processed-logprobs mode costs a full-vocabulary log-softmax per decode step, asked for or
+    not: engines get it only where a generate call will ask for sampled-token logprobs."""
+    from rlhf.algorithms.old_logprobs import engines_return_logprobs
+
+    cfg = RunConfig()  # GRPO, one update per batch, synchronous: pi_old from the training pass
+    assert not engines_return_logprobs(cfg)
+    cfg.rollout.max_staleness = 1  # asynchronous: decoupled PPO's behaviour policy
+    assert engines_return_logprobs(cfg)
+    cfg.algorithm.off_policy_correction = "none"
+    assert not engines_return_logprobs(cfg)
+    cfg.algorithm.recompute_old_logprobs = False  # pi_old from the engine
+    assert engines_return_logprobs(cfg)
+    cfg = RunConfig()
+    cfg.rollout.agent.function = "my_agents:solve"  # every recorded chat call carries its logprobs
+    assert engines_return_logprobs(cfg)
+    cfg = RunConfig()
+    cfg.rollout.engine_logprobs = True
+    assert engines_return_logprobs(cfg)
+
+
+def test_engine_without_sampled_logprobs_refuses_to_return_them():
+    from rollout.engine import RolloutEngine
+
+    engine = RolloutEngine.__new__(RolloutEngine)  # no vLLM needed to build the request
+    engine.sampled_logprobs = False
+    assert engine.sampling_params(SamplingConfig(n=2)).logprobs is None
+    with pytest.raises(ValueError, match=r"rollout.engine_logprobs=true"):
+        engine.sampling_params(SamplingConfig(n=2), logprobs=True)
+    engine.sampled_logprobs = True
+    assert engine.sampling_params(SamplingConfig(n=2), logprobs=True).logprobs == 0
+
+
 def test_token_logprobs_both_vllm_containers():
     from vllm.logprobs import FlatLogprobs, Logprob
 
@@ -107,6 +140,7 @@ def engine(tiny_model_dir):
         cfg = RunConfig()
         cfg.rollout.max_model_len = 512
         cfg.rollout.gpu_memory_utilization = 0.01
+        cfg.rollout.engine_logprobs = True  # the tests below compare sampled-token logprobs with HF's
         group = RolloutGroup(cfg, path, "cpu")
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         yield SimpleNamespace(group=group, hf=hf, tok=tok, prompts=prompts)

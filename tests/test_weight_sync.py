@@ -213,6 +213,7 @@ def cluster(request):
         cfg = RunConfig()
         cfg.rollout.max_model_len = 512
         cfg.rollout.gpu_memory_utilization = 0.01
+        cfg.rollout.engine_logprobs = True  # partial rollouts below check the engine's logprobs
         rollout = RolloutGroup(cfg, path, "cpu")
         from transformers import AutoTokenizer
 

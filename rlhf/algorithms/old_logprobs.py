@@ -30,6 +30,15 @@ def engine_logprobs_needed(alg: AlgorithmConfig, max_staleness: int = 0) -> bool
     return alg.recompute_old_logprobs is False or off_policy_correction(alg, max_staleness) != "none"
 
 
+def engines_return_logprobs(cfg) -> bool:
+    """Whether any generate call of the run `cfg` (a RunConfig) asks the engines for sampled-token
+    logprobs: the algorithm's (above), the agent endpoint's recorded calls, or `rollout.engine_logprobs`."""
+    if cfg.rollout.engine_logprobs is not None:
+        return bool(cfg.rollout.engine_logprobs)
+    needed = engine_logprobs_needed(cfg.algorithm, cfg.rollout.max_staleness)
+    return needed or bool(cfg.rollout.agent.function)
+
+
 def single_update(alg: AlgorithmConfig) -> bool:
     return alg.ppo_epochs == 1 and alg.mini_batches == 1
 
