@@ -6,7 +6,9 @@
 Each seed sets the run's `seed` and `rollout.seed` (sampling); the prompt stream and the 128 held-out
 prompts stay the same for every seed, so the seeds differ only in what the policy samples. The
 held-out set is scored greedily (`rollout.eval_temperature=0`) at every `eval_every` step. Runs go one
-after the other (each uses every core); the summary is rewritten after each run.
+after the other (each uses every core); the summary is rewritten after each run. With `--reuse`, a seed
+whose run directory already holds a finished run of this script (same runs-dir) is read, not rerun:
+seeds can be run one at a time (e.g. between other jobs on shared cores) and summarised together.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main() -> None:
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--out", required=True, help="summary JSON")
     ap.add_argument("--runs-dir", default="runs/quickstart_seeds")
+    ap.add_argument(
+        "--reuse", action="store_true", help="read finished seeds' runs instead of rerunning them"
+    )
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args()
     out = Path(args.out)
@@ -76,11 +81,19 @@ def main() -> None:
             "logging.wandb_mode=disabled",
             *args.overrides,
         ]
-        print("==", " ".join(cmd), flush=True)
-        start = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=REPO).returncode
-        wall = (time.perf_counter() - start) / 60
         run_dir = REPO / args.runs_dir / name
+        record = run_dir / "quickstart_seeds_run.json"
+        if args.reuse and record.exists() and json.loads(record.read_text())["cmd"] == cmd[1:]:
+            done = json.loads(record.read_text())
+            rc, wall = done["rc"], done["wall_min"]
+            print(f"== seed {seed}: reusing {run_dir}", flush=True)
+        else:
+            print("==", " ".join(cmd), flush=True)
+            start = time.perf_counter()
+            rc = subprocess.run(cmd, cwd=REPO).returncode
+            wall = (time.perf_counter() - start) / 60
+            if run_dir.exists():
+                record.write_text(json.dumps({"cmd": cmd[1:], "rc": rc, "wall_min": round(wall, 2)}))
         curve = eval_curve(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
         steps = sorted(curve)
         runs.append(
