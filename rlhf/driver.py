@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from reward.pipeline import drop_unscored_groups
 from rlhf import checkpoint as ckpt
-from rlhf import evaluation, lineage
+from rlhf import evaluation, lineage, run_summary
 from rlhf.algorithms import advantages as adv_fns
 from rlhf.algorithms import filters, kl, old_logprobs
 from rlhf.algorithms.gae import gae
@@ -503,6 +503,7 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> Path:
         cfg = self.cfg
+        started = time.perf_counter()
         self.roles = self.start_roles()
         self.monitor = RunMonitor(self.run_name)
         try:
@@ -540,6 +541,7 @@ class Trainer:
             self.save()
             if evaluation.HEADLINE in metrics:
                 log(f"eval after training: reward {metrics[evaluation.HEADLINE]:.3f}")
+            png = None
             if cfg.logging.plot:
                 png = plot_rewards(
                     self.run_dir / "metrics.jsonl",
@@ -547,8 +549,11 @@ class Trainer:
                     eval_temperature=cfg.rollout.eval_temperature,
                 )
                 self.metrics.log_image("reward_curve", png)
-                if png:
-                    log(f"reward curve: {png}")
+            rows = run_summary.read_metrics(self.run_dir / "metrics.jsonl")
+            for line in run_summary.closing_lines(
+                rows, self.run_dir, png or None, time.perf_counter() - started
+            ):
+                log(line)
         finally:
             self.shutdown()
         return self.run_dir

@@ -214,6 +214,11 @@ def sample_metrics(samples: list) -> dict[str, float]:
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": float(np.mean([s.truncated for s in samples])),
     }
+    by_group: dict[int, set[float]] = {}
+    for s in samples:
+        by_group.setdefault(s.group, set()).add(float(s.reward))
+    # groups whose samples all got one reward: zero GRPO advantages, nothing to learn from them
+    out["reward/zero_std_groups_frac"] = float(np.mean([len(r) == 1 for r in by_group.values()]))
     if all("task" in s.reward_parts for s in samples):
         out["reward/accuracy"] = float(np.mean([s.reward_parts["task"] for s in samples]))
     if any(s.episode is not None for s in samples):
