@@ -192,6 +192,7 @@ def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, f"job status: {status}\n--- logs ---\n{logs[-5000:]}"
     assert "eval after training" in logs
+    assert "[rlhf] done: held-out reward" in logs and "2 steps in" in logs  # the closing line
     rows = [json.loads(line) for line in (out_dir / "cluster" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "reward/mean" in r]
     assert steps == [1, 2]
