@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quickstart: set up the CPU environment, show the placement plan, then train
-# SmolLM2-135M-Instruct with GRPO on the built-in arithmetic task (about 6 minutes on 2 cores once set up;
+# SmolLM2-135M-Instruct with GRPO on the built-in arithmetic task (about 9 minutes on 2 cores once set up;
 # the first setup adds about 2.5).
 #   bash scripts/quickstart.sh [key=value overrides]
 set -euo pipefail
