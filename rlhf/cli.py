@@ -97,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf.config_loader import resolve_device
     from rlhf.placement import local_inventory, make_plan
+    from rlhf.preflight import check_run_inputs
 
     cfg = load_config(args.config, overrides)
     # The placement too, where a cluster is known: more replicas than GPUs, a tensor-parallel engine
@@ -106,6 +108,10 @@ def _validate(args: argparse.Namespace, overrides: list[str]) -> int:
         make_plan(cfg, _inventory(cfg, args.inventory))
     elif local_inventory().total_gpus > 0:
         make_plan(cfg, local_inventory())
+    # What the run will read: the data file's columns, the model's config and tokenizer, and whether
+    # vLLM here runs its head size and dtype (rlhf/preflight.py); one line each, to stderr.
+    for line in check_run_inputs(cfg, resolve_device(cfg)):
+        print(f"checked: {line}", file=sys.stderr)
     print(to_yaml(cfg), end="")
     return 0
 
