@@ -24,6 +24,19 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arro
 EVAL_SEED_OFFSET = 1_000_003  # eval prompts of built-in tasks come from another seed stream
 
 
+def column_problems(cfg: DataConfig, columns: list[str], task: str | None) -> tuple[str | None, str | None]:
+    """(error, warning) for a data file's columns against input_key and label_key: a missing input
+    column, or a missing label column where a task checker needs labels, is an error; a missing label
+    column otherwise a warning. Shared by loading (PromptData) and `rlhf validate` (rlhf/preflight.py)."""
+    shown = ", ".join(columns) or "none"
+    if cfg.input_key not in columns:
+        return f"data.input_key {cfg.input_key!r} is not a column of {cfg.source} (columns: {shown})", None
+    if cfg.label_key in columns:
+        return None, None
+    message = f"data.label_key {cfg.label_key!r} is not a column of {cfg.source} (columns: {shown})"
+    return (message + f"; task {task!r} needs labels", None) if task else (None, message)
+
+
 class PromptData:
     """Train/eval prompts for one run; `task` is the checker for the labels (None without one)."""
 
@@ -124,20 +137,12 @@ class PromptData:
     def _load_rows(self) -> tuple[list[dict], list[dict]]:
         cfg = self.cfg
         ds = self._load_dataset()
-        if cfg.input_key not in ds.column_names:
-            raise KeyError(
-                f"data.input_key {cfg.input_key!r} is not a column of {cfg.source} "
-                f"(columns: {', '.join(ds.column_names)})"
-            )
-        has_labels = cfg.label_key in ds.column_names
-        if not has_labels:
-            message = (
-                f"data.label_key {cfg.label_key!r} is not a column of {cfg.source} "
-                f"(columns: {', '.join(ds.column_names)})"
-            )
-            if self.task is not None:
-                raise KeyError(message + f"; task {self.task.name!r} needs labels")
-            logger.warning("%s; prompts get label=None", message)
+        error, label_warning = column_problems(cfg, ds.column_names, self.task.name if self.task else None)
+        if error:
+            raise KeyError(error)
+        has_labels = label_warning is None
+        if label_warning:
+            logger.warning("%s; prompts get label=None", label_warning)
         inputs = ds[cfg.input_key]
         labels = ds[cfg.label_key] if has_labels else [None] * len(ds)
         rows, skipped = [], {}

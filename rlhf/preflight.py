@@ -10,7 +10,7 @@ import os
 
 from rlhf.config import DataConfig, RunConfig
 from rlhf.config_loader import ConfigError
-from rlhf.data import FILE_FORMATS
+from rlhf.data import FILE_FORMATS, column_problems
 
 
 class PreflightError(ConfigError):
@@ -98,19 +98,13 @@ def check_data_columns(data: DataConfig) -> str:
     if not os.path.isfile(source) or ext not in FILE_FORMATS:
         return f"data.source {data.source}: not a local data file, columns checked when the run loads it"
     columns = _columns(source, ext)
-    shown = ", ".join(columns) or "none"
-    if data.input_key not in columns:
-        raise PreflightError(
-            f"data.input_key {data.input_key!r} is not a column of {data.source} (columns: {shown})"
-        )
-    labels = data.label_key in columns
-    if not labels and data.task_args.get("task"):
-        raise PreflightError(
-            f"data.label_key {data.label_key!r} is not a column of {data.source} (columns: {shown}); "
-            f"task {data.task_args['task']!r} needs labels"
-        )
+    error, label_warning = column_problems(data, columns, data.task_args.get("task"))
+    if error:
+        raise PreflightError(error)
     label_note = (
-        f"label_key {data.label_key!r}" if labels else f"no {data.label_key!r} column: prompts get no label"
+        f"label_key {data.label_key!r}"
+        if label_warning is None
+        else f"no {data.label_key!r} column: prompts get no label"
     )
     return f"data.source {data.source}: input_key {data.input_key!r}, {label_note}"
 
