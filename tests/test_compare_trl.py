@@ -3,6 +3,7 @@ arithmetic of the comparison's summary, against hand-computed values."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -163,3 +164,31 @@ def test_merge_state_takes_the_other_dirs_finished_runs_only():
     assert mine["settings"]["train_fingerprints"] == {"1": "abc"}
     with pytest.raises(SystemExit, match="other settings"):
         merge_state(mine, {**other, "settings": {**settings, "steps": 2}})
+
+
+def test_a_recorded_summary_merges_without_its_base_scores(tmp_path):
+    from experiments.learning.compare_trl import SHARED_KEYS, load_merge_source, merge_state
+
+    settings = {k: 1 for k in SHARED_KEYS}
+    recorded = {
+        "settings": settings,
+        "runs": {"peer/s0": {"status": "ok", "models": {"40": "/old/peer-s0"}}},
+        "evals": {
+            "base": {"accuracy": 0.25},
+            "base_recheck": {"accuracy": 0.25},
+            "/old/peer-s0": {"accuracy": 0.5},
+        },
+        "by_label": {},
+    }
+    (tmp_path / "summary.json").write_text(json.dumps(recorded))
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "state.json").write_text(json.dumps({**recorded, "runs": {}}))
+    mine = {"settings": dict(settings), "runs": {}, "evals": {}}
+    assert merge_state(mine, load_merge_source(tmp_path / "summary.json")) == ["peer/s0"]
+    assert mine["evals"] == {"/old/peer-s0": {"accuracy": 0.5}}  # the base is scored again by this judge
+    assert load_merge_source(tmp_path / "work")["evals"]["base"] == {"accuracy": 0.25}
+
+
+def test_variants_only_leaves_out_the_default_runs_of_ours():
+    args = parse_args(["--variants-only", "--only", "ours", "--variant", "tis", "algorithm.tis_cap=2.0"])
+    assert args.variants_only and args.variant == [["tis", "algorithm.tis_cap=2.0"]]

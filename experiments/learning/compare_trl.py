@@ -75,7 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         metavar="WORK",
         help="first take the finished runs (and evaluations) of these --work dirs' state.json: runs of one "
-        "comparison made in parallel, one --work per GPU, then judged together",
+        "comparison made in parallel, one --work per GPU, then judged together. A summary.json file (a "
+        "recorded comparison) merges the same way, except that this judge scores the base model again",
+    )
+    ap.add_argument(
+        "--variants-only",
+        action="store_true",
+        help="train only the --variant runs of ours (the default ours runs are recorded elsewhere)",
     )
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--eval-only", action="store_true")
@@ -447,6 +453,16 @@ def prepare(args, log: Log) -> tuple[dict, dict]:
     return files, state
 
 
+def load_merge_source(path: Path) -> dict:
+    """A --work dir's state.json, or a recorded summary.json: its base-model scores are dropped, so that
+    this judge scores the base again (equal scores show the two judges agree)."""
+    if path.is_dir():
+        return json.loads((path / "state.json").read_text())
+    other = json.loads(path.read_text())
+    evals = {k: v for k, v in other["evals"].items() if k not in ("base", "base_recheck")}
+    return {**other, "evals": evals}
+
+
 def merge_state(state: dict, other: dict) -> list[str]:
     """Take `other`'s finished runs and evaluations that `state` lacks (same settings required)."""
     if any(other["settings"].get(k) != state["settings"].get(k) for k in SHARED_KEYS):
@@ -471,11 +487,11 @@ def main(argv=None) -> None:
     log(f"compare_trl {' '.join(sys.argv[1:])}")
     files, state = prepare(args, log)
     for other in args.merge_from:
-        merged = merge_state(state, json.loads((Path(other) / "state.json").read_text()))
+        merged = merge_state(state, load_merge_source(Path(other)))
         log(f"merged from {other}: {', '.join(merged) or 'nothing new'}")
     plan: list[tuple[str, list[str]]] = []
     if args.only in (None, "ours"):
-        plan.append(("ours", []))
+        plan += [] if args.variants_only else [("ours", [])]
         plan += [(f"ours:{name}", shlex.split(extra)) for name, extra in args.variant]
     if args.only in (None, "peer"):
         plan.append(("peer", []))
