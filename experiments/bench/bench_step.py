@@ -434,6 +434,7 @@ def gpu_layout(args) -> list[str]:
 def summarise(res: dict, args) -> dict:
     steps = res["rlhf"]["steps"][1:] or res["rlhf"]["steps"]  # the first step includes warm-up
     avg = lambda key: sum(s.get(key, 0.0) for s in steps) / len(steps)  # noqa: E731
+    audited = any("sync/audit_logprob_diff" in s for s in steps)
     sync = sorted(s["sync/time_s"] for s in res["rlhf"]["sync_alone"])[len(res["rlhf"]["sync_alone"]) // 2]
     gen, train = avg("time/generate_s"), avg("time/train_s")
     logprob_passes = avg("time/ref_logprobs_s") + avg("time/old_logprobs_s")
@@ -457,8 +458,11 @@ def summarise(res: dict, args) -> dict:
             for key in res["rlhf"]["sync_alone"][0]
             if key.startswith(("sync/learner_", "sync/engine_"))
         },
-        "audit_logprob_diff": avg("sync/audit_logprob_diff"),
-        "audit_logprob_diff_max": max(s.get("sync/audit_logprob_diff_max", 0.0) for s in steps),
+        # None where no step audited (engines without logprobs, e.g. asynchronous with no correction)
+        "audit_logprob_diff": avg("sync/audit_logprob_diff") if audited else None,
+        "audit_logprob_diff_max": max(s.get("sync/audit_logprob_diff_max", 0.0) for s in steps)
+        if audited
+        else None,
     }
     if "vllm" in res:
         out["vllm_alone_generate_s"] = res["vllm"]["generate_s"]

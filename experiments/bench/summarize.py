@@ -47,7 +47,7 @@ def entry(run: dict, raw: dict, session: str, source: str) -> dict:
         "raw_vllm_nologprobs_lean_s": _round(raw["vllm"].get("generate_lean_no_logprobs_s")),
         "raw_vllm_logprobs_s": round(raw["vllm"]["generate_s"], 3),
         "raw_deepspeed_train_s": round(raw["deepspeed"]["train_s"], 3),
-        "audit_logprob_diff": round(s["audit_logprob_diff"], 4),
+        "audit_logprob_diff": _round(s["audit_logprob_diff"], 4),
     }
 
 
