@@ -1,0 +1,37 @@
+"""The benchmark's step summary (experiments/bench/bench_step.py::summarise) on hand-made step logs."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.bench.bench_step import summarise
+
+
+def _res(audited: bool) -> dict:
+    steps = []
+    for step_s, gen, train in [(20.0, 9.0, 9.0), (10.0, 5.0, 4.0), (12.0, 6.0, 5.0)]:
+        s = {"time/step_s": step_s, "time/generate_s": gen, "time/train_s": train, "time/sync_s": 0.5}
+        s["perf/generated_tokens"] = 1000
+        if audited:
+            s["sync/audit_logprob_diff"] = 0.01 if gen == 5.0 else 0.02
+            s["sync/audit_logprob_diff_max"] = 0.1
+        steps.append(s)
+    pushes = [{"sync/time_s": t, "sync/bytes": 2e9, "sync/engine_load_s": t / 2} for t in (0.3, 0.1, 0.2)]
+    return {"rlhf": {"steps": steps, "sync_alone": pushes}}
+
+
+def test_the_warm_up_step_is_not_counted_and_pushes_take_the_median():
+    out = summarise(_res(audited=True), None)
+    assert out["step_s"] == pytest.approx(11.0)  # (10 + 12) / 2, not counting the first step
+    assert out["breakdown_s"]["generate"] == pytest.approx(5.5)
+    assert out["end_to_end_tokens_per_s"] == pytest.approx(1000 / 11.0)
+    assert out["overhead_ratio"] == pytest.approx(11.0 / (5.5 + 4.5 + 0.5))
+    assert out["sync_alone_s"] == pytest.approx(0.2) and out["sync_gbps"] == pytest.approx(10.0)
+    assert out["sync_phases_s"] == {"engine_load_s": pytest.approx(0.1)}
+    assert out["audit_logprob_diff"] == pytest.approx(0.015) and out["audit_logprob_diff_max"] == 0.1
+
+
+def test_a_run_without_audits_reports_none_rather_than_zero():
+    """Asynchronous runs without engine logprobs audit nothing: 0.0 would read as a perfect audit."""
+    out = summarise(_res(audited=False), None)
+    assert out["audit_logprob_diff"] is None and out["audit_logprob_diff_max"] is None
