@@ -62,3 +62,11 @@ python3 experiments/learning/compare_trl.py --device cuda --timeout 300 --eval-o
    --work $LEASE/judge/work --out $LEASE/judge/out --merge-from $LEASE/async_learn/work
 EOF
 )"
+
+# What changed while it ran (session 7): the benchmark ran longer than planned, so the two queues above
+# that waited for it (async_learn, judge2) were stopped and replaced, once GPUs 2-3 were free, by
+#   async1 on GPUs 2,3: compare_trl.py ... --only ours --variants-only --seeds 0 \
+#       --variant async1 "rollout.max_staleness=1 placement.colocate=[]"
+#   judge3 on GPU 2 after async1: compare_trl.py --eval-only ... --work $LEASE/judge/work --merge-from $LEASE/async1/work
+# A last call trained seed 1 of seqmean, tis and async1 at once (GPUs 2, 3 and 0-1); its judge never
+# ran (the call waited on `pgrep -f` matching its own command line) and the device time ran out.
