@@ -53,10 +53,10 @@ wait)
             [ -e "$log" ] && [ ! -e "${log%.log}.done" ] && pending=1
         done
         [ $pending = 0 ] && break
-        sleep 10
+        sleep "${LEASE_POLL_S:-10}"
     done
     status
-    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
     ;;
 status) status ;;
 collect)
