@@ -226,7 +226,7 @@ class TrainerConfig:
     # to CUDA before the engines wake, for vLLM's allocations during generation (the next training step
     # allocates again). Off: on an H200 it freed 9 GB and generation was no faster (docs/trainer.md).
     release_cache_before_wake: bool = False
-    # Half-precision learners (ZeRO 1, 2): start DeepSpeed's fp32 master weights from the checkpoint's fp32 values
+    # Half-precision learners (ZeRO 1, 2, 3): start DeepSpeed's fp32 master weights from the checkpoint's fp32 values
     # (where it stores fp32) instead of the bf16-rounded module; small updates then show in the bf16
     # weights from the first step (trainer/masters.py, docs/trainer.md).
     masters_from_checkpoint: bool = True

@@ -373,3 +373,35 @@ def test_bf16_masters_start_from_the_fp32_checkpoint(zero_stage, in_process, tin
     learner_run_steps(learner, make_batch(tiny_model_dir), 1)
     for name, param in params.items():
         assert torch.equal(param.data, safe_get_full_fp32_param(param).to(torch.bfloat16)), name
+
+
+def test_zero3_partition_of_a_tensor_the_ranks_do_not_divide():
+    from trainer.masters import zero3_partition
+
+    value = torch.arange(7.0).reshape(7, 1)
+    assert zero3_partition(value, 0, 4).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert zero3_partition(value, 1, 4).tolist() == [4.0, 5.0, 6.0, 0.0]  # the last part padded
+
+
+@pytest.mark.slow
+def test_bf16_zero3_masters_start_from_the_fp32_checkpoint(in_process, tiny_model_dir, monkeypatch):
+    """ZeRO-3: each rank's fp32 master partition holds its part of the checkpoint's fp32 values."""
+    from deepspeed.utils import safe_get_local_fp32_param
+    from safetensors.torch import load_file
+
+    from trainer.masters import fp32_checkpoint_tensors
+
+    checkpoint = {}
+    for path in set(fp32_checkpoint_tensors(tiny_model_dir).values()):
+        checkpoint.update(load_file(path))
+    learner = bf16_learner(3, tiny_model_dir, monkeypatch)
+    params = dict(learner.engine.module.named_parameters())
+    assert learner.masters_restored == len(params)
+    off_grid = 0
+    for name, param in params.items():
+        local = safe_get_local_fp32_param(param).flatten().cpu()
+        expected = checkpoint[name].flatten()  # world size 1: one partition, padded at most
+        assert torch.equal(local[: expected.numel()], expected), name
+        assert not local[expected.numel() :].any(), name
+        off_grid += int((expected != expected.to(torch.bfloat16).float()).sum())
+    assert off_grid > 0.9 * sum(c.numel() for c in checkpoint.values() if c.dtype == torch.float32)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 
+import torch
 from torch import nn
 
 
@@ -37,12 +38,12 @@ def fp32_checkpoint_tensors(model_path: str) -> dict[str, str]:
 def restore_fp32_masters(module: nn.Module, model_path: str, prefix: str = "") -> int:
     """Set each DeepSpeed fp32 master of `module` to the checkpoint's fp32 value of that parameter.
 
-    Call on every rank right after `deepspeed.initialize` (ZeRO 1 and 2: each rank writes its own
-    part; ZeRO-3 masters are left as DeepSpeed built them).
+    Call on every rank right after `deepspeed.initialize`: each rank writes its own part (ZeRO 1 and 2
+    through DeepSpeed's fragment mapping, ZeRO-3 its local partition).
     `prefix` is prepended to the module's parameter names to find them in the checkpoint. Returns
     the number of parameters restored; parameters the checkpoint lacks or stores in half precision
     keep the masters DeepSpeed built."""
-    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
     from safetensors import safe_open
 
     stored = fp32_checkpoint_tensors(model_path)
@@ -50,17 +51,30 @@ def restore_fp32_masters(module: nn.Module, model_path: str, prefix: str = "") -
     files: dict[str, object] = {}
     for name, param in module.named_parameters():
         path = stored.get(prefix + name)
-        # ZeRO-1/2 masters (a fragment mapping on this rank). ZeRO-3 is left alone: DeepSpeed 0.19's
-        # stage-3 set_full_hp_param slices past the end of a parameter whose size the ranks do not
-        # divide (the last partition is padded), so its masters stay the bf16 module's.
-        has_master = getattr(param, "_hp_mapping", None) is not None
+        zero3 = getattr(param, "_z3_optimizer", None) is not None
+        has_master = zero3 or getattr(param, "_hp_mapping", None) is not None
         if path is None or not param.requires_grad or not has_master:
             continue
         if path not in files:
             files[path] = safe_open(path, framework="pt")
         value = files[path].get_tensor(prefix + name)
-        if tuple(value.shape) != tuple(param.shape):
+        if tuple(value.shape) != tuple(param.ds_shape if zero3 else param.shape):
             continue
-        safe_set_full_fp32_param(param, value.float())
+        if zero3:
+            # Not set_full_hp_param: DeepSpeed 0.19's stage-3 version slices past the end of a
+            # parameter whose size the ranks do not divide (the last partition is padded).
+            rank = param._z3_optimizer._get_param_partition_rank(param)
+            safe_set_local_fp32_param(param, zero3_partition(value.float(), rank, param.ds_tensor.numel()))
+        else:
+            safe_set_full_fp32_param(param, value.float())
         restored += 1
     return restored
+
+
+def zero3_partition(value: torch.Tensor, rank: int, partition_numel: int) -> torch.Tensor:
+    """`rank`'s ZeRO-3 partition of `value`: the flattened tensor cut into equal parts of
+    `partition_numel` elements, the last part padded with zeros."""
+    part = value.flatten()[rank * partition_numel : (rank + 1) * partition_numel]
+    if part.numel() < partition_numel:
+        part = torch.cat([part, part.new_zeros(partition_numel - part.numel())])
+    return part
