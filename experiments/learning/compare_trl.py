@@ -491,7 +491,8 @@ def main(argv=None) -> None:
         log(f"merged from {other}: {', '.join(merged) or 'nothing new'}")
     plan: list[tuple[str, list[str]]] = []
     if args.only in (None, "ours"):
-        plan += [] if args.variants_only else [("ours", [])]
+        if not args.variants_only:
+            plan.append(("ours", []))
         plan += [(f"ours:{name}", shlex.split(extra)) for name, extra in args.variant]
     if args.only in (None, "peer"):
         plan.append(("peer", []))
