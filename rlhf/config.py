@@ -268,9 +268,10 @@ class SyncConfig:
     transport: Literal["auto", "object_store", "broadcast", "cuda_ipc"] = "auto"
     bucket_mb: int = 256
     # How engines write received weights: direct (each parameter's loader into the live tensor, fast),
+    # replay (direct on the first push, whose parameter copies are then replayed as one batched copy),
     # layerwise (vLLM's layer-wise reload with post-load processing: CPU, quantized), auto (direct
     # where nothing is post-processed).
-    engine_reload: Literal["auto", "direct", "layerwise"] = "auto"
+    engine_reload: Literal["auto", "direct", "replay", "layerwise"] = "auto"
     audit: bool = True  # compare engine and learner logprobs on a probe batch after each sync
     audit_samples: int = 4
     audit_every: int | None = None  # steps between audits (None: 1 synchronous, 10 asynchronous; 0: never)

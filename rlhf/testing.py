@@ -208,3 +208,30 @@ def random_token_rows(rows: int, width: int, prompt: int, generator):
     loss_mask = attention.float()
     loss_mask[:, :prompt] = 0
     return input_ids, attention, loss_mask
+
+
+def vllm_model_on_cpu(model_dir: str, dtype: str = "float32"):
+    """vLLM's own model class for `model_dir`, built in this process on CPU with its weight loaders.
+
+    No engine: the parameters are as vLLM creates them, before any post-load processing, so tests can
+    drive `model.load_weights` (vLLM's real name mapping and stacked-parameter loaders) directly.
+    Initialises vLLM's single-rank parallel state (gloo) once per process. Returns (model, config)."""
+    import socket
+
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+
+    model_config = ModelConfig(model=model_dir, dtype=dtype)
+    config = VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"))
+    with set_current_vllm_config(config):
+        if not model_parallel_is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
+            initialize_model_parallel(1, 1)
+        model_cls, _ = get_model_architecture(model_config)
+        model = model_cls(vllm_config=config, prefix="")
+    return model, config

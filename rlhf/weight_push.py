@@ -260,4 +260,9 @@ def _sync_phases(payloads: list[SyncPayload], loaded: list) -> dict[str, float]:
             out["sync/engine_params_without_loader"] = float(stats["params_without_loader"])
         if isinstance(stats, dict) and "reload_direct" in stats:  # 1 only if every engine wrote directly
             out["sync/engine_direct"] = min(out.get("sync/engine_direct", 1.0), float(stats["reload_direct"]))
+        if isinstance(stats, dict) and "buckets_replayed" in stats:  # replay: the fewest of any worker
+            replayed = float(stats["buckets_replayed"])
+            out["sync/engine_buckets_replayed"] = min(
+                out.get("sync/engine_buckets_replayed", replayed), replayed
+            )
     return out

@@ -40,7 +40,7 @@ from rlhf.sync_routes import TRANSPORTS
 logger = logging.getLogger(__name__)
 
 NamedTensors = list[tuple[str, torch.Tensor]]
-ENGINE_RELOADS = ("auto", "direct", "layerwise")
+ENGINE_RELOADS = ("auto", "direct", "replay", "layerwise")
 _ALIGN = 64  # byte alignment of every tensor inside a packed buffer (any dtype view stays legal)
 
 
@@ -64,8 +64,10 @@ class SyncSpec:
     version: int = 0  # push counter: namespaces the store keys of one push
     timeout_s: float = 600.0
     # How an engine worker writes the weights (see rollout.worker_extension.reload_mode): "direct"
-    # (each parameter's own loader, straight into the live tensors), "layerwise" (vLLM's layer-wise
-    # reload, which redoes post-load processing), "auto" (direct where nothing is post-processed).
+    # (each parameter's own loader, straight into the live tensors), "replay" (direct once per bucket
+    # layout, then its recorded copies replayed: rollout.weight_replay), "layerwise" (vLLM's
+    # layer-wise reload, which redoes post-load processing), "auto" (direct where nothing is
+    # post-processed).
     engine_reload: str = "auto"
 
 
@@ -218,13 +220,20 @@ def pack_bucket(
     return PackedBucket(metas, buffer)
 
 
-def unpack_bucket(packed: PackedBucket, device: torch.device | str | None = None) -> NamedTensors:
-    """Views into the packed buffer (moved to `device` first); consumers copy them into params."""
+def bucket_on(packed: PackedBucket, device: torch.device | str | None = None) -> PackedBucket:
+    """The same bucket with its buffer a tensor on `device` (default: where it is)."""
     buffer = packed.buffer
     if isinstance(buffer, bytes | bytearray | memoryview):
         buffer = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)
     if device is not None and buffer.device != torch.device(device):
         buffer = buffer.to(device)
+    return packed if buffer is packed.buffer else PackedBucket(packed.metas, buffer)
+
+
+def unpack_bucket(packed: PackedBucket, device: torch.device | str | None = None) -> NamedTensors:
+    """Views into the packed buffer (moved to `device` first); consumers copy them into params."""
+    packed = bucket_on(packed, device)
+    buffer = packed.buffer
     out = []
     for meta in packed.metas:
         flat = buffer[meta.offset : meta.offset + meta.nbytes].view(getattr(torch, meta.dtype))
@@ -454,19 +463,27 @@ def receive_buckets(
     load_weights: Callable[[NamedTensors], Any],
     device: torch.device | str | None = None,
     rank: int = 1,
+    load_bucket: Callable[[PackedBucket, NamedTensors], Any] | None = None,
 ) -> dict[str, int]:
     """One engine worker: feed every bucket of this push to `load_weights`, one bucket at a time.
 
     `payload` is the sender's `SyncPayload` (object_store: refs) or a list of ObjectRefs /
     `PackedBucket`s; it is ignored by broadcast and cuda_ipc, which read the store instead.
     `rank` is this worker's rank in the sync group (`engine_first_rank` + its TP rank).
+    `load_bucket(packed, tensors)`, if given, is called instead of `load_weights(tensors)`: it also
+    sees the bucket's buffer and layout (the tensors are views into it), which the replay path needs.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     stats = {"num_bytes": 0, "num_tensors": 0, "num_buckets": 0, "load_s": 0.0, "wait_s": 0.0}
 
     def load(packed: PackedBucket) -> None:
         start = time.perf_counter()
-        load_weights(unpack_bucket(packed, device))
+        packed = bucket_on(packed, device)
+        tensors = unpack_bucket(packed)
+        if load_bucket is None:
+            load_weights(tensors)
+        else:
+            load_bucket(packed, tensors)
         stats["load_s"] += time.perf_counter() - start
         stats["num_bytes"] += packed.nbytes
         stats["num_tensors"] += len(packed.metas)

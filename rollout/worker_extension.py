@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from rlhf import weight_sync
+from rollout.weight_replay import WeightReplay, bucket_layout
 
 
 def _layerwise_reload_api():
@@ -56,15 +57,20 @@ def _reprocess(layers: list[torch.nn.Module]) -> None:
 
 def reload_mode(model: torch.nn.Module, requested: str = "auto", quantized: bool = False) -> str:
     """ "direct": `model.load_weights` writes each tensor straight into the live parameter through its
-    own weight loader (no reallocation: the fast path, what vLLM's own RLHF examples do on GPU).
+    own weight loader (no reallocation: what vLLM's own RLHF examples do on GPU). "replay": direct
+    for the first push of each bucket layout, whose parameter copies are recorded and replayed as one
+    batched copy afterwards (`rollout.weight_replay`; falls back to direct where the recording does
+    not explain the whole load).
     "layerwise": vLLM's layer-wise reload, which rebuilds each layer and redoes its post-load
     processing; needed where loading transformed the weights (the CPU backend repacks its GEMM
     weights and drops the loaders; quantized models). "auto" picks direct on a GPU unless the model
     is quantized (or when vLLM has no layer-wise reload at all). Parameters created without a
     loader (vLLM 0.26's RMSNorm weights on GPU, 49 in Qwen2.5-0.5B) take `default_weight_loader`,
     a plain copy, inside `load_weights`, so they do not call for the layer-wise path."""
-    if requested not in ("auto", "direct", "layerwise"):
-        raise ValueError(f"sync.engine_reload: expected auto, direct or layerwise, got {requested!r}")
+    if requested not in weight_sync.ENGINE_RELOADS:
+        raise ValueError(
+            f"sync.engine_reload: expected one of {weight_sync.ENGINE_RELOADS}, got {requested!r}"
+        )
     if requested != "auto":
         return requested
     if _layerwise_reload_api() is None:
@@ -100,18 +106,37 @@ class WeightUpdateExtension:
         mode = reload_mode(model, spec.engine_reload, quantized)
         reload_api = _layerwise_reload_api() if mode == "layerwise" else None
         tied = _tied_followers(model) if reload_api else []
+        load_bucket = None
+        if mode == "replay":
+            replay = self.rlhf_replay()
+            replayed_before = replay.replayed
+
+            def load_bucket(packed, tensors):
+                if replay.load(bucket_layout(packed.metas), packed.buffer, tensors, load_weights):
+                    loaded.update(name for name, _ in tensors)
+
         with self.rlhf_config_context(), torch.no_grad():
             if reload_api:
                 reload_api[0](model)
-            stats = weight_sync.receive_buckets(spec, payload, load_weights, device=device, rank=int(rank))
+            stats = weight_sync.receive_buckets(
+                spec, payload, load_weights, device=device, rank=int(rank), load_bucket=load_bucket
+            )
             if reload_api:
                 reload_api[1](model, self.vllm_config.model_config)
                 _reprocess(tied)
         stats["reload_direct"] = int(reload_api is None)
+        if mode == "replay":
+            stats["buckets_replayed"] = replay.replayed - replayed_before
         stats["params_without_loader"] = sum(1 for p in model.parameters() if not hasattr(p, "weight_loader"))
         stats["params_loaded"] = len(loaded)
         stats["params_total"] = sum(1 for _ in model.named_parameters())
         return stats
+
+    def rlhf_replay(self) -> WeightReplay:
+        """This worker's recorded bucket loads (`sync.engine_reload=replay`), kept across pushes."""
+        if getattr(self, "_rlhf_weight_replay", None) is None:
+            self._rlhf_weight_replay = WeightReplay(self.rlhf_model())
+        return self._rlhf_weight_replay
 
     def rlhf_device_uuid(self) -> str | None:
         """This worker's GPU (CUDA device UUID), None on CPU: the sync planner matches it to learners."""
