@@ -269,8 +269,8 @@ class SyncConfig:
     bucket_mb: int = 256
     # How engines write received weights: direct (each parameter's loader into the live tensor, fast),
     # replay (direct on the first push, whose parameter copies are then replayed as one batched copy),
-    # layerwise (vLLM's layer-wise reload with post-load processing: CPU, quantized), auto (direct
-    # where nothing is post-processed).
+    # layerwise (vLLM's layer-wise reload with post-load processing: CPU, quantized), auto (replay
+    # where nothing is post-processed: an unquantized model on a GPU).
     engine_reload: Literal["auto", "direct", "replay", "layerwise"] = "auto"
     audit: bool = True  # compare engine and learner logprobs on a probe batch after each sync
     audit_samples: int = 4

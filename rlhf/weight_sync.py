@@ -66,7 +66,7 @@ class SyncSpec:
     # How an engine worker writes the weights (see rollout.worker_extension.reload_mode): "direct"
     # (each parameter's own loader, straight into the live tensors), "replay" (direct once per bucket
     # layout, then its recorded copies replayed: rollout.weight_replay), "layerwise" (vLLM's
-    # layer-wise reload, which redoes post-load processing), "auto" (direct where nothing is
+    # layer-wise reload, which redoes post-load processing), "auto" (replay where nothing is
     # post-processed).
     engine_reload: str = "auto"
 

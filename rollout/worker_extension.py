@@ -63,8 +63,9 @@ def reload_mode(model: torch.nn.Module, requested: str = "auto", quantized: bool
     not explain the whole load).
     "layerwise": vLLM's layer-wise reload, which rebuilds each layer and redoes its post-load
     processing; needed where loading transformed the weights (the CPU backend repacks its GEMM
-    weights and drops the loaders; quantized models). "auto" picks direct on a GPU unless the model
-    is quantized (or when vLLM has no layer-wise reload at all). Parameters created without a
+    weights and drops the loaders; quantized models). "auto" picks replay on a GPU unless the model
+    is quantized (measured: docs/weight_sync.md), else layer-wise (direct where vLLM has no layer-wise
+    reload at all). Parameters created without a
     loader (vLLM 0.26's RMSNorm weights on GPU, 49 in Qwen2.5-0.5B) take `default_weight_loader`,
     a plain copy, inside `load_weights`, so they do not call for the layer-wise path."""
     if requested not in weight_sync.ENGINE_RELOADS:
@@ -73,11 +74,10 @@ def reload_mode(model: torch.nn.Module, requested: str = "auto", quantized: bool
         )
     if requested != "auto":
         return requested
-    if _layerwise_reload_api() is None:
-        return "direct"
     params = list(model.parameters())
-    on_gpu = bool(params) and params[0].device.type == "cuda"
-    return "direct" if on_gpu and not quantized else "layerwise"
+    if params and params[0].device.type == "cuda" and not quantized:
+        return "replay"
+    return "direct" if _layerwise_reload_api() is None else "layerwise"
 
 
 class WeightUpdateExtension:

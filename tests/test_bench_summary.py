@@ -35,3 +35,14 @@ def test_a_run_without_audits_reports_none_rather_than_zero():
     """Asynchronous runs without engine logprobs audit nothing: 0.0 would read as a perfect audit."""
     out = summarise(_res(audited=False), None)
     assert out["audit_logprob_diff"] is None and out["audit_logprob_diff_max"] is None
+
+
+def test_summary_entries_name_how_the_engines_wrote_the_weights():
+    from experiments.bench.summarize import engine_reload
+
+    assert engine_reload({"engine_direct": 1.0, "engine_buckets_replayed": 4.0}) == "replay"
+    assert (
+        engine_reload({"engine_direct": 1.0, "engine_buckets_replayed": 0.0}) == "direct"
+    )  # nothing replayed
+    assert engine_reload({"engine_direct": 1.0}) == "direct"
+    assert engine_reload({"engine_direct": 0.0}) == "layerwise"

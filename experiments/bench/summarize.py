@@ -23,6 +23,13 @@ def _round(value, digits: int = 3):
     return None if value is None else round(value, digits)
 
 
+def engine_reload(phases: dict) -> str:
+    """How the engines wrote the weights in the pushes timed alone (`sync.engine_reload`)."""
+    if phases.get("engine_buckets_replayed"):
+        return "replay"
+    return "direct" if phases.get("engine_direct", 1.0) else "layerwise"
+
+
 def entry(run: dict, raw: dict, session: str, source: str) -> dict:
     s, args = run["summary"], run["args"]
     parts = s["breakdown_s"]
@@ -42,6 +49,7 @@ def entry(run: dict, raw: dict, session: str, source: str) -> dict:
         "train_s": round(parts["train"], 3),
         "sync_s": round(parts["sync"], 3),
         "sync_alone_s": round(s["sync_alone_s"], 4),
+        "engine_reload": engine_reload(s.get("sync_phases_s", {})),
         "raw_vllm_nologprobs_s": round(raw["vllm"]["generate_no_logprobs_s"], 3),
         # the same requests as our engines make them (no per-token detokenization): the stricter baseline
         "raw_vllm_nologprobs_lean_s": _round(raw["vllm"].get("generate_lean_no_logprobs_s")),
