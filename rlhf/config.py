@@ -107,6 +107,10 @@ class RolloutConfig:
     # Release weights and KV cache while learners train (colocated GPU mode).
     sleep_between_steps: bool | None = None  # None: True when colocated on GPU
     load_format: str = "auto"  # "dummy" for throughput benchmarks
+    # Extra keyword arguments of vLLM's engine (vllm EngineArgs), applied over ours, e.g.
+    # {async_scheduling: true, max_num_batched_tokens: 16384}. Keys the framework owns (model,
+    # tokenizer, worker_extension_cls, tensor_parallel_size, enable_sleep_mode) are refused.
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     # A prompt's samples depend only on the weights, the seed and the prompt, so a resumed run
     # regenerates the original samples. None: on for CPU engines (free), off on GPU (vLLM's per-request

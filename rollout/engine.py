@@ -38,6 +38,34 @@ def tensor_parallel_compilation() -> dict[str, Any]:
     return {"pass_config": {"fuse_allreduce_rms": False}}
 
 
+# What the engine needs to work as ours (weight sync, placement, sleep): not for rollout.vllm_kwargs.
+RESERVED_VLLM_KWARGS = (
+    "model",
+    "tokenizer",
+    "worker_extension_cls",
+    "tensor_parallel_size",
+    "enable_sleep_mode",
+)
+
+
+def with_vllm_kwargs(kwargs: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` updated with the user's `rollout.vllm_kwargs` (they win over our choices), after
+    checking each key is an argument of vLLM's engine and not one the framework must own."""
+    if not extra:
+        return kwargs
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key in extra:
+        if key in RESERVED_VLLM_KWARGS:
+            raise ValueError(
+                f"rollout.vllm_kwargs.{key}: set by the framework; use the rollout/placement keys instead"
+            )
+        if key not in known:
+            raise ValueError(f"rollout.vllm_kwargs.{key}: not an argument of vLLM's engine (vllm EngineArgs)")
+    return {**kwargs, **extra}
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """ "auto" -> float32 on CPU (vLLM's CPU kernels and exact audits), bfloat16 on GPU."""
     if dtype in (None, "auto"):
@@ -116,7 +144,7 @@ class RolloutEngine:
         if self.colocated:
             kwargs["enable_sleep_mode"] = True
         self.cfg = cfg
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**with_vllm_kwargs(kwargs, cfg.vllm_kwargs))
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self.weight_version = 0  # pushes received; every sample is tagged with it (asynchronous RL)

@@ -141,6 +141,9 @@ def engine(tiny_model_dir):
         cfg.rollout.max_model_len = 512
         cfg.rollout.gpu_memory_utilization = 0.01
         cfg.rollout.engine_logprobs = True  # the tests below compare sampled-token logprobs with HF's
+        cfg.rollout.vllm_kwargs = {
+            "max_num_batched_tokens": 3072
+        }  # checked in test_vllm_kwargs_reach_the_engine
         group = RolloutGroup(cfg, path, "cpu")
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         yield SimpleNamespace(group=group, hf=hf, tok=tok, prompts=prompts)
@@ -155,6 +158,32 @@ def hf_logprobs(hf, prompt: list[int], response: list[int], temperature: float =
     logits = hf(torch.tensor([prompt + response])).logits[0]
     logp = torch.log_softmax(logits / temperature, dim=-1)
     return [float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(response)]
+
+
+@pytest.mark.slow
+def test_vllm_kwargs_reach_the_engine(engine):
+    import ray
+
+    def scheduler_budget(actor):
+        return actor.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+
+    assert ray.get(engine.group.group.actors[0].__ray_call__.remote(scheduler_budget)) == 3072
+
+
+def test_vllm_kwargs_are_checked_against_vllm():
+    from rollout.engine import with_vllm_kwargs
+
+    ours = {"model": "m", "seed": 0}
+    assert with_vllm_kwargs(ours, {}) is ours
+    assert with_vllm_kwargs(ours, {"seed": 3, "async_scheduling": True}) == {
+        "model": "m",
+        "seed": 3,
+        "async_scheduling": True,
+    }
+    with pytest.raises(ValueError, match=r"rollout.vllm_kwargs.max_num_seq: not an argument of vLLM"):
+        with_vllm_kwargs(ours, {"max_num_seq": 8})
+    with pytest.raises(ValueError, match=r"rollout.vllm_kwargs.enable_sleep_mode: set by the framework"):
+        with_vllm_kwargs(ours, {"enable_sleep_mode": False})
 
 
 @pytest.mark.slow
