@@ -24,3 +24,12 @@ $L start two 2,3 "sleep 90; $M --out \$LEASE/two/matrix.json --shared '$SHARED' 
   tp2_replay='--parts c --sleep --gpus 2 --tp 2 --override sync.engine_reload=replay'"
 $L start four 0,1,2,3 after=one,two "$M --out \$LEASE/four/matrix.json --shared '$SHARED' \
   disagg_tp2='--parts c --mode disaggregated --gpus 4 --tp 2'"
+# Added by hand once these were done (each its own call, nothing else running on the host), as run:
+#   gpu_lease.sh start alt 0,1 "python3 experiments/bench/run_matrix.py --timeout 200 --first-extra 60 \
+#     --out \$LEASE/alt/matrix.json --shared '$SHARED' gpu2_replay_a='--parts c --sleep --gpus 2 \
+#     --override sync.engine_reload=replay' gpu2_direct_b='--parts c --sleep --gpus 2' \
+#     gpu2_replay_c='--parts c --sleep --gpus 2 --override sync.engine_reload=replay'"
+#   gpu_lease.sh start alt1 0 "python3 experiments/bench/run_matrix.py --timeout 180 --first-extra 30 \
+#     --out \$LEASE/alt1/matrix.json --shared '$SHARED' gpu1_direct='--parts c --sleep' \
+#     gpu1_replay='--parts c --sleep --override sync.engine_reload=replay'"
+# Note: since this lease `sync.engine_reload=auto` is replay on a GPU, so `direct` must now be asked for.
