@@ -108,7 +108,7 @@ class RolloutConfig:
     sleep_between_steps: bool | None = None  # None: True when colocated on GPU
     load_format: str = "auto"  # "dummy" for throughput benchmarks
     # Extra keyword arguments of vLLM's engine (vllm EngineArgs), applied over ours, e.g.
-    # {async_scheduling: true, max_num_batched_tokens: 16384}. Keys the framework owns (model,
+    # {max_num_batched_tokens: 16384, kv_cache_dtype: fp8}. Keys the framework owns (model,
     # tokenizer, worker_extension_cls, tensor_parallel_size, enable_sleep_mode) are refused.
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0

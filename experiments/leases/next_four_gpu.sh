@@ -2,9 +2,10 @@
 # The next lease with 4 GPUs (written in sessions 7 and 8, not run yet): what session 8 left. Start it by
 # one call once the wheelhouse is installed (experiments/README.md), from a copy of the repo; later calls
 # only `gpu_lease.sh wait` and `collect`. About 15 minutes of device time after the install.
-#   1. 1 and 2 GPUs colocated with and without vLLM's asynchronous scheduling (issue 10: 2 GPUs took
-#      0.64-0.70x the 1-GPU step in session 8; generation with half the batch per engine did not halve),
-#      with the raw baselines in the same call; then issue 17's four-GPU run.
+#   1. raw vLLM on the full and on half the batch, and 1 and 2 GPUs colocated, in one call (issue 10: 2
+#      GPUs took 0.64-0.70x the 1-GPU step in session 8 because generation with half the batch per
+#      engine did not halve; does raw vLLM's own half-batch time explain it on this host?); then issue
+#      17's four-GPU run.
 #   2. then seeds 1 and 2 of the ablations that differed most (issue 16) and of k = 1 (issue 11), judged
 #      together with the recorded runs.
 set -u
@@ -18,9 +19,7 @@ nvidia-smi -L
 $L start bench 0,1,2,3 "$(cat <<'EOF'
 python3 experiments/bench/run_matrix.py --out $LEASE/bench/matrix.json --timeout 190 --first-extra 170 \
   --shared "--shape qwen2.5-0.5b --n 8 --new-tokens 512 --steps 3 --micro-batch-tokens 16384 --prompts 64" \
-  raw="--parts a,b" gpu1="--parts c --sleep" gpu2="--parts c --sleep --gpus 2" \
-  gpu1_async="--parts c --sleep --override rollout.vllm_kwargs.async_scheduling=true" \
-  gpu2_async="--parts c --sleep --gpus 2 --override rollout.vllm_kwargs.async_scheduling=true"
+  raw="--parts a,b" raw_half="--parts a --prompts 32" gpu1="--parts c --sleep" gpu2="--parts c --sleep --gpus 2"
 python3 experiments/bench/four_gpu.py --out $LEASE/bench/four_gpu --runs sync,async,gpu2,gpu1 --budget 500 \
   --eager --rollout two_engines
 EOF
