@@ -10,8 +10,8 @@ of the bucket buffer, as a view) and every constant `fill_` (the vocabulary padd
 pushes replay them as one `torch._foreach_copy_`.
 
 A recording is only kept when it explains the whole load: every write into a parameter was a
-`copy_` from bytes of the bucket (no casts, concatenations, `fill_`, or reallocated parameters), and
-no two copies overwrite the same bytes. Otherwise that layout keeps going through `load_weights`, and
+`copy_` from bytes of the bucket or a constant `fill_` (no casts, concatenations, other in-place ops
+or reallocated parameters), and no two writes touch the same bytes. Otherwise that layout keeps going through `load_weights`, and
 the reason is reported once. The sync audit (engine vs learner logprobs) checks the result either way.
 """
 
@@ -37,8 +37,8 @@ class _View:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, t: torch.Tensor, base_offset: int = 0) -> _View:
-        return cls(t.storage_offset() - base_offset, tuple(t.shape), tuple(t.stride()), t.dtype)
+    def of(cls, t: torch.Tensor) -> _View:
+        return cls(t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
     def extent(self) -> tuple[int, int]:
         """[first, last] element of the storage this view can touch (an over-approximation)."""
