@@ -182,6 +182,10 @@ class WeightReplay:
         self.plans[layout] = None if problem else recorder.copies
         return False
 
+    def params_written(self, layout: tuple) -> set[str]:
+        """Names of the parameters a replay of `layout` writes (what `load_weights` would report)."""
+        return {copy.param for copy in self.plans.get(layout) or ()}
+
     def _replay(self, plan: list[_Copy], buffer: torch.Tensor) -> None:
         params = dict([*self.model.named_parameters(), *self.model.named_buffers()])
         typed: dict[torch.dtype, torch.Tensor] = {}

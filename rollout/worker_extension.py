@@ -112,8 +112,9 @@ class WeightUpdateExtension:
             replayed_before = replay.replayed
 
             def load_bucket(packed, tensors):
-                if replay.load(bucket_layout(packed.metas), packed.buffer, tensors, load_weights):
-                    loaded.update(name for name, _ in tensors)
+                layout = bucket_layout(packed.metas)
+                if replay.load(layout, packed.buffer, tensors, load_weights):  # else load_weights reported
+                    loaded.update(replay.params_written(layout))
 
         with self.rlhf_config_context(), torch.no_grad():
             if reload_api:

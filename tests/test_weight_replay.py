@@ -56,6 +56,9 @@ def check_against_vllm(model_dir: str) -> None:
                 assert torch.equal(a, b), (push_index, name)
     assert replay.replayed == 4 and replay.loaded == 4
     assert all(plan for plan in replay.plans.values())
+    # a replayed push reports the engine's parameters, as load_weights does (the sync's coverage check)
+    written = set().union(*(replay.params_written(layout) for layout in replay.plans))
+    assert written == {name for name, _ in model.named_parameters()}
     print("replay matches load_weights")
 
 
