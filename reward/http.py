@@ -12,8 +12,7 @@ import time
 from typing import Any
 
 import requests
-
-from reward.rules import RewardError
+from rlhf.reward.rules import RewardError
 
 
 class HttpRewardError(RewardError):

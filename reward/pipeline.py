@@ -13,11 +13,12 @@ import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from reward.http import HttpReward
-from reward.model import RewardModelActor
-from reward.rules import UNSCORED, RewardError, RuleReward, score_each
+from rlhf.reward.http import HttpReward
+from rlhf.reward.model import RewardModelActor
+from rlhf.reward.rules import UNSCORED, RewardError, RuleReward, score_each
+
 from rlhf.actor_group import ActorGroup, GroupCallError, gather, split_evenly
-from rlhf.config import RewardConfig, RewardSourceConfig
+from rlhf.config.schema import RewardConfig, RewardSourceConfig
 from rlhf.types import Sample
 
 log = logging.getLogger(__name__)

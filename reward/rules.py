@@ -76,7 +76,7 @@ def score_each(
 
 def load_reward_function(path: str) -> RewardFn:
     """Import a user reward function from "pkg.module:fn"."""
-    from rlhf.dotted import DottedPathError, import_object, split_path
+    from rlhf.user_code import DottedPathError, import_object, split_path
 
     try:
         _, attr = split_path(path)
@@ -195,7 +195,7 @@ class RuleReward:
 
 def episode_reward(sample: Sample) -> float:
     """Rule `env`: a multi-turn episode's environment reward (turn rewards + final reward, see
-    rollout/environments/base.py). A sample whose environment failed is an error (-> reward.on_error)."""
+    rlhf/environment.py). A sample whose environment failed is an error (-> reward.on_error)."""
     if sample.episode is None:
         raise ValueError(
             "rule 'env' scores multi-turn episodes: set rollout.environment.name or rollout.agent.function"

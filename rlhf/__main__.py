@@ -1,6 +1,6 @@
 """`python -m rlhf ...` is the same as the `rlhf` console script."""
 
-from rlhf.cli import main
+from rlhf.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

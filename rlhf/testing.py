@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from rlhf.models import portable_tokenizer_config
+from rlhf.data.models import portable_tokenizer_config
 
 BOS, EOS, PAD = "<|endoftext|>", "<|im_end|>", "<|pad|>"
 IM_START = "<|im_start|>"

@@ -23,7 +23,6 @@ Every chain becomes one Sample; all chains of an episode share its reward and it
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import queue
@@ -35,45 +34,22 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf.config import AgentConfig
+from rlhf.rollout.chat_tokens import ChatTemplateError, ChatTokens
+from rlhf.rollout.episodes import Completion
+from rlhf.rollout.openai_protocol import ChatRequest, ChatResult, RequestError, normalize_message
+from rlhf.rollout.openai_server import ChatEndpoint
+from rlhf.rollout.openai_stream import content_pieces
+from rlhf.rollout.openai_tool_calls import ToolCallReader
+
+from rlhf.config.schema import AgentConfig
 from rlhf.types import Prompt, Sample
-from rollout.chat_tokens import ChatTemplateError, ChatTokens
-from rollout.episodes import Completion
-from rollout.openai_protocol import ChatRequest, ChatResult, RequestError, normalize_message
-from rollout.openai_server import ChatEndpoint
-from rollout.openai_stream import content_pieces
-from rollout.openai_tool_calls import ToolCallReader
+from rlhf.user_code import AgentError, load_agent_function
 
 log = logging.getLogger(__name__)
 
 # (input ids, max new tokens, extra stop strings) of each pending call -> one completion each, in order
 AgentGenerateFn = Callable[[list[tuple[list[int], int, list[str]]]], list[Completion]]
 GATHER_S = 0.01  # after a call arrives, how long to wait for concurrent ones to share its batch
-
-
-class AgentError(ValueError):
-    """A bad agent function path or arguments (the message says which)."""
-
-
-def load_agent_function(path: str) -> Callable[..., Any]:
-    """ "pkg.module:function" -> the callable (one clear error line otherwise)."""
-    from rlhf.dotted import DottedPathError, import_object
-
-    try:
-        target = import_object(path)
-    except DottedPathError as exc:
-        raise AgentError(str(exc)) from exc
-    if not callable(target):
-        raise AgentError(f"{path!r} is not callable")
-    return target
-
-
-def check_agent_args(fn: Callable[..., Any], args: dict[str, Any]) -> None:
-    """The function must accept (prompt, base_url, **args)."""
-    try:
-        inspect.signature(fn).bind(None, "http://x/v1", **args)
-    except TypeError as exc:
-        raise AgentError(f"{getattr(fn, '__name__', fn)}(prompt, base_url, **args): {exc}") from None
 
 
 def parse_agent_result(value: Any) -> tuple[float, dict[str, Any]]:
@@ -475,7 +451,7 @@ def _comparable(message: dict[str, Any]) -> dict[str, Any]:
     calls = message.get("tool_calls")
     if not calls:
         return message
-    from rollout.chat_tokens import parsed_arguments
+    from rlhf.rollout.chat_tokens import parsed_arguments
 
     key = [(call["function"]["name"], parsed_arguments(call["function"]["arguments"])) for call in calls]
     return {**message, "tool_calls": key}

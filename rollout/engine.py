@@ -17,11 +17,11 @@ import os
 import time
 from typing import Any
 
-from rlhf.config import RolloutConfig, SamplingConfig
+from rlhf.config.schema import RolloutConfig, SamplingConfig
+from rlhf.sync.wire import SyncPayload, SyncSpec, bucket_to_bytes, engine_first_rank
 from rlhf.types import Prompt, Sample
-from rlhf.weight_sync import SyncPayload, SyncSpec, bucket_to_bytes, engine_first_rank
 
-WORKER_EXTENSION = "rollout.worker_extension.WeightUpdateExtension"
+WORKER_EXTENSION = "rlhf.sync.engine_extension.WeightUpdateExtension"
 
 
 def tensor_parallel_compilation() -> dict[str, Any]:
@@ -138,7 +138,7 @@ class RolloutEngine:
             kwargs["gpu_memory_utilization"] = memory
             if self.tensor_parallel > 1:
                 # Workers as Ray actors in this engine's placement bundles (VLLM_RAY_BUNDLE_INDICES,
-                # set by rlhf.placement), so colocated learners and engine workers share each GPU.
+                # set by rlhf.placement.ray_groups), so colocated learners and engine workers share each GPU.
                 kwargs["distributed_executor_backend"] = "ray"
                 kwargs["compilation_config"] = tensor_parallel_compilation()
         if self.colocated:
@@ -349,7 +349,7 @@ class RolloutEngine:
     ) -> list[Sample]:
         """`generate` for multi-turn episodes with rollout.environment (rollout/episodes.py): n
         episodes per prompt, each turn of all live episodes one batched `llm.generate` call."""
-        from rollout.episodes import Completion
+        from rlhf.rollout.episodes import Completion
 
         if not prompts:
             return []
@@ -402,7 +402,7 @@ class RolloutEngine:
         prompt against this engine's OpenAI-compatible endpoint, served for the duration of the call.
         Sampling is rollout.sampling's (the request's temperature etc. are not read); batches follow
         the agents' timing, so it is not reproducible."""
-        from rollout.episodes import Completion
+        from rlhf.rollout.episodes import Completion
 
         if not prompts:
             return []
@@ -441,9 +441,8 @@ class RolloutEngine:
     def _agent(self):
         """Built on first use: the agent function and the tokenizer's chat template."""
         if self._agent_runner is None:
+            from rlhf.rollout.agent_runner import AgentRunner
             from transformers import AutoTokenizer
-
-            from rollout.agent_runner import AgentRunner
 
             tokenizer = AutoTokenizer.from_pretrained(
                 self.model_path, trust_remote_code=self.trust_remote_code
@@ -456,10 +455,9 @@ class RolloutEngine:
     def _episode_runner(self):
         """Built on first use: the environment class, the tokenizer's chat template and the tools."""
         if self._runner is None:
+            from rlhf.rollout.environments import resolve_environment_class
+            from rlhf.rollout.episodes import EpisodeRunner
             from transformers import AutoTokenizer
-
-            from rollout.environments import resolve_environment_class
-            from rollout.episodes import EpisodeRunner
 
             env_cfg = self.cfg.environment
             tokenizer = AutoTokenizer.from_pretrained(
@@ -467,7 +465,7 @@ class RolloutEngine:
             )
             toolbox = None
             if env_cfg.tools:
-                from rollout.tools import ToolBox
+                from rlhf.rollout.tools import ToolBox
 
                 toolbox = ToolBox.from_config(env_cfg, tokenizer)
             cls = resolve_environment_class(env_cfg.name)
@@ -496,10 +494,10 @@ class RolloutEngine:
     def receive_weights(
         self, routes: list[tuple[SyncSpec, int]] | SyncSpec, payload: SyncPayload | list | None = None
     ) -> dict[str, int]:
-        """Load one weight push (see rlhf.weight_sync) into every worker, then drop stale KV.
+        """Load one weight push (see rlhf.sync.wire) into every worker, then drop stale KV.
 
         `routes[w]` = (channel spec, rank in that channel) of tensor-parallel worker w (planned by
-        rlhf.sync_routes); a bare spec means one channel with this engine's workers at consecutive ranks."""
+        rlhf.sync.routes); a bare spec means one channel with this engine's workers at consecutive ranks."""
         start = time.perf_counter()
         if isinstance(routes, SyncSpec):
             first = engine_first_rank(routes, self.engine_index)
@@ -571,13 +569,14 @@ class RolloutEngine:
 
 
 def _start_monitor(llm: Any, engine_index: int):
-    """The engine's Ray metrics poller (rlhf.monitoring), only inside a Ray actor."""
+    """The engine's Ray metrics poller (rlhf.production.monitoring), only inside a Ray actor."""
     import ray
 
     if not ray.is_initialized():
         return None
-    from rlhf.monitoring import EngineMonitor
-    from rollout.engine_stats import read_engine_stats
+    from rlhf.rollout.engine_stats import read_engine_stats
+
+    from rlhf.production.monitoring import EngineMonitor
 
     return EngineMonitor(lambda: read_engine_stats(llm), engine_index).start()
 

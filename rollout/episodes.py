@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf.config import EnvironmentConfig
+from rlhf.rollout.chat_tokens import ChatTokens
+
+from rlhf.config.schema import EnvironmentConfig
+from rlhf.environment import Environment, StepResult, check_messages, make_environment
 from rlhf.types import Prompt, Sample
-from rollout.chat_tokens import ChatTokens
-from rollout.environments.base import Environment, StepResult, check_messages, make_environment
 
 log = logging.getLogger(__name__)
 
@@ -240,24 +241,3 @@ class EpisodeRunner:
                 "info": e.info,
             },
         )
-
-
-def episode_metrics(samples: list[Sample]) -> dict[str, float]:
-    """`episode/*` figures of a step's multi-turn samples (logged with reward/* and response/*)."""
-    episodes = [s.episode for s in samples if s.episode is not None]
-    policy = [sum(s.response_mask) for s in samples if s.response_mask is not None]
-    out = {
-        "episode/turns_mean": sum(e["turns"] for e in episodes) / len(episodes),
-        "episode/env_reward_mean": sum(e["reward"] for e in episodes) / len(episodes),
-        "episode/done_frac": sum(s.finish_reason == "stop" for s in samples) / len(samples),
-        "episode/env_errors": float(sum(bool(e.get("error")) for e in episodes)),
-        "episode/policy_tokens_mean": sum(policy) / max(1, len(policy)),
-    }
-    infos = [e.get("info") or {} for e in episodes]
-    if any("success" in i for i in infos):  # the task itself, without shaping rewards
-        out["episode/success_frac"] = sum(bool(i.get("success")) for i in infos) / len(infos)
-    if any("tool_calls" in i for i in infos):  # tool environments
-        out["episode/tool_call_frac"] = sum(i.get("tool_calls", 0) > 0 for i in infos) / len(infos)
-        out["episode/tool_calls_mean"] = sum(i.get("tool_calls", 0) for i in infos) / len(infos)
-        out["episode/tool_errors_mean"] = sum(i.get("tool_errors", 0) for i in infos) / len(infos)
-    return out

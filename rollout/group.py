@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from rlhf.rollout.engine import RolloutEngine, resolve_dtype
 
 from rlhf.actor_group import ActorGroup, GroupCallError, balance
 from rlhf.algorithms.old_logprobs import engines_return_logprobs
-from rlhf.config import RunConfig, SamplingConfig
+from rlhf.config.schema import RunConfig, SamplingConfig
 from rlhf.types import Prompt, Sample
-from rollout.engine import RolloutEngine, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class RolloutGroup:
         dies is restarted and its share generated again from the start. Results in rank order."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from rollout.partial import generate_in_chunks
+        from rlhf.rollout.partial import generate_in_chunks
 
         def share(rank: int) -> list[Sample]:
             prompts, sampling, n, temperature, _, groups = args[rank]

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from rollout.openai_protocol import (  # noqa: F401 - re-exported: the runner and tests import them here
+from rlhf.rollout.openai_protocol import (  # noqa: F401 - re-exported: the runner and tests import them here
     ChatRequest,
     ChatResult,
     RequestError,
@@ -30,7 +30,7 @@ from rollout.openai_protocol import (  # noqa: F401 - re-exported: the runner an
     normalize_message,
     parse_chat_request,
 )
-from rollout.openai_stream import stream_body
+from rlhf.rollout.openai_stream import stream_body
 
 _PATH = re.compile(r"^/e/([A-Za-z0-9_-]+)(/v1/.*)$")
 

@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from rollout.openai_protocol import ChatRequest, ChatResult, logprobs_content, usage
+from rlhf.rollout.openai_protocol import ChatRequest, ChatResult, logprobs_content, usage
 
 
 def _event(payload: Any) -> bytes:

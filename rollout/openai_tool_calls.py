@@ -14,7 +14,7 @@ import json
 import secrets
 from typing import Any
 
-from rollout.tools import ToolBox, detect_tool_call_format
+from rlhf.rollout.tools import ToolBox, detect_tool_call_format
 
 
 class ToolCallReader:

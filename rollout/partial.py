@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf.config import SamplingConfig
+from rlhf.config.schema import SamplingConfig
 from rlhf.types import Prompt, Sample
 
 

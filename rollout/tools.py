@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from rollout.sandbox import run_python
+from rlhf.rollout.sandbox import run_python
 
 MAX_OUTPUT_CHARS = 2000
 _PROBE_NAME = "probe_tool_name"
@@ -108,7 +108,7 @@ def _python_tool(timeout_s: float, memory_mb: int) -> Callable[..., str]:
 
 def load_tool(path: str) -> Tool:
     """A user tool "pkg.module:function": its name, docstring and signature are shown to the model."""
-    from reward.rules import RewardError, load_reward_function
+    from rlhf.reward.rules import RewardError, load_reward_function
 
     try:
         fn = load_reward_function(path)

@@ -13,7 +13,7 @@ from rlhf.algorithms.advantages import (
     rloo_advantages,
     token_level_rewards,
 )
-from rlhf.config import AlgorithmConfig
+from rlhf.config.schema import AlgorithmConfig
 
 T = torch.tensor
 

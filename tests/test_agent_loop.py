@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.config_loader import load_config
-from rlhf.driver import Trainer
+from rlhf.config.loader import load_config
+from rlhf.loop.driver import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.checkpoint import latest_checkpoint, load_driver_state
-from rlhf.config_loader import ConfigError, load_config
-from rlhf.driver import train
-from rlhf.metrics import read_metrics
+from rlhf.config.loader import ConfigError, load_config
+from rlhf.loop.driver import train
+from rlhf.production.checkpoint import latest_checkpoint, load_driver_state
+from rlhf.production.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROMPTS = 8

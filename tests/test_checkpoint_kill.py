@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.checkpoint import latest_checkpoint, load_driver_state, save_checkpoint
+from rlhf.production.checkpoint import latest_checkpoint, load_driver_state, save_checkpoint
 
 WRITER = """
 import sys, time
 from pathlib import Path
-from rlhf.checkpoint import save_checkpoint
+from rlhf.production.checkpoint import save_checkpoint
 
 run_dir, step, slow = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "slow"
 

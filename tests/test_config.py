@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import main
-from rlhf.config import RunConfig
-from rlhf.config_loader import ConfigError, from_dict, load_config, resolve_device, to_dict, to_yaml
+from rlhf.cli.main import main
+from rlhf.config.loader import ConfigError, from_dict, load_config, resolve_device, to_dict, to_yaml
+from rlhf.config.schema import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import re
 import typing
 from pathlib import Path
 
-from rlhf import config as C
+from rlhf.config import schema as C
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config_loader import load_config
-from rlhf.metrics import read_metrics
+from rlhf.config.loader import load_config
+from rlhf.production.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml"))
@@ -23,7 +23,7 @@ def test_recipe_validates(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ALGORITHM_RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_two_steps(path, tiny_model_dir, tmp_path):
-    from rlhf.driver import train
+    from rlhf.loop.driver import train
 
     overrides = [
         f"model.path={tiny_model_dir}",

@@ -9,8 +9,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf.config import DataConfig
-from rlhf.data import PromptData
+from rlhf.config.schema import DataConfig
+from rlhf.data.prompts import PromptData
 from rlhf.tasks import get_task
 
 
@@ -173,7 +173,7 @@ def test_long_prompts_dropped_and_counted(tmp_path, qwen_tok, caplog):
     rows = [{"prompt": "word " * (300 if i % 4 == 0 else 3), "answer": i} for i in range(20)]
     path = write_jsonl(tmp_path / "long.jsonl", rows)
     data = PromptData(DataConfig(source=path, num_eval=0, max_prompt_tokens=64), qwen_tok)
-    with caplog.at_level(logging.WARNING, logger="rlhf.data"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.data.prompts"):
         first_epoch = data.next_batch(15)
         data.next_batch(15)  # finishes epoch 0, so every row has been seen
     assert sorted(p.label for p in first_epoch) == [i for i in range(20) if i % 4]

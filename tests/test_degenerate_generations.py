@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import torch
+from rlhf.reward import RewardPipeline
 
-from reward import RewardPipeline
 from rlhf.algorithms.advantages import compute_advantages
 from rlhf.algorithms.losses import policy_loss
-from rlhf.batch import make_train_batch
-from rlhf.config import AlgorithmConfig, RewardConfig, RewardSourceConfig
+from rlhf.config.schema import AlgorithmConfig, RewardConfig, RewardSourceConfig
+from rlhf.loop.batch import make_train_batch
 from rlhf.tasks import get_task
 from rlhf.types import Prompt, Sample
 

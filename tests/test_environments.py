@@ -5,19 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from reward.rules import RewardError, RuleReward
-from rlhf.config_loader import ConfigError, load_config
-from rlhf.tasks import get_task
-from rlhf.types import Prompt, Sample
-from rollout.environments import (
+from rlhf.reward.rules import RewardError, RuleReward
+from rlhf.rollout.environments import (
     EnvError,
     Environment,
     StepResult,
     check_environment_args,
     resolve_environment_class,
 )
-from rollout.environments.guess_number import GuessNumberEnv
+from rlhf.rollout.environments.guess_number import GuessNumberEnv
+
+from rlhf.config.loader import ConfigError, load_config
+from rlhf.tasks import get_task
+from rlhf.types import Prompt, Sample
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -93,8 +93,9 @@ def _sample(episode):
 
 
 def test_env_rule_reads_the_episode_and_combines_with_other_sources():
-    from reward.pipeline import RewardPipeline
-    from rlhf.config import RewardConfig, RewardSourceConfig
+    from rlhf.reward.pipeline import RewardPipeline
+
+    from rlhf.config.schema import RewardConfig, RewardSourceConfig
 
     rule = RuleReward.from_config("env")
     assert rule(_sample({"reward": 1.5})) == 1.5

@@ -11,15 +11,16 @@ from __future__ import annotations
 import time
 
 import pytest
+from rlhf.rollout.chat_tokens import ChatTokens
+from rlhf.rollout.environments import Environment
+from rlhf.rollout.environments.guess_number import GuessNumberEnv
+from rlhf.rollout.episodes import Completion, EpisodeRunner, call_all
 
-from rlhf.batch import make_train_batch
-from rlhf.config import EnvironmentConfig
+from rlhf.config.schema import EnvironmentConfig
+from rlhf.loop.batch import make_train_batch
+from rlhf.production.metrics import episode_metrics
 from rlhf.testing import build_tokenizer
 from rlhf.types import Prompt
-from rollout.chat_tokens import ChatTokens
-from rollout.environments import Environment
-from rollout.environments.guess_number import GuessNumberEnv
-from rollout.episodes import Completion, EpisodeRunner, call_all, episode_metrics
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["no-bos", "bos"])

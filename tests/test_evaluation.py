@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from rlhf.config import EvalSetConfig, SamplingConfig
-from rlhf.config_loader import ConfigError, from_dict
-from rlhf.evaluation import EvalSet, Evaluation, configured_sets, pass_at_k, summarize
+from rlhf.config.loader import ConfigError, from_dict
+from rlhf.config.schema import EvalSetConfig, SamplingConfig
+from rlhf.evaluation.sets import EvalSet, Evaluation, configured_sets, pass_at_k, summarize
 from rlhf.types import Prompt, Sample
 
 
@@ -114,14 +114,14 @@ def test_run_with_own_eval_engines_metrics_artifacts_and_rlhf_eval(tiny_model_di
 
     import ray
 
-    from rlhf import lineage
-    from rlhf.checkpoint import latest_checkpoint
-    from rlhf.cli import main
-    from rlhf.config_loader import load_config
-    from rlhf.driver import train
-    from rlhf.metrics import read_metrics
-    from rlhf.monitoring import exported_series
-    from rlhf.monitoring import series_value as value
+    from rlhf.cli.main import main
+    from rlhf.config.loader import load_config
+    from rlhf.loop.driver import train
+    from rlhf.production import lineage
+    from rlhf.production.checkpoint import latest_checkpoint
+    from rlhf.production.metrics import read_metrics
+    from rlhf.production.monitoring import exported_series
+    from rlhf.production.monitoring import series_value as value
 
     repo = Path(__file__).resolve().parents[1]
     sets = (

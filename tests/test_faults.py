@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from rlhf.actor_group import RunStopped
-from rlhf.config_loader import load_config
-from rlhf.driver import Trainer
+from rlhf.config.loader import load_config
+from rlhf.loop.driver import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

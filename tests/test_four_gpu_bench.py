@@ -143,7 +143,7 @@ def test_pairing_of_a_tensor_parallel_engine(planned):
 
 
 def test_tiny_reward_model_dir_loads_and_scores_with_our_reward_model(tmp_path, monkeypatch):
-    from reward.model import RewardModelActor
+    from rlhf.reward.model import RewardModelActor
 
     monkeypatch.setattr(four_gpu, "CACHE", tmp_path)
     policy, rm = four_gpu.build_models("tiny", "tiny")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.cli import main
-from rlhf.config_loader import load_config
-from rlhf.k8s import manifest_yaml, rayjob_manifest, validate_manifest
+from rlhf.cli.main import main
+from rlhf.config.loader import load_config
 from rlhf.placement import load_inventory
+from rlhf.placement.k8s import manifest_yaml, rayjob_manifest, validate_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO.parent / "shared/kuberay/ray.io_rayjobs.yaml"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.algorithms.losses import loss_normalizers, policy_loss
-from rlhf.config import RunConfig
+from rlhf.config.schema import RunConfig
 from rlhf.testing import random_token_rows
 from rlhf.types import TrainBatch
 
@@ -55,7 +55,7 @@ def in_process():
 
 
 def make_learner(cfg: RunConfig, model_dir: str):
-    from trainer.learner import Learner
+    from rlhf.trainer.learner import Learner
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,7 +158,7 @@ def reference_run(cfg: RunConfig, model_dir: str, batch: TrainBatch) -> list[dic
 def learner_run_steps(learner, batch: TrainBatch, steps: int = STEPS) -> list[dict]:
     """`steps` optimizer steps of the learner on the whole batch (packed into micro-batches); each
     step's stats with the full weights after it in `state`."""
-    from trainer.learner import pack_micro_batches, row_lengths
+    from rlhf.trainer.learner import pack_micro_batches, row_lengths
 
     micro = pack_micro_batches(row_lengths(batch), learner.cfg.trainer.micro_batch_tokens)
     assert len(micro) > 1
@@ -253,7 +253,7 @@ def master_copies(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def bf16_learner(zero_stage: int, model_dir: str, monkeypatch, masters_from_checkpoint: bool = True):
     """A bf16 learner on the CPU: DeepSpeed runs its bf16 path here (every stage); it is our
     make_ds_config that refuses bf16 for CPU learners, so hand it the config a GPU learner gets."""
-    import trainer.ds_config as ds_config
+    import rlhf.trainer.ds_config as ds_config
 
     make_gpu_config = ds_config.make_ds_config
     monkeypatch.setattr(
@@ -349,9 +349,8 @@ def test_bf16_masters_start_from_the_fp32_checkpoint(zero_stage, in_process, tin
     """The fp32 masters hold the checkpoint's own fp32 values, not their bf16 roundings, so that an
     update far below a bf16 step still moves the rounded weights on average (trainer/masters.py)."""
     from deepspeed.utils import safe_get_full_fp32_param
+    from rlhf.trainer.masters import fp32_checkpoint_tensors
     from safetensors.torch import load_file
-
-    from trainer.masters import fp32_checkpoint_tensors
 
     stored = fp32_checkpoint_tensors(tiny_model_dir)
     checkpoint = {}
@@ -376,7 +375,7 @@ def test_bf16_masters_start_from_the_fp32_checkpoint(zero_stage, in_process, tin
 
 
 def test_zero3_partition_of_a_tensor_the_ranks_do_not_divide():
-    from trainer.masters import zero3_partition
+    from rlhf.trainer.masters import zero3_partition
 
     value = torch.arange(7.0).reshape(7, 1)
     assert zero3_partition(value, 0, 4).tolist() == [0.0, 1.0, 2.0, 3.0]
@@ -387,9 +386,8 @@ def test_zero3_partition_of_a_tensor_the_ranks_do_not_divide():
 def test_bf16_zero3_masters_start_from_the_fp32_checkpoint(in_process, tiny_model_dir, monkeypatch):
     """ZeRO-3: each rank's fp32 master partition holds its part of the checkpoint's fp32 values."""
     from deepspeed.utils import safe_get_local_fp32_param
+    from rlhf.trainer.masters import fp32_checkpoint_tensors
     from safetensors.torch import load_file
-
-    from trainer.masters import fp32_checkpoint_tensors
 
     checkpoint = {}
     for path in set(fp32_checkpoint_tensors(tiny_model_dir).values()):

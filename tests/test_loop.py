@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.checkpoint import latest_checkpoint, load_driver_state
-from rlhf.config_loader import load_config
-from rlhf.driver import train
-from rlhf.metrics import read_metrics
+from rlhf.config.loader import load_config
+from rlhf.loop.driver import train
+from rlhf.production.checkpoint import latest_checkpoint, load_driver_state
+from rlhf.production.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_loop_writes_metrics_checkpoints_and_resumes(tiny_model_dir, tmp_path):
 def check_lineage(run_dir: Path, tmp_path: Path) -> None:
     """Every checkpoint carries a manifest (also in its HF export); `rlhf lineage` walks the chain
     (step 3 of the resumed run -> step 2 it resumed from -> base model) and --verify catches tampering."""
-    from rlhf.cli import main
+    from rlhf.cli.main import main
 
     ckpt = latest_checkpoint(run_dir)
     manifest = json.loads((ckpt / "manifest.json").read_text())

@@ -17,7 +17,7 @@ from rlhf.algorithms.losses import (
     token_logprobs_and_entropy,
     value_loss,
 )
-from rlhf.config import AlgorithmConfig
+from rlhf.config.schema import AlgorithmConfig
 
 T = torch.tensor
 LN = math.log

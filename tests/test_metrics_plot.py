@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from rlhf.metrics import plot_rewards, reward_figure, smooth, step_line  # noqa: E402
+from rlhf.production.metrics import plot_rewards, reward_figure, smooth, step_line  # noqa: E402
 
 
 def test_smooth_is_a_trailing_mean():

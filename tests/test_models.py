@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.models import model_dtype, resolve_model_path
+from rlhf.data.models import model_dtype, resolve_model_path
 from rlhf.testing import build_tiny_model
 
 
@@ -143,7 +143,7 @@ def test_builtin_smollm2_build(tmp_path):
 def test_a_head_size_the_cpu_engine_cannot_run_is_one_line(tmp_path):
     import json
 
-    from rlhf.models import check_engine_can_run
+    from rlhf.data.models import check_engine_can_run
 
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
     with pytest.raises(ValueError, match=r"head size 16 .*needs at least 32"):

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.monitoring import (
+from rlhf.production.monitoring import (
     ALL_FIGURES,
     RunMonitor,
     engine_actor_options,
     exported_series,
     prometheus_names,
 )
-from rlhf.monitoring import series_value as value
+from rlhf.production.monitoring import series_value as value
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "experiments" / "monitoring" / "grafana_dashboard.json"
 
@@ -31,7 +31,9 @@ def dashboard_names() -> set[str]:
 def test_dashboard_queries_exactly_the_exported_metrics():
     used = dashboard_names()
     exported = {n for f in ALL_FIGURES for n in prometheus_names(f)}
-    assert used - exported == set(), "the dashboard queries metrics rlhf/monitoring.py does not export"
+    assert used - exported == set(), (
+        "the dashboard queries metrics rlhf/production/monitoring.py does not export"
+    )
     # every figure is on the dashboard (a histogram through any of its series)
     missing = [f.name for f in ALL_FIGURES if not used & set(prometheus_names(f))]
     assert missing == [], f"figures without a panel: {missing}"

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from rlhf.algorithms.losses import policy_loss
-from rlhf.batch import make_train_batch
-from rlhf.config import AlgorithmConfig
-from rlhf.config_loader import load_config
-from rlhf.driver import Trainer
+from rlhf.config.loader import load_config
+from rlhf.config.schema import AlgorithmConfig
+from rlhf.loop.batch import make_train_batch
+from rlhf.loop.driver import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from rlhf.rollout.agent_runner import AgentRunner, CallAssembler
+from rlhf.rollout.chat_tokens import ChatTokens
+from rlhf.rollout.episodes import Completion
+from rlhf.rollout.openai_server import ChatRequest, RequestError, normalize_message
 
-from rlhf.batch import make_train_batch
-from rlhf.config import AgentConfig
+from rlhf.config.schema import AgentConfig
+from rlhf.loop.batch import make_train_batch
 from rlhf.testing import build_tokenizer
 from rlhf.types import Prompt
-from rollout.agent_runner import AgentRunner, CallAssembler
-from rollout.chat_tokens import ChatTokens
-from rollout.episodes import Completion
-from rollout.openai_server import ChatRequest, RequestError, normalize_message
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -238,7 +238,7 @@ def test_the_documented_example_agent_runs_against_the_endpoint(tokenizer, monke
     ],
 )
 def test_bad_agent_config_is_one_line_naming_the_key(override, key, monkeypatch):
-    from rlhf.config_loader import ConfigError, load_config
+    from rlhf.config.loader import ConfigError, load_config
 
     monkeypatch.syspath_prepend(str(REPO / "experiments/examples/openai_agent"))
     with pytest.raises(ConfigError) as error:
@@ -248,8 +248,8 @@ def test_bad_agent_config_is_one_line_naming_the_key(override, key, monkeypatch)
 
 @pytest.mark.slow
 def test_agent_over_http_trains_through_the_real_loop(tiny_model_dir, tmp_path, monkeypatch):
-    from rlhf.config_loader import load_config
-    from rlhf.driver import Trainer
+    from rlhf.config.loader import load_config
+    from rlhf.loop.driver import Trainer
 
     # the engine actor imports the agent: its module must be on the PYTHONPATH Ray starts with
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from openai import BadRequestError, OpenAI
+from rlhf.rollout.agent_runner import AgentRunner
+from rlhf.rollout.episodes import Completion
 
-from rlhf.config import AgentConfig, RunConfig
+from rlhf.config.schema import AgentConfig, RunConfig
 from rlhf.testing import build_tokenizer
 from rlhf.types import Prompt
-from rollout.agent_runner import AgentRunner
-from rollout.episodes import Completion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 QUESTION = [{"role": "user", "content": "Compute 12 * 7."}]
@@ -34,7 +34,7 @@ TOOLS = [
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     """One tiny CPU vLLM engine for the module; each test gives it its own agent function."""
-    from rollout.engine import RolloutEngine
+    from rlhf.rollout.engine import RolloutEngine
 
     cfg = RunConfig().rollout
     cfg.max_model_len = 256
@@ -230,7 +230,7 @@ def test_bad_requests_get_openai_errors_naming_the_field():
 
 
 def test_stream_pieces_keep_characters_split_over_tokens_whole():
-    from rollout.openai_stream import content_pieces
+    from rlhf.rollout.openai_stream import content_pieces
 
     tokenizer = build_tokenizer()
     text = "héllo 😀 wörld"

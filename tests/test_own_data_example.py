@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config_loader import load_config
-from rlhf.metrics import read_metrics
+from rlhf.config.loader import load_config
+from rlhf.production.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "experiments" / "examples" / "own_data"
@@ -28,7 +28,7 @@ def test_the_user_reward_function():
 
 @pytest.mark.slow
 def test_own_data_example_runs(tiny_model_dir, tmp_path, monkeypatch):
-    from rlhf.driver import train
+    from rlhf.loop.driver import train
 
     monkeypatch.syspath_prepend(str(EXAMPLE))  # the docs say: PYTHONPATH=experiments/examples/own_data
     overrides = [

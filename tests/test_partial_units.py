@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from rlhf.rollout.partial import generate_in_chunks, open_samples
 
-from rlhf.config import SamplingConfig
+from rlhf.config.schema import SamplingConfig
+from rlhf.sync.driver_side import _sync_phases
+from rlhf.sync.engine_extension import _layerwise_reload_api, reload_mode
+from rlhf.sync.wire import SyncPayload
 from rlhf.types import Prompt, Sample
-from rlhf.weight_push import _sync_phases
-from rlhf.weight_sync import SyncPayload
-from rollout.partial import generate_in_chunks, open_samples
-from rollout.worker_extension import _layerwise_reload_api, reload_mode
 
 
 class CountingEngine:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import main
-from rlhf.config_loader import ConfigError, load_config
+from rlhf.cli.main import main
+from rlhf.config.loader import ConfigError, load_config
 from rlhf.placement import (
     Inventory,
     Node,
@@ -357,10 +357,10 @@ def test_planner_does_not_import_ray():
     code = textwrap.dedent(
         """
         import sys
-        from rlhf.config_loader import load_config
-        from rlhf.placement_inventory import load_inventory
-        from rlhf.placement_plan import PlacementError, make_plan
-        from rlhf.placement_propose import overrides_to_args, propose_plan
+        from rlhf.config.loader import load_config
+        from rlhf.placement.inventory import load_inventory
+        from rlhf.placement.plan import PlacementError, make_plan
+        from rlhf.placement.propose import overrides_to_args, propose_plan
 
         inv = load_inventory(sys.argv[1])
         cfg = load_config(sys.argv[2])
@@ -469,7 +469,7 @@ def test_four_gpu_plan_for_the_1_5b_shape(recipe, rollout):
     """The issue's 4-GPU run, planned on the 4 x H100 inventory: the engines on two GPUs, a ZeRO-3
     learner over the other two with the reference and the reward model beside it; and the weight
     sync the planned layout gets (one NCCL broadcast from learner rank 0 to every engine worker)."""
-    from rlhf.sync_routes import plan_routes
+    from rlhf.sync.routes import plan_routes
 
     cfg = load_config(recipe, [*FOUR_GPU_RUN, *rollout])
     plan = make_plan(cfg, inventory("h100x4"), param_count=1.54e9)

@@ -1,4 +1,4 @@
-"""`rlhf validate`'s checks of a run's inputs (rlhf/preflight.py): data columns, the model directory,
+"""`rlhf validate`'s checks of a run's inputs (rlhf/cli/preflight.py): data columns, the model directory,
 what vLLM on this device runs; each problem one line naming the key."""
 
 from __future__ import annotations
@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import EXIT_CONFIG, main
-from rlhf.config import DataConfig, RunConfig
-from rlhf.preflight import PreflightError, check_data_columns, check_model, check_run_inputs, local_model_dir
+from rlhf.cli.main import EXIT_CONFIG, main
+from rlhf.cli.preflight import (
+    PreflightError,
+    check_data_columns,
+    check_model,
+    check_run_inputs,
+    local_model_dir,
+)
+from rlhf.config.schema import DataConfig, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from rlhf.reward import RewardError, RewardPipeline, load_reward_function
+from rlhf.reward.http import HttpReward, HttpRewardError
 
-from reward import RewardError, RewardPipeline, load_reward_function
-from reward.http import HttpReward, HttpRewardError
-from rlhf.config import RewardConfig, RewardSourceConfig
+from rlhf.config.schema import RewardConfig, RewardSourceConfig
 from rlhf.tasks import get_task
 from rlhf.types import Prompt, Sample
 
@@ -216,7 +216,7 @@ def test_a_hanging_user_function_times_out_per_sample(user_module):
 
 
 def test_on_error_drop_leaves_out_the_groups_of_unscored_samples(user_module):
-    from reward.pipeline import drop_unscored_groups
+    from rlhf.reward.pipeline import drop_unscored_groups
 
     pipe = RewardPipeline(RewardConfig(sources=[rule(f"{user_module}:picky")], on_error="drop"))
     samples = [make_sample(r, group=g) for r, g in [("ok", 0), ("bad", 0), ("ok", 1), ("ok", 1)]]

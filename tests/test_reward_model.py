@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
+from rlhf.reward import RewardPipeline
+from rlhf.reward.model import RewardModelActor
 
-from reward import RewardPipeline
-from reward.model import RewardModelActor
-from rlhf.config import RewardConfig, RewardSourceConfig
+from rlhf.config.schema import RewardConfig, RewardSourceConfig
 from rlhf.types import Prompt, Sample
 
 PROMPTS = ["What is 2+3?", "What is 12*4?", "Name a colour.", "What is 2+3?", "Say hi."]

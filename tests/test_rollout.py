@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rlhf.rollout.engine import _token_logprobs, resolve_dtype, tensor_parallel_compilation
+from rlhf.rollout.group import _engine_options, is_colocated
 
 from rlhf.actor_group import balance, split_evenly
-from rlhf.config import RunConfig, SamplingConfig
-from rollout.engine import _token_logprobs, resolve_dtype, tensor_parallel_compilation
-from rollout.group import _engine_options, is_colocated
+from rlhf.config.schema import RunConfig, SamplingConfig
 
 
 def test_split_evenly():
@@ -96,7 +96,7 @@ def test_engines_return_logprobs_only_where_the_run_asks():
 
 
 def test_engine_without_sampled_logprobs_refuses_to_return_them():
-    from rollout.engine import RolloutEngine
+    from rlhf.rollout.engine import RolloutEngine
 
     engine = RolloutEngine.__new__(RolloutEngine)  # no vLLM needed to build the request
     engine.sampled_logprobs = False
@@ -125,10 +125,10 @@ def test_token_logprobs_both_vllm_containers():
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     ray = pytest.importorskip("ray")
+    from rlhf.rollout import RolloutGroup
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.types import Prompt
-    from rollout import RolloutGroup
 
     path = tiny_model_dir
     tok = AutoTokenizer.from_pretrained(path)
@@ -171,7 +171,7 @@ def test_vllm_kwargs_reach_the_engine(engine):
 
 
 def test_vllm_kwargs_are_checked_against_vllm():
-    from rollout.engine import with_vllm_kwargs
+    from rlhf.rollout.engine import with_vllm_kwargs
 
     ours = {"model": "m", "seed": 0}
     assert with_vllm_kwargs(ours, {}) is ours

@@ -1,4 +1,4 @@
-"""The closing lines of a run (rlhf/run_summary.py) and the per-step share of groups without signal,
+"""The closing lines of a run (rlhf/evaluation/summary.py) and the per-step share of groups without signal,
 against hand-built metrics."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf.metrics import sample_metrics
-from rlhf.run_summary import closing_lines, read_metrics
+from rlhf.evaluation.summary import closing_lines, read_metrics
+from rlhf.production.metrics import sample_metrics
 from rlhf.types import Prompt, Sample
 
 

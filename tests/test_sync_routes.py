@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.sync_routes import Route, SyncRouteError, colocated_layout, plan_routes
+from rlhf.sync.routes import Route, SyncRouteError, colocated_layout, plan_routes
 
 
 @pytest.mark.parametrize("num_gpus", [1, 2, 4, 8])

@@ -8,16 +8,17 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from rlhf.rollout.chat_tokens import ChatTokens
+from rlhf.rollout.environments.calculator import CalculatorEnv
+from rlhf.rollout.episodes import EpisodeRunner
+from rlhf.rollout.sandbox import network_namespace_available, run_python
+from rlhf.rollout.tools import ToolBox, ToolCall, ToolError, calculator, detect_tool_call_format, load_tool
 
-from rlhf.config import EnvironmentConfig
+from rlhf.config.schema import EnvironmentConfig
+from rlhf.environment import EnvError, check_environment_args
+from rlhf.production.metrics import episode_metrics
 from rlhf.testing import build_tokenizer
 from rlhf.types import Prompt
-from rollout.chat_tokens import ChatTokens
-from rollout.environments.base import EnvError, check_environment_args
-from rollout.environments.calculator import CalculatorEnv
-from rollout.episodes import EpisodeRunner, episode_metrics
-from rollout.sandbox import network_namespace_available, run_python
-from rollout.tools import ToolBox, ToolCall, ToolError, calculator, detect_tool_call_format, load_tool
 
 # Qwen2.5's way of writing tool calls (trimmed), and Llama 3.1's bare JSON
 QWEN_LIKE = (

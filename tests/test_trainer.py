@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from rlhf.trainer.ds_config import lr_lambda, make_ds_config
+from rlhf.trainer.group import chunk, combine_stats, plan_steps, split_rows
+from rlhf.trainer.learner import pack_micro_batches
 
-from rlhf.config import RunConfig
+from rlhf.config.schema import RunConfig
 from rlhf.testing import random_token_rows
 from rlhf.types import TrainBatch
-from trainer.ds_config import lr_lambda, make_ds_config
-from trainer.group import chunk, combine_stats, plan_steps, split_rows
-from trainer.learner import pack_micro_batches
 
 CPU = {"num_cpus": 0.5}
 
@@ -186,7 +186,7 @@ def assert_same_state(a: dict, b: dict, atol: float = 0.0):
 @pytest.fixture(scope="module")
 def policy(ray_cluster, tiny_model, tmp_path_factory):
     """One rank, ZeRO-1, fp32; `initial` is a checkpoint of the untrained model to reset from."""
-    from trainer import LearnerGroup
+    from rlhf.trainer import LearnerGroup
 
     group = LearnerGroup(make_cfg(1), tiny_model, "policy", "cpu", [CPU])
     initial = str(tmp_path_factory.mktemp("initial"))
@@ -291,7 +291,7 @@ def test_positive_advantages_raise_the_logprobs_of_their_tokens(policy):
 def test_nonfinite_gradients_skip_the_step(zero_stage, policy, ray_cluster, tiny_model):
     """A NaN advantage must not reach the weights: the step is skipped (DeepSpeed's overflow check with
     ZeRO >= 1, ours with plain ZeRO-0) and counted in `skipped_steps`."""
-    from trainer import LearnerGroup
+    from rlhf.trainer import LearnerGroup
 
     group, initial = policy
     if zero_stage == 0:
@@ -313,7 +313,7 @@ def test_nonfinite_gradients_skip_the_step(zero_stage, policy, ray_cluster, tiny
 def test_gradient_watch_names_nonfinite_parameters():
     from types import SimpleNamespace
 
-    from trainer.learner import Learner
+    from rlhf.trainer.learner import Learner
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     fake_self = SimpleNamespace(engine=SimpleNamespace(module=model), device=torch.device("cpu"))
@@ -327,7 +327,7 @@ def test_gradient_watch_names_nonfinite_parameters():
 
 @pytest.mark.slow
 def test_two_ranks_zero2_agree_with_one_rank(policy, ray_cluster, tiny_model):
-    from trainer import LearnerGroup
+    from rlhf.trainer import LearnerGroup
 
     single, initial = policy
     batch = on_policy(single, make_batch(rows=5, seed=4))
@@ -354,10 +354,10 @@ def test_two_ranks_zero2_agree_with_one_rank(policy, ray_cluster, tiny_model):
 
 @pytest.mark.slow
 def test_zero3_gathers_full_weights_and_sends_them(ray_cluster, tiny_model, tmp_path):
+    from rlhf.trainer import LearnerGroup
     from transformers import AutoModelForCausalLM
 
-    from rlhf.weight_sync import make_spec, unpack_bucket
-    from trainer import LearnerGroup
+    from rlhf.sync.wire import make_spec, unpack_bucket
 
     group = LearnerGroup(make_cfg(3, replicas=2), tiny_model, "policy", "cpu", [CPU, CPU])
     try:
@@ -394,7 +394,7 @@ def test_zero3_gathers_full_weights_and_sends_them(ray_cluster, tiny_model, tmp_
 
 @pytest.mark.slow
 def test_reference_and_critic_roles(ray_cluster, tiny_model):
-    from trainer import LearnerGroup
+    from rlhf.trainer import LearnerGroup
 
     batch = make_batch(rows=4, seed=6)
     reference = LearnerGroup(make_cfg(3), tiny_model, "reference", "cpu", [CPU])

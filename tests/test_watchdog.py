@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from rlhf.metrics import Timer, current_phase
-from rlhf.watchdog import StallWatchdog
+from rlhf.production.metrics import Timer, current_phase
+from rlhf.production.watchdog import StallWatchdog
 
 
 def test_a_stalled_step_is_reported_once_with_its_phase():

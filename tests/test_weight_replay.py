@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from rlhf.weight_sync import pack_bucket, unpack_bucket
-from rollout.weight_replay import WeightReplay, bucket_layout
+from rlhf.sync.engine_replay import WeightReplay, bucket_layout
+from rlhf.sync.wire import pack_bucket, unpack_bucket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

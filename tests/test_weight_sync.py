@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rlhf import weight_sync as ws
-from rlhf.config import SamplingConfig, SyncConfig
-from rlhf.weight_push import WeightSync
+from rlhf.config.schema import SamplingConfig, SyncConfig
+from rlhf.sync import wire as ws
+from rlhf.sync.driver_side import WeightSync
 
 # ----------------------------------------------------------------------------------------------
 # Wire format
@@ -198,9 +198,10 @@ class TinyLearner:
 def cluster(request):
     """An engine and a harness learner on the tiny model, untied and with tied embeddings."""
     ray = pytest.importorskip("ray")
-    from rlhf.config import RunConfig
+    from rlhf.rollout import RolloutGroup
+
+    from rlhf.config.schema import RunConfig
     from rlhf.types import Prompt
-    from rollout import RolloutGroup
 
     path = request.getfixturevalue(request.param)
     # The harness class lives in this test module, which Ray workers cannot import: ship it by value.

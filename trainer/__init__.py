@@ -1,5 +1,5 @@
 """DeepSpeed learner actor groups (policy, reference, critic); see docs/trainer.md."""
 
-from trainer.group import LearnerGroup
+from rlhf.trainer.group import LearnerGroup
 
 __all__ = ["LearnerGroup"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf.config import TrainerConfig
+from rlhf.config.schema import TrainerConfig
 
 
 def make_ds_config(

@@ -14,11 +14,11 @@ from typing import Any
 
 import ray
 import torch
+from rlhf.trainer.learner import ROLES, Learner, pack_micro_batches, row_lengths
 
 from rlhf.actor_group import ActorGroup, balance
-from rlhf.config import RolePlacement, RunConfig
+from rlhf.config.schema import RolePlacement, RunConfig
 from rlhf.types import TrainBatch
-from trainer.learner import ROLES, Learner, pack_micro_batches, row_lengths
 
 PLACEMENT_KEY = {"policy": "learner", "reference": "reference", "critic": "critic"}
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf.config import RunConfig
+from rlhf.config.schema import RunConfig
 from rlhf.types import TrainBatch
 
 ROLES = ("policy", "reference", "critic")
@@ -132,9 +132,9 @@ class Learner:
             LOCAL_WORLD_SIZE="1",
         )
         import deepspeed
+        from rlhf.trainer.ds_config import make_ds_config, make_optimizer, make_scheduler
 
-        from rlhf.models import model_dtype
-        from trainer.ds_config import make_ds_config, make_optimizer, make_scheduler
+        from rlhf.data.models import model_dtype
 
         if device == "cuda":
             torch.cuda.set_device(0)
@@ -184,7 +184,7 @@ class Learner:
             self.engine.eval()
         self.masters_restored = 0
         if role == "policy" and self.dtype != torch.float32 and cfg.trainer.masters_from_checkpoint:
-            from trainer.masters import restore_fp32_masters
+            from rlhf.trainer.masters import restore_fp32_masters
 
             self.masters_restored = restore_fp32_masters(self.engine.module, self.model_path)
         self._nonfinite = (
@@ -467,7 +467,7 @@ class Learner:
 
     def send_weights(self, specs, bucket_bytes: int | None = None, background: bool = False) -> Any:
         """Weight-sync sender: ship the weights over each channel this rank feeds (`specs`, planned
-        by rlhf.sync_routes; may be empty), one payload per spec. Every rank calls it together: under
+        by rlhf.sync.routes; may be empty), one payload per spec. Every rank calls it together: under
         ZeRO-3 each bucket is all-gathered. A bare spec (old form) means: rank 0 sends, returns its
         payload (None elsewhere).
 
@@ -475,7 +475,7 @@ class Learner:
         send the copy from a thread on its own CUDA stream while this rank trains on; `finish_send`
         returns the payloads. The asynchronous loop uses it so that training never waits for an
         engine to finish the generate call it is in."""
-        from rlhf.weight_sync import BackgroundSend, send_to_channels
+        from rlhf.sync.wire import BackgroundSend, send_to_channels
 
         single = not isinstance(specs, list | tuple)
         specs = ([specs] if self.rank == 0 else []) if single else list(specs)

@@ -239,11 +239,11 @@ def learner_alone(model_dir: str, args) -> dict:
     with --profile, the top CUDA kernels of one step.
     """
     import torch
+    from rlhf.trainer.learner import Learner, pack_micro_batches, row_lengths
 
     from rlhf.algorithms import losses
-    from rlhf.config_loader import load_config
+    from rlhf.config.loader import load_config
     from rlhf.types import TrainBatch
-    from trainer.learner import Learner, pack_micro_batches, row_lengths
 
     if args.logprob_impl == "naive":  # A/B of the training loss: autograd through per-chunk slices
         losses.token_logprobs_and_entropy = naive_logprobs_and_entropy
@@ -341,8 +341,8 @@ def naive_logprobs_and_entropy(logits, input_ids, *, temperature=1.0, chunk_size
 
 # ----------------------------------------------------------------------------------------- (c)+(d) rlhf
 def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
-    from rlhf.config_loader import load_config
-    from rlhf.driver import Trainer
+    from rlhf.config.loader import load_config
+    from rlhf.loop.driver import Trainer
 
     overrides = [
         f"model.path={model_dir}",
@@ -389,7 +389,7 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
     steps = []
     try:
         if cfg.rollout.max_staleness > 0:  # asynchronous: the engines generate ahead of the learner
-            from rlhf.async_loop import AsyncLoop
+            from rlhf.loop.async_loop import AsyncLoop
 
             trainer.loop = AsyncLoop(trainer)
             trainer.loop.start()

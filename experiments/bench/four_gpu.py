@@ -197,11 +197,11 @@ def run_args(args: argparse.Namespace, rm_dir: str) -> argparse.Namespace:
 def config_of_run(model_dir: str, prompts_file: str, rargs: argparse.Namespace):
     """(recipe, overrides, RunConfig) that bench_step.rlhf_steps builds for `rargs`, nothing started:
     its own override list, so the plan and the dry run check exactly what the GPU run will load."""
-    import rlhf.config_loader
-    import rlhf.driver
+    import rlhf.config.loader
+    import rlhf.loop.driver
 
     seen: dict = {}
-    real = rlhf.config_loader.load_config
+    real = rlhf.config.loader.load_config
 
     def load(recipe, overrides):
         seen["recipe"], seen["overrides"] = str(recipe), list(overrides)
@@ -215,8 +215,8 @@ def config_of_run(model_dir: str, prompts_file: str, rargs: argparse.Namespace):
         raise _Stop
 
     with (
-        mock.patch.object(rlhf.config_loader, "load_config", load),
-        mock.patch.object(rlhf.driver, "Trainer", capture),
+        mock.patch.object(rlhf.config.loader, "load_config", load),
+        mock.patch.object(rlhf.loop.driver, "Trainer", capture),
         contextlib.suppress(_Stop),
     ):
         rlhf_steps(model_dir, prompts_file, rargs)
@@ -226,7 +226,7 @@ def config_of_run(model_dir: str, prompts_file: str, rargs: argparse.Namespace):
 # ----------------------------------------------------------------------------------------- one run
 def cli_plan(recipe: str, overrides: list[str], timeout: float = 90) -> str:
     """`rlhf plan RECIPE OVERRIDES` in a child process (its inventory: this machine's GPUs)."""
-    cmd = [sys.executable, "-m", "rlhf.cli", "plan", recipe, *overrides]
+    cmd = [sys.executable, "-m", "rlhf.cli.main", "plan", recipe, *overrides]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -262,10 +262,10 @@ def one_run(args: argparse.Namespace) -> dict:
         print(result["rlhf_plan_cli"], flush=True)
     save()
 
-    import rlhf.driver
+    import rlhf.loop.driver
 
     sampler = GpuSampler(out / "gpu_samples.csv", args.sample_ms).start()
-    real_start = rlhf.driver.Trainer.start_roles
+    real_start = rlhf.loop.driver.Trainer.start_roles
     kept: dict = {}  # the Trainer's plan, for the pairing at the end
 
     def start_roles(trainer):
@@ -288,7 +288,7 @@ def one_run(args: argparse.Namespace) -> dict:
         return roles
 
     try:
-        with mock.patch.object(rlhf.driver.Trainer, "start_roles", start_roles):
+        with mock.patch.object(rlhf.loop.driver.Trainer, "start_roles", start_roles):
             result["rlhf"] = rlhf_steps(str(policy), str(prompts), rargs)
     finally:
         peaks = sampler.stop()
@@ -577,7 +577,8 @@ def dry_run(args: argparse.Namespace) -> dict:
     """Everything up to the GPU on a CPU: tiny model dirs (the reward model loaded and scoring with
     our reward-model class), the overrides rlhf_steps builds, load_config, and make_plan of the
     1.5B shape on the h100x4 inventory (a config-only 1.5B/0.5B model dir gives the plan its sizes)."""
-    from reward.model import RewardModelActor
+    from rlhf.reward.model import RewardModelActor
+
     from rlhf.placement import load_inventory, make_plan
 
     out = Path(args.out)

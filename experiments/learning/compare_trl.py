@@ -135,7 +135,7 @@ def child_env(extra_path: str | None = None) -> dict:
 
 
 def ours_overrides(args, seed: int, train_file: Path, run_root: Path, extra: list[str]) -> list[str]:
-    """The shared budget in our config keys (rlhf/config.py), then the device, then the variant."""
+    """The shared budget in our config keys (rlhf/config/schema.py), then the device, then the variant."""
     steps, mid = args.steps, args.mid_step
     out = [
         f"model.path={args.model}",
@@ -405,7 +405,7 @@ def prepare(args, log: Log) -> tuple[dict, dict]:
     """Prompt files, the peer's ordered datasets, and the state merged from earlier invocations."""
     from transformers import AutoTokenizer
 
-    from rlhf.models import resolve_model_path
+    from rlhf.data.models import resolve_model_path
 
     work = Path(args.work)
     model_dir = resolve_model_path(args.model)

@@ -30,12 +30,12 @@ def load_state_dict(model_dir: str) -> dict:
 
 
 def load_into_worker(worker, tensors: dict) -> int:
-    """Runs inside the vLLM worker: our engines' reload path (rollout/worker_extension.py), direct
+    """Runs inside the vLLM worker: our engines' reload path (rlhf/sync/engine_extension.py), direct
     `load_weights` on a GPU, vLLM's layer-wise reload on the CPU (whose backend repacks GEMM weights
     after loading, so a plain `load_weights` finds empty parameters). Returns the tensors loaded."""
     import torch
 
-    from rollout.worker_extension import _layerwise_reload_api, _reprocess, _tied_followers, reload_mode
+    from rlhf.sync.engine_extension import _layerwise_reload_api, _reprocess, _tied_followers, reload_mode
 
     model = worker.rlhf_model()
     api = _layerwise_reload_api() if reload_mode(model, "auto") == "layerwise" else None
@@ -55,13 +55,13 @@ def main(spec_path: str) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = (
         "0"  # in-process engine: collective_rpc takes our function and tensors as they are
     )
+    from rlhf.rollout.engine import WORKER_EXTENSION
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from experiments.learning.prompts import TASK, held_out_prompts
     from rlhf.tasks import get_task
-    from rollout.engine import WORKER_EXTENSION
 
     base = spec["base_model"]
     tokenizer = AutoTokenizer.from_pretrained(base)

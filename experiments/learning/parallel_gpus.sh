@@ -4,7 +4,7 @@
 # (setsid ... &) so that later commands on the host can use its other GPUs meanwhile; `WORK/done`
 # appears at the end, the logs are WORK/{ours,peer,eval}.log, the results OUT/summary.json.
 #   usage: parallel_gpus.sh GPU_OURS GPU_PEER WORK OUT SEED... [-- extra compare_trl.py arguments]
-# The model must be built (rlhf.models) before, or both sides would build it at once.
+# The model must be built (rlhf.data.models) before, or both sides would build it at once.
 set -u
 ours_gpu=$1 peer_gpu=$2 work=$3 out=$4
 shift 4

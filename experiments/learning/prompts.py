@@ -76,10 +76,10 @@ def data_overrides(train_file: Path, seed: int, num_train: int) -> list[str]:
 
 
 def served_order(train_file: Path, seed: int, steps: int, per_step: int, tokenizer: Any) -> list[Any]:
-    """The prompts our driver serves, step by step (rlhf.data.PromptData with the run's data config);
+    """The prompts our driver serves, step by step (rlhf.data.prompts.PromptData with the run's data config);
     the peer gets its dataset in this order with shuffling off, so both train on the same batches."""
-    from rlhf.config import DataConfig
-    from rlhf.data import PromptData
+    from rlhf.config.schema import DataConfig
+    from rlhf.data.prompts import PromptData
 
     cfg = DataConfig(
         source=str(train_file),
@@ -95,8 +95,8 @@ def served_order(train_file: Path, seed: int, steps: int, per_step: int, tokeniz
 
 def held_out_prompts(held_out_file: Path, tokenizer: Any) -> list[Any]:
     """Held-out prompts rendered and tokenized by our data pipeline (the evaluator's input)."""
-    from rlhf.config import DataConfig
-    from rlhf.data import PromptData
+    from rlhf.config.schema import DataConfig
+    from rlhf.data.prompts import PromptData
 
     cfg = DataConfig(
         source=str(held_out_file), task_args={"task": TASK}, system_prompt=SYSTEM_PROMPT, num_eval=0

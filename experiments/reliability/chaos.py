@@ -28,8 +28,8 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray
 
-    from rlhf.config_loader import load_config
-    from rlhf.driver import Trainer
+    from rlhf.config.loader import load_config
+    from rlhf.loop.driver import Trainer
     from rlhf.testing import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="rlhf-chaos-"))

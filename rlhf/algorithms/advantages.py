@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf.config import AlgorithmConfig
+from rlhf.config.schema import AlgorithmConfig
 
 SCALAR_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from rlhf.algorithms.kl import MAX_LOG_RATIO, kl_estimate
-from rlhf.config import AlgorithmConfig
+from rlhf.config.schema import AlgorithmConfig
 
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 

@@ -1,6 +1,6 @@
 """Multi-turn environments: the interface, the built-ins and the loader (docs/agents.md)."""
 
-from rollout.environments.base import (
+from rlhf.environment import (
     BUILTIN_ENVIRONMENTS,
     EnvError,
     Environment,

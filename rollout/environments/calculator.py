@@ -10,8 +10,9 @@ discover the tool before the answers get right; set it to 0 to reward answers on
 
 from __future__ import annotations
 
+from rlhf.rollout.environments.tool_env import ToolEnvironment
+
 from rlhf.tasks import get_task
-from rollout.environments.tool_env import ToolEnvironment
 
 
 class CalculatorEnv(ToolEnvironment):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf.environment import Environment, StepResult, check_messages
 from rlhf.tasks import extract_number
 from rlhf.types import Prompt
-from rollout.environments.base import Environment, StepResult, check_messages
 
 
 class GuessNumberEnv(Environment):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf.environment import Environment, StepResult
 from rlhf.types import Prompt
-from rollout.environments.base import Environment, StepResult
 
 
 class ToolEnvironment(Environment):
@@ -35,7 +35,7 @@ class ToolEnvironment(Environment):
     @classmethod
     def check_args(cls, args: dict[str, Any]) -> None:
         """`examples` must be chat messages (checked by `rlhf validate`)."""
-        from rollout.environments.base import check_messages
+        from rlhf.environment import check_messages
 
         check_messages(list(args.get("examples") or []), "args.examples")
 

@@ -1,0 +1,537 @@
+"""Weight sync: learner ranks -> every vLLM worker, one bucket of tensors at a time.
+
+Three transports share one wire format, a `PackedBucket` (one flat uint8 buffer + per-tensor
+metadata), so the engine pays one copy per bucket whatever the transport:
+
+* `object_store`: rank 0 `ray.put`s every packed bucket and returns the ObjectRefs; each engine
+  fetches them bucket by bucket. Works everywhere (the CPU default); costs one host copy.
+* `broadcast`: a dedicated collective group (gloo on CPU, NCCL on GPU) of learner rank 0 (rank 0)
+  and every vLLM worker of every engine (ranks 1..). The driver hosts the `TCPStore` used for
+  rendezvous and for the per-bucket metadata, so the group is independent of the learners'
+  training group and of vLLM's own groups.
+* `cuda_ipc`: learner rank and engine worker share one GPU; the rank hands out CUDA IPC handles of
+  each packed bucket through the store and waits for the receivers' acknowledgements before freeing
+  it. A colocated run on N GPUs has N such channels, one per GPU, running in parallel.
+
+Which rank feeds which worker over which transport is planned in `rlhf.sync.routes` (a "channel"
+is one sender and its receivers; each gets its own `SyncSpec` and store prefix).
+
+Groups are created lazily on the first `send_buckets` / `receive_buckets` of a spec, which the
+driver (`WeightSync.push`) always starts on both sides at once, so the handshake cannot deadlock.
+See docs/weight_sync.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlhf.sync.routes import TRANSPORTS
+
+logger = logging.getLogger(__name__)
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+ENGINE_RELOADS = ("auto", "direct", "replay", "layerwise")
+_ALIGN = 64  # byte alignment of every tensor inside a packed buffer (any dtype view stays legal)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec and wire format
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """Everything both sides need to agree on; small and picklable (it travels with every call)."""
+
+    transport: str
+    bucket_bytes: int
+    dtype: str | None = None  # cast floating tensors to this before sending (the engine's dtype)
+    host: str | None = None  # driver-hosted TCPStore (broadcast, cuda_ipc)
+    port: int | None = None
+    world_size: int = 1  # 1 sender + every vLLM worker of every engine
+    workers_per_engine: int = 1  # tensor-parallel size of each engine
+    backend: str = "gloo"  # broadcast: "gloo" (CPU tensors) or "nccl" (CUDA tensors)
+    group: str = "rlhf-weight-sync"  # key prefix inside the store
+    version: int = 0  # push counter: namespaces the store keys of one push
+    timeout_s: float = 600.0
+    # How an engine worker writes the weights (see rlhf.sync.engine_extension.reload_mode): "direct"
+    # (each parameter's own loader, straight into the live tensors), "replay" (direct once per bucket
+    # layout, then its recorded copies replayed: rlhf.sync.engine_replay), "layerwise" (vLLM's
+    # layer-wise reload, which redoes post-load processing), "auto" (replay where nothing is
+    # post-processed).
+    engine_reload: str = "auto"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix
+    offset: int  # byte offset inside the bucket buffer
+    nbytes: int
+
+
+@dataclass
+class PackedBucket:
+    """One bucket flattened into a single uint8 buffer (a tensor, or `bytes` after a pickle hop)."""
+
+    metas: list[TensorMeta]
+    buffer: torch.Tensor | bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.buffer) if isinstance(self.buffer, bytes) else self.buffer.numel()
+
+
+@dataclass
+class SyncPayload:
+    """What `send_buckets` returns: the object-store refs (if any) and what was sent."""
+
+    transport: str
+    refs: list[Any] = field(default_factory=list)  # object_store: one ObjectRef per PackedBucket
+    num_bytes: int = 0
+    num_tensors: int = 0
+    num_buckets: int = 0
+    # sender-side seconds: "gather" (producing the buckets: ZeRO-3 all-gathers, casts), "pack"
+    # (flattening), "send" (broadcast, or cuda_ipc waiting for the receivers' acks)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+
+def as_spec(spec: SyncSpec | dict) -> SyncSpec:
+    """vLLM's multiprocess engine serialises collective_rpc arguments: a SyncSpec may arrive as a dict."""
+    return spec if isinstance(spec, SyncSpec) else SyncSpec(**spec)
+
+
+def make_spec(
+    transport: str,
+    bucket_bytes: int,
+    *,
+    dtype: str | torch.dtype | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    num_engines: int = 1,
+    workers_per_engine: int = 1,
+    backend: str | None = None,
+    group: str = "rlhf-weight-sync",
+    timeout_s: float = 600.0,
+    engine_reload: str = "auto",
+) -> SyncSpec:
+    """Validated `SyncSpec`; `backend` defaults to gloo (use "nccl" for GPU broadcast)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"sync.transport: unknown transport {transport!r}; expected one of {TRANSPORTS}")
+    if bucket_bytes <= 0:
+        raise ValueError(f"sync.bucket_mb must be positive, got {bucket_bytes} bytes")
+    if num_engines < 1 or workers_per_engine < 1:
+        raise ValueError(
+            f"weight sync needs at least one engine worker, got {num_engines}x{workers_per_engine}"
+        )
+    backend = backend or "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {backend!r}")
+    if engine_reload not in ENGINE_RELOADS:
+        raise ValueError(f"sync.engine_reload: expected one of {ENGINE_RELOADS}, got {engine_reload!r}")
+    if transport in ("broadcast", "cuda_ipc") and (host is None or port is None):
+        raise ValueError(f"sync transport {transport!r} needs the store host and port")
+    world_size = 1 + num_engines * workers_per_engine
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"weight sync dtype {dtype!r} is not a torch dtype")
+    return SyncSpec(
+        transport=transport,
+        bucket_bytes=int(bucket_bytes),
+        dtype=dtype,
+        host=host,
+        port=port,
+        world_size=world_size,
+        workers_per_engine=workers_per_engine,
+        backend=backend,
+        group=group,
+        timeout_s=timeout_s,
+        engine_reload=engine_reload,
+    )
+
+
+def engine_first_rank(spec: SyncSpec, engine_index: int) -> int:
+    """Sync-group rank of worker 0 of engine `engine_index` (the learner is rank 0)."""
+    return 1 + engine_index * spec.workers_per_engine
+
+
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[NamedTensors]:
+    """Group (name, tensor) pairs into lists of at most `bucket_bytes` (a bigger tensor goes alone)."""
+    bucket: NamedTensors = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def pack_bucket(
+    bucket: Iterable[tuple[str, torch.Tensor]],
+    dtype: str | None = None,
+    device: torch.device | str | None = None,
+) -> PackedBucket:
+    """Copy a bucket into one contiguous uint8 buffer on `device` (default: the tensors' device)."""
+    target = getattr(torch, dtype) if dtype else None
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, t in bucket:
+        t = t.detach()
+        if target is not None and t.is_floating_point() and t.dtype != target:
+            t = t.to(target)
+        tensors.append((name, t))
+    if not tensors:
+        raise ValueError("pack_bucket: empty bucket")
+    device = torch.device(device) if device is not None else tensors[0][1].device
+    metas, offset = [], 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        metas.append(TensorMeta(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), offset, nbytes))
+        offset = _align(offset + nbytes)
+    buffer = torch.empty(offset, dtype=torch.uint8, device=device)
+    for meta, (_, t) in zip(metas, tensors):
+        if meta.nbytes:
+            buffer[meta.offset : meta.offset + meta.nbytes].copy_(
+                t.contiguous().reshape(-1).view(torch.uint8)
+            )
+    return PackedBucket(metas, buffer)
+
+
+def bucket_on(packed: PackedBucket, device: torch.device | str | None = None) -> PackedBucket:
+    """The same bucket with its buffer a tensor on `device` (default: where it is)."""
+    buffer = packed.buffer
+    if isinstance(buffer, bytes | bytearray | memoryview):
+        buffer = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)
+    if device is not None and buffer.device != torch.device(device):
+        buffer = buffer.to(device)
+    return packed if buffer is packed.buffer else PackedBucket(packed.metas, buffer)
+
+
+def unpack_bucket(packed: PackedBucket, device: torch.device | str | None = None) -> NamedTensors:
+    """Views into the packed buffer (moved to `device` first); consumers copy them into params."""
+    packed = bucket_on(packed, device)
+    buffer = packed.buffer
+    out = []
+    for meta in packed.metas:
+        flat = buffer[meta.offset : meta.offset + meta.nbytes].view(getattr(torch, meta.dtype))
+        out.append((meta.name, flat.view(meta.shape)))
+    return out
+
+
+def bucket_to_bytes(packed: PackedBucket) -> PackedBucket:
+    """Same bucket with a `bytes` buffer: survives any serializer (vLLM's multiprocess RPC)."""
+    if isinstance(packed.buffer, bytes):
+        return packed
+    return PackedBucket(packed.metas, packed.buffer.cpu().numpy().tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# The store-backed group (broadcast, cuda_ipc)
+
+
+def _key(spec: SyncSpec, bucket: int, suffix: str = "") -> str:
+    return f"v{spec.version}/b{bucket}{suffix}"
+
+
+class _SyncGroup:
+    """One rank's membership: a client of the driver's TCPStore plus, for broadcast, a collective."""
+
+    def __init__(self, spec: SyncSpec, rank: int, device: torch.device):
+        self.rank = rank
+        self.device = device
+        timeout = timedelta(seconds=spec.timeout_s)
+        base = dist.TCPStore(spec.host, spec.port, is_master=False, timeout=timeout, wait_for_workers=False)
+        self.store = dist.PrefixStore(f"{spec.group}/", base)
+        self.comm: Any = None
+        self.sent_keys: list[str] = []  # rank 0: keys of the previous push, deleted on the next one
+        if spec.transport != "broadcast":
+            return
+        if spec.backend == "gloo":
+            self.comm = dist.ProcessGroupGloo(
+                dist.PrefixStore("gloo/", self.store), rank, spec.world_size, timeout
+            )
+        else:
+            # vLLM's own NCCL wrapper: it is what vLLM workers are built to run next to.
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            group = StatelessProcessGroup(
+                rank=rank, world_size=spec.world_size, store=dist.PrefixStore("nccl/", self.store)
+            )
+            self.comm = PyNcclCommunicator(group, device=device)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if isinstance(self.comm, dist.ProcessGroupGloo):
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self.comm.broadcast([tensor], opts).wait()
+        else:
+            self.comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+            torch.cuda.current_stream().synchronize()
+
+    def publish(self, key: str, obj: Any) -> None:
+        self.store.set(key, pickle.dumps(obj))
+        self.sent_keys.append(key)
+
+    def fetch(self, key: str) -> Any:
+        return pickle.loads(self.store.get(key))
+
+    def forget_previous_push(self) -> None:
+        for key in self.sent_keys:
+            self.store.delete_key(key)
+        self.sent_keys = []
+
+
+_GROUPS: dict[tuple, _SyncGroup] = {}
+
+
+def _comm_device(spec: SyncSpec, device: torch.device | str | None = None) -> torch.device:
+    """Where the bucket buffers live: the GPU for NCCL / CUDA IPC, host memory otherwise."""
+    if spec.transport == "cuda_ipc" or (spec.transport == "broadcast" and spec.backend == "nccl"):
+        device = torch.device(device) if device is not None else torch.device("cuda")
+        if device.type != "cuda":
+            raise ValueError(
+                f"sync transport {spec.transport}/{spec.backend} needs a CUDA device, got {device}"
+            )
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def join_group(spec: SyncSpec, rank: int, device: torch.device | str | None = None) -> _SyncGroup:
+    """This process's membership of the spec's group (created once; blocks until all ranks join)."""
+    key = (spec.host, spec.port, spec.group, rank)
+    if key not in _GROUPS:
+        start = time.perf_counter()
+        _GROUPS[key] = _SyncGroup(spec, rank, _comm_device(spec, device))
+        logger.info(
+            "weight sync: rank %d joined %s group in %.1fs", rank, spec.transport, time.perf_counter() - start
+        )
+    return _GROUPS[key]
+
+
+def destroy_groups() -> None:
+    """Forget this process's sync groups (a new `WeightSync` makes new ones)."""
+    _GROUPS.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sender (learner rank 0) and receiver (inside each vLLM worker)
+
+
+class BucketSender:
+    """One channel's sending side: `send` each bucket as the learner produces it, then `finish`."""
+
+    def __init__(self, spec: SyncSpec):
+        self.spec = spec
+        self.payload = SyncPayload(spec.transport)
+        self.device = _comm_device(spec)
+        self.group = None
+        if spec.transport != "object_store":
+            self.group = join_group(spec, 0, self.device)
+            self.group.forget_previous_push()
+
+    def send(self, bucket: NamedTensors) -> None:
+        spec, group, payload = self.spec, self.group, self.payload
+        start = time.perf_counter()
+        packed = pack_bucket(bucket, spec.dtype, self.device)
+        sent = time.perf_counter()
+        payload.add_time("pack", sent - start)
+        index = payload.num_buckets
+        if spec.transport == "object_store":
+            import ray
+
+            payload.refs.append(ray.put(packed))
+        elif spec.transport == "broadcast":
+            group.publish(_key(spec, index), (packed.metas, packed.nbytes))
+            group.broadcast(packed.buffer)
+        else:  # cuda_ipc
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            torch.cuda.current_stream().synchronize()
+            group.publish(_key(spec, index), (packed.metas, reduce_tensor(packed.buffer)))
+            acks = [_key(spec, index, f"/ack{r}") for r in range(1, spec.world_size)]
+            group.store.wait(acks, timedelta(seconds=spec.timeout_s))
+            group.sent_keys.extend(acks)
+        payload.add_time("send", time.perf_counter() - sent)
+        payload.num_bytes += packed.nbytes
+        payload.num_tensors += len(packed.metas)
+        payload.num_buckets += 1
+        del packed  # cuda_ipc: the receivers have acknowledged, the buffer may go
+
+    def finish(self) -> SyncPayload:
+        if self.group is not None:
+            self.group.publish(_key(self.spec, self.payload.num_buckets), None)  # end of this push
+        return self.payload
+
+
+def send_buckets(spec: SyncSpec, buckets: Iterable[NamedTensors]) -> SyncPayload:
+    """Ship every bucket over one channel; returns the payload the engines' `receive_weights` take."""
+    return send_to_channels([spec], buckets)[0]
+
+
+def send_to_channels(specs: list[SyncSpec], buckets: Iterable[NamedTensors]) -> list[SyncPayload]:
+    """One learner rank: ship every bucket over each of its channels (none: just drain `buckets`,
+    which under ZeRO-3 is this rank's part of the all-gathers). One payload per spec."""
+    senders = [BucketSender(spec) for spec in specs]
+    gather_s = 0.0
+    iterator = iter(buckets)
+    while True:
+        start = time.perf_counter()
+        bucket = next(iterator, None)
+        gather_s += time.perf_counter() - start
+        if bucket is None:
+            break
+        for sender in senders:
+            sender.send(bucket)
+    payloads = [sender.finish() for sender in senders]
+    for payload in payloads:
+        payload.add_time("gather", gather_s)
+    return payloads
+
+
+class BackgroundSend:
+    """`send_to_channels(specs, staged)` on a thread and, on a GPU, on a side stream: NCCL kernels
+    waiting for a busy engine must not block the training kernels queued on the default stream.
+    `staged` is a copy of the weights (buckets of named tensors), freed once sent."""
+
+    def __init__(self, specs: list, staged: list, device: torch.device):
+        self._payloads: list = []
+        self._error: BaseException | None = None
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the staging copies come first
+
+        def run() -> None:
+            try:
+                if stream is None:
+                    self._payloads = send_to_channels(specs, staged)
+                    return
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    self._payloads = send_to_channels(specs, staged)
+                    stream.synchronize()
+            except BaseException as exc:  # re-raised in result()
+                self._error = exc
+            finally:
+                staged.clear()
+
+        self._thread = threading.Thread(target=run, name="rlhf-weight-send", daemon=True)
+        self._thread.start()
+
+    def result(self) -> list:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._payloads
+
+
+def _rebuild_ipc_tensor(handle: tuple, device: torch.device) -> torch.Tensor:
+    """Open a CUDA IPC handle made by `reduce_tensor` on this process's view of the same GPU."""
+    rebuild, args = handle
+    args = list(args)
+    # storage_device: the sender's device index need not be ours (different CUDA_VISIBLE_DEVICES)
+    args[6] = device.index if device.index is not None else torch.cuda.current_device()
+    return rebuild(*args)
+
+
+def receive_buckets(
+    spec: SyncSpec,
+    payload: SyncPayload | list | None,
+    load_weights: Callable[[NamedTensors], Any],
+    device: torch.device | str | None = None,
+    rank: int = 1,
+    load_bucket: Callable[[PackedBucket, NamedTensors], Any] | None = None,
+) -> dict[str, int]:
+    """One engine worker: feed every bucket of this push to `load_weights`, one bucket at a time.
+
+    `payload` is the sender's `SyncPayload` (object_store: refs) or a list of ObjectRefs /
+    `PackedBucket`s; it is ignored by broadcast and cuda_ipc, which read the store instead.
+    `rank` is this worker's rank in the sync group (`engine_first_rank` + its TP rank).
+    `load_bucket(packed, tensors)`, if given, is called instead of `load_weights(tensors)`: it also
+    sees the bucket's buffer and layout (the tensors are views into it), which the replay path needs.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    stats = {"num_bytes": 0, "num_tensors": 0, "num_buckets": 0, "load_s": 0.0, "wait_s": 0.0}
+
+    def load(packed: PackedBucket) -> None:
+        start = time.perf_counter()
+        packed = bucket_on(packed, device)
+        tensors = unpack_bucket(packed)
+        if load_bucket is None:
+            load_weights(tensors)
+        else:
+            load_bucket(packed, tensors)
+        stats["load_s"] += time.perf_counter() - start
+        stats["num_bytes"] += packed.nbytes
+        stats["num_tensors"] += len(packed.metas)
+        stats["num_buckets"] += 1
+
+    if spec.transport == "object_store":
+        items = payload.refs if isinstance(payload, SyncPayload) else payload
+        if items is None:
+            raise ValueError("object_store weight sync needs the sender's payload (the bucket refs)")
+        for item in items:
+            if not isinstance(item, PackedBucket):
+                import ray
+
+                item = ray.get(item)
+            load(item)
+        return stats
+
+    if not 1 <= rank < spec.world_size:
+        raise ValueError(f"weight sync receiver rank {rank} outside 1..{spec.world_size - 1}")
+    comm_device = _comm_device(spec, device)
+    group = join_group(spec, rank, comm_device)
+    index = 0
+    while True:
+        start = time.perf_counter()
+        message = group.fetch(_key(spec, index))
+        stats["wait_s"] += time.perf_counter() - start  # the sender producing the bucket, and the store
+        if message is None:
+            break
+        metas, extra = message
+        if spec.transport == "broadcast":
+            buffer = torch.empty(extra, dtype=torch.uint8, device=comm_device)
+            group.broadcast(buffer)
+            load(PackedBucket(metas, buffer))
+        else:  # cuda_ipc: `extra` is the IPC handle of the sender's buffer
+            # Copy out (device to device) and release the sender at once: vLLM's layerwise
+            # reload may hold on to the loaded views until a whole layer has arrived.
+            buffer = _rebuild_ipc_tensor(extra, comm_device).clone()
+            torch.cuda.current_stream().synchronize()
+            group.store.set(_key(spec, index, f"/ack{rank}"), b"1")
+            load(PackedBucket(metas, buffer))
+        index += 1
+    return stats
+
+
+def logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    """Mean |a - b| over all tokens of aligned per-sequence logprob lists (the sync audit metric)."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("logprob_diff: the two sides have different sequence/token counts")
+    flat_a = torch.tensor([v for seq in a for v in seq], dtype=torch.float64)
+    flat_b = torch.tensor([v for seq in b for v in seq], dtype=torch.float64)
+    return float((flat_a - flat_b).abs().mean()) if flat_a.numel() else 0.0
