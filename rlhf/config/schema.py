@@ -564,6 +564,13 @@ class RunConfig:
         "not written in a recipe.",
     )
 
+    def __post_init__(self) -> None:
+        # The sub-seeds follow the run's seed unless set; the resolved values are what config.yaml records.
+        if self.data.seed is None:
+            self.data.seed = self.seed
+        if self.rollout.seed is None:
+            self.rollout.seed = self.seed
+
 
 def load_config(path, overrides=()) -> RunConfig:
     """Load, merge and validate a YAML recipe (see `rlhf.config.loader`)."""

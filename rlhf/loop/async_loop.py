@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from queue import Empty, Full
 
-from rlhf.loop.batch import make_train_batch
 from rlhf.production.metrics import Timer
 from rlhf.types import Prompt, Sample
 
@@ -155,17 +154,9 @@ class AsyncLoop:
         start = time.perf_counter()
         samples, waited = self.take(metrics)
         staleness = [roles.sync.version - s.policy_version for s in samples]
-        trainer.dump_samples(samples)
-        trainer._finish_reasons = [s.finish_reason for s in samples]
-        batch = make_train_batch(samples, trainer.pad_id)
-        trainer.advantages(batch, timer, metrics)
-        stats = trainer.train_on(batch, timer)
-        with timer.phase("sync"):
-            # Staged and sent from the learners' background thread; each engine loads it after the
-            # generate call it is in (the previous push is collected first: one in flight at a time).
-            metrics.update(roles.sync.push(wait=False))
-        if trainer.audit_due():
-            trainer.audit(samples, timer, metrics)
+        # The push is staged and sent from the learners' background thread; each engine loads it after
+        # the generate call it is in (the previous push is collected first: one in flight at a time).
+        stats = trainer.learn(samples, timer, metrics, wait_for_push=False)
         self.producer.settle(list({_key(s.prompt): s.prompt for s in samples}.values()), [])
         elapsed = time.perf_counter() - start
         busy, self._busy_mark = self.producer.busy_s - self._busy_mark, self.producer.busy_s

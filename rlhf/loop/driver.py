@@ -1,12 +1,11 @@
 """The single controller: generate -> score -> advantages -> train -> sync weights -> log.
 
 The driver holds no model weights. It builds one Ray actor group per role and then reads as the
-loop in `Trainer.step`, top to bottom.
+loop in `Trainer.step_once`, top to bottom.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -19,28 +18,20 @@ import ray
 import torch
 from tqdm import tqdm
 
-from rlhf.algorithms import advantages as adv_fns
-from rlhf.algorithms import filters, kl, old_logprobs
-from rlhf.algorithms.gae import gae
+from rlhf.algorithms import old_logprobs
 from rlhf.config.loader import resolve_device, to_dict, to_yaml
 from rlhf.config.schema import RunConfig
 from rlhf.data.models import check_engine_can_run, resolve_model_path
 from rlhf.data.prompts import PromptData
 from rlhf.evaluation import sets as evaluation
 from rlhf.evaluation import summary as run_summary
-from rlhf.loop.batch import make_train_batch
+from rlhf.loop.step import StepBody, log
 from rlhf.placement import RayPlacement, make_plan
 from rlhf.production import checkpoint as ckpt
 from rlhf.production import lineage
-from rlhf.production.metrics import MetricsLogger, Timer, plot_rewards, sample_metrics, sample_rows, step_line
+from rlhf.production.metrics import MetricsLogger, Timer, plot_rewards, step_line
 from rlhf.production.monitoring import RunMonitor, engine_actor_options
 from rlhf.production.watchdog import StallWatchdog
-from rlhf.reward.pipeline import drop_unscored_groups
-from rlhf.types import Sample, TrainBatch
-
-
-def log(msg: str) -> None:
-    tqdm.write(f"[rlhf] {msg}", file=sys.stderr)
 
 
 @dataclass
@@ -92,8 +83,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer:
-    """Owns the roles and the loop state; `run()` is the whole training run."""
+class Trainer(StepBody):
+    """Owns the roles and the loop state; `run()` is the whole training run, `step_once()` one
+    synchronous step (the phases are `StepBody`'s, in rlhf/loop/step.py)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -197,146 +189,6 @@ class Trainer:
         log(f"resumed from {latest} at step {self.step}")
 
     # ------------------------------------------------------------------ one step
-    def generate(self, timer: Timer, metrics: dict) -> list[Sample]:
-        """Sample n responses per prompt; with DAPO dynamic sampling, keep only informative groups."""
-        cfg, rollout = self.cfg, self.roles.rollout
-        want = cfg.rollout.prompts_per_step
-        with timer.phase("generate"):
-            samples = rollout.generate(
-                self.data.next_batch(want), cfg.rollout.sampling, logprobs=self.engine_logprobs
-            )
-        metrics.update({f"time/{k}": v for k, v in getattr(rollout, "last_timing", {}).items()})
-        if not cfg.algorithm.dynamic_sampling:
-            return samples
-        kept: list[Sample] = []
-        extra, rounds = 0, 0
-        while True:
-            with timer.phase("reward"):
-                self.roles.reward.score(samples)
-            if cfg.reward.on_error == "drop":
-                samples, _ = drop_unscored_groups(samples)
-            rewards = torch.tensor([s.reward for s in samples])
-            groups = torch.tensor([s.group for s in samples])
-            keep = filters.dynamic_sampling_keep(rewards, groups)
-            kept += [s for s, k in zip(samples, keep.tolist()) if k]
-            rounds += 1
-            if len({s.group for s in kept}) >= want or rounds >= cfg.algorithm.max_sampling_rounds:
-                break
-            with timer.phase("generate"):
-                offset = max(s.group for s in samples) + 1
-                more = self.data.next_batch(want)
-                samples = rollout.generate(
-                    more, cfg.rollout.sampling, group_offset=offset, logprobs=self.engine_logprobs
-                )
-            extra += len(more) * cfg.rollout.sampling.n
-        if not kept:  # every group was uninformative: train on the last round (zero advantages)
-            log("warning: dynamic sampling kept no group; training on the last round's samples")
-            kept = samples
-        groups_kept = set(sorted({s.group for s in kept})[:want])
-        kept = [s for s in kept if s.group in groups_kept]
-        metrics.update(
-            {"dapo/extra_generations": extra, "dapo/kept_groups": len(groups_kept), "dapo/rounds": rounds}
-        )
-        return kept
-
-    def score(self, samples: list[Sample], timer: Timer, metrics: dict) -> list[Sample]:
-        """Rewards (and DAPO's overlong penalty) on every sample; returns the samples to train on
-        (with `reward.on_error: drop`, groups with an unscored sample are left out)."""
-        cfg = self.cfg
-        if not cfg.algorithm.dynamic_sampling:  # dynamic sampling scored them already
-            with timer.phase("reward"):
-                self.roles.reward.score(samples)
-        if cfg.reward.on_error == "drop":
-            samples, dropped = drop_unscored_groups(samples)
-            metrics["reward/dropped_groups"] = float(dropped)
-        if cfg.algorithm.overlong_buffer > 0:
-            lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
-            penalty = filters.overlong_penalty(
-                lengths,
-                cfg.rollout.sampling.max_new_tokens,
-                cfg.algorithm.overlong_buffer,
-                cfg.algorithm.overlong_penalty,
-            )
-            for s, p in zip(samples, penalty.tolist()):
-                s.reward += p
-            metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
-        metrics.update(self.roles.reward.last_stats())
-        return samples
-
-    def advantages(self, batch: TrainBatch, timer: Timer, metrics: dict) -> None:
-        alg, roles = self.cfg.algorithm, self.roles
-        if alg.overlong_filter:  # before advantages: filtered samples must not enter batch statistics
-            truncated = torch.tensor([s == "length" for s in self._finish_reasons])
-            batch.loss_mask = batch.loss_mask * filters.overlong_mask(truncated)[:, None]
-        if roles.reference is not None:
-            with timer.phase("ref_logprobs"):
-                batch.ref_logprobs = roles.reference.logprobs(batch)
-        if old_logprobs.learner_pass_needed(alg, roles.reference is not None):
-            with timer.phase("old_logprobs"):
-                batch.old_logprobs = roles.policy.logprobs(batch)
-        # pi_old known before training: from the pass above or the engine (else the training pass has it)
-        policy_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
-        rewards = batch.rewards
-        token_kl = None
-        if batch.ref_logprobs is not None and policy_logprobs is not None:
-            token_kl = kl.kl_estimate(policy_logprobs, batch.ref_logprobs, alg.kl_estimator) * batch.loss_mask
-            metrics["reward/kl_to_ref"] = float(token_kl.sum(1).mean())
-        with timer.phase("advantages"):
-            if alg.advantage == "gae":
-                batch.values = roles.critic.values(batch)
-                coef = alg.kl_coef if (token_kl is not None and alg.kl_in == "reward") else 0.0
-                kl_term = token_kl if token_kl is not None else torch.zeros_like(batch.loss_mask)
-                token_rewards = adv_fns.token_level_rewards(rewards, kl_term, batch.loss_mask, coef)
-                batch.advantages, batch.returns = gae(
-                    token_rewards, batch.values, batch.loss_mask, alg.gamma, alg.lam
-                )
-            else:
-                if token_kl is not None and alg.kl_in == "reward":
-                    rewards = adv_fns.apply_kl_to_rewards(rewards, token_kl, batch.loss_mask, alg.kl_coef)
-                batch.advantages = adv_fns.compute_advantages(alg, rewards, batch.group, batch.loss_mask)
-        metrics["train/advantage_abs_mean"] = float(
-            (batch.advantages.abs() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
-        )
-
-    def audit(self, samples: list[Sample], timer: Timer, metrics: dict) -> None:
-        """Engine vs learner logprobs on a probe batch: catches a sync that did not land."""
-        k = self.cfg.sync.audit_samples
-        if not self.cfg.sync.audit or k <= 0:
-            return
-        probe = [s for s in samples if s.response_ids and any(s.response_mask or [1])][:k]
-        if not probe:
-            return
-        seqs = [(s.prompt.token_ids, s.response_ids) for s in probe]
-        with timer.phase("audit"):
-            # every engine scores the whole (small) probe: a sync that missed one engine shows
-            per_engine = self.roles.rollout.group.call("logprobs", seqs)
-            batch = make_train_batch(probe, self.pad_id)
-            learner_lp = self.roles.policy.logprobs(batch, temperature=1.0)  # the engine scores at T=1
-        engine_means = []
-        for engine_lp in per_engine:
-            diffs = []
-            for i, s in enumerate(probe):
-                p = len(s.prompt.token_ids)
-                learner = learner_lp[i, p : p + len(s.response_ids)]
-                diff = (learner - torch.tensor(engine_lp[i], dtype=learner.dtype)).abs()
-                if s.response_mask is not None:  # multi-turn: only the policy's own tokens
-                    diff = diff[torch.tensor(s.response_mask, dtype=torch.bool)]
-                diffs.append(diff)
-            diff = torch.cat(diffs)
-            engine_means.append(float(diff.mean()))
-            metrics["sync/audit_logprob_diff_max"] = max(
-                metrics.get("sync/audit_logprob_diff_max", 0.0), float(diff.max())
-            )
-        metrics["sync/audit_logprob_diff"] = sum(engine_means) / len(engine_means)
-        metrics["sync/audit_worst_engine_diff"] = max(engine_means)
-        tol = self.cfg.sync.audit_tolerance or (5e-3 if self.device == "cpu" else 5e-2)
-        worst = max(range(len(engine_means)), key=engine_means.__getitem__)
-        if engine_means[worst] > tol:
-            log(
-                f"warning: weight-sync audit: engine {worst}: mean |engine - learner| logprob = "
-                f"{engine_means[worst]:.2e} > {tol:.0e}"
-            )
-
     def run_step(self) -> dict[str, float]:
         """One step of the synchronous or asynchronous loop; a dead learner rank stops the run with
         one line naming it and the command that resumes from the last checkpoint."""
@@ -357,64 +209,16 @@ class Trainer:
             ) from exc
 
     def step_once(self) -> dict[str, float]:
-        roles = self.roles
+        """One synchronous step: generate, (DAPO) keep informative groups, score, then the shared
+        body (`StepBody.learn`: batch, advantages, train, push, audit)."""
         timer, metrics = Timer(), {}
         t0 = time.perf_counter()
         samples = self.generate(timer, metrics)
+        if self.cfg.algorithm.dynamic_sampling:
+            samples = self.dynamic_sampling(samples, timer, metrics)
         samples = self.score(samples, timer, metrics)
-        self.dump_samples(samples)
-        self._finish_reasons = [s.finish_reason for s in samples]
-        batch = make_train_batch(samples, self.pad_id)
-        self.gpus_to_learners(timer)
-        self.advantages(batch, timer, metrics)
-        stats = self.train_on(batch, timer)
-        self.wake_engines(timer, metrics)
-        with timer.phase("sync"):
-            metrics.update(roles.sync.push())
-        if self.audit_due():
-            self.audit(samples, timer, metrics)
-        self.offload_learners(timer)
+        stats = self.learn(samples, timer, metrics, wait_for_push=True)
         return self.step_metrics(metrics, samples, stats, timer, time.perf_counter() - t0)
-
-    def train_on(self, batch: TrainBatch, timer: Timer) -> dict[str, float]:
-        """One optimizer step of the policy (and the critic): both loops' training phase."""
-        with timer.phase("train"):
-            stats = self.roles.policy.train(batch)
-            if self.roles.critic is not None:
-                stats.update({f"critic/{k}": v for k, v in self.roles.critic.train(batch).items()})
-        return stats
-
-    def step_metrics(
-        self, metrics: dict, samples: list[Sample], stats: dict, timer: Timer, elapsed: float
-    ) -> dict[str, float]:
-        """The per-step figures every loop logs (synchronous and asynchronous alike)."""
-        metrics.update(sample_metrics(samples))
-        metrics.update({f"train/{k}": v for k, v in stats.items() if not k.startswith("critic/")})
-        metrics.update({k: v for k, v in stats.items() if k.startswith("critic/")})
-        metrics.update(timer.as_metrics())
-        metrics["fault/engine_restarts"] = float(self.roles.rollout.restarts)
-        gen_tokens = sum(len(s.response_ids) for s in samples)
-        metrics["time/step_s"] = elapsed
-        metrics["perf/generated_tokens"] = gen_tokens
-        metrics["perf/tokens_per_s"] = gen_tokens / elapsed
-        if "generate" in timer.seconds:
-            metrics["perf/generate_tokens_per_s"] = gen_tokens / timer.seconds["generate"]
-        return metrics
-
-    def audit_due(self) -> bool:
-        """Every step when synchronous; every 10th when asynchronous, where the engines' scoring pass
-        waits behind a generate call (`sync.audit_every` overrides)."""
-        every = self.cfg.sync.audit_every
-        if every is None:
-            every = 10 if self.cfg.rollout.max_staleness > 0 else 1
-        return every > 0 and (self.step + 1) % every == 0
-
-    def dump_samples(self, samples: list[Sample]) -> None:
-        """The first `logging.samples_per_step` samples of each step, for reading what the policy writes."""
-        rows = sample_rows(samples[: max(self.cfg.logging.samples_per_step, 0)], self.step + 1)
-        if rows:
-            with open(self.run_dir / "samples.jsonl", "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
 
     # ------------------------------------------------------------------ sharing the GPUs (colocated)
     # Colocated on GPUs, engines and learners take turns: vLLM releases its weights and KV cache while
