@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from rlhf.config.schema import RolloutConfig, SamplingConfig
-from rlhf.sync.wire import SyncPayload, SyncSpec, bucket_to_bytes, engine_first_rank
+from rlhf.sync.wire import SyncPayload, SyncSpec, bucket_to_bytes
 from rlhf.types import Prompt, Sample
 
 WORKER_EXTENSION = "rlhf.sync.engine_extension.WeightUpdateExtension"
@@ -71,6 +71,39 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype in (None, "auto"):
         return "float32" if device == "cpu" else "bfloat16"
     return dtype
+
+
+# Each request mode and the engine method that serves it directly (the name errors report).
+GENERATE_METHODS = {"tokens": "generate", "episodes": "generate_episodes", "agent": "generate_agent_episodes"}
+
+
+@dataclasses.dataclass
+class GenerateRequest:
+    """One engine's share of a generate call: n samples of each prompt, served by `RolloutEngine.serve`.
+
+    `mode`: "tokens" (one batched vLLM call), "episodes" (multi-turn with rollout.environment,
+    rollout/episodes.py) or "agent" (the user's agent over HTTP with rollout.agent,
+    rollout/agent_runner.py). `Sample.group` of prompt i is `groups[i]`, default group_offset + i."""
+
+    prompts: list[Prompt]
+    sampling: SamplingConfig | None = None  # None: rollout.sampling
+    n: int | None = None  # None: sampling.n
+    temperature: float | None = None  # None: sampling.temperature
+    group_offset: int = 0
+    groups: list[int] | None = None
+    logprobs: bool = False  # each sampled token's engine logprob (Sample.logprobs), else None
+    mode: str = "tokens"
+
+    def group_ids(self) -> list[int]:
+        if self.groups is None:
+            return [self.group_offset + i for i in range(len(self.prompts))]
+        if len(self.groups) != len(self.prompts):
+            raise ValueError(f"rollout: {len(self.groups)} group ids for {len(self.prompts)} prompts")
+        return list(self.groups)
+
+    @property
+    def method(self) -> str:
+        return GENERATE_METHODS[self.mode]
 
 
 class RolloutEngine:
@@ -192,6 +225,23 @@ class RolloutEngine:
             logprobs=0 if logprobs else None,  # 0: only the sampled token's logprob
         )
 
+    def serve(self, request: GenerateRequest) -> list[Sample]:
+        """Every generate call goes through here (`RolloutGroup` sends one request per engine)."""
+        if request.mode not in GENERATE_METHODS:
+            raise ValueError(
+                f"rollout: generate mode must be one of {tuple(GENERATE_METHODS)}, got {request.mode!r}"
+            )
+        if not request.prompts:
+            return []
+        groups = request.group_ids()
+        sampling = request.sampling or self.cfg.sampling
+        n = sampling.n if request.n is None else request.n
+        if request.mode == "episodes":
+            return self._episodes(request, groups, sampling, n)
+        if request.mode == "agent":
+            return self._agent_episodes(request, groups, sampling, n)
+        return self._samples(request, groups, sampling, n)
+
     def generate(
         self,
         prompts: list[Prompt],
@@ -202,15 +252,46 @@ class RolloutEngine:
         groups: list[int] | None = None,
         logprobs: bool = False,
     ) -> list[Sample]:
-        """n samples per prompt, prompt-major; `Sample.group` = `groups[i]` for prompt i (default
-        group_offset + i). With `logprobs` each sample carries its tokens' engine logprobs, else None."""
-        if not prompts:
-            return []
-        if groups is None:
-            groups = [group_offset + i for i in range(len(prompts))]
-        elif len(groups) != len(prompts):
-            raise ValueError(f"rollout: {len(groups)} group ids for {len(prompts)} prompts")
-        params = self.sampling_params(sampling or self.cfg.sampling, n, temperature, logprobs)
+        """n samples per prompt, prompt-major (`serve` of a "tokens" `GenerateRequest`)."""
+        return self.serve(GenerateRequest(prompts, sampling, n, temperature, group_offset, groups, logprobs))
+
+    def generate_episodes(
+        self,
+        prompts: list[Prompt],
+        sampling: SamplingConfig | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        group_offset: int = 0,
+        groups: list[int] | None = None,
+        logprobs: bool = False,
+    ) -> list[Sample]:
+        """n multi-turn episodes per prompt (`serve` of an "episodes" `GenerateRequest`)."""
+        request = GenerateRequest(
+            prompts, sampling, n, temperature, group_offset, groups, logprobs, "episodes"
+        )
+        return self.serve(request)
+
+    def generate_agent_episodes(
+        self,
+        prompts: list[Prompt],
+        sampling: SamplingConfig | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        group_offset: int = 0,
+        groups: list[int] | None = None,
+        logprobs: bool = False,
+    ) -> list[Sample]:
+        """n runs of the user's agent per prompt (`serve` of an "agent" `GenerateRequest`)."""
+        request = GenerateRequest(prompts, sampling, n, temperature, group_offset, groups, logprobs, "agent")
+        return self.serve(request)
+
+    def _samples(
+        self, request: GenerateRequest, groups: list[int], sampling: SamplingConfig, n: int
+    ) -> list[Sample]:
+        """One batched vLLM call. With `request.logprobs` each sample carries its tokens' engine
+        logprobs, else None."""
+        prompts, logprobs = request.prompts, request.logprobs
+        params = self.sampling_params(sampling, n, request.temperature, logprobs)
         empty = [p.index for p in prompts if not p.token_ids]
         if empty:
             raise ValueError(
@@ -337,25 +418,14 @@ class RolloutEngine:
         key = (self.cfg.seed, p.index, int(p.metadata.get("epoch", 0)), p.metadata.get("split", ""))
         return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
 
-    def generate_episodes(
-        self,
-        prompts: list[Prompt],
-        sampling: SamplingConfig | None = None,
-        n: int | None = None,
-        temperature: float | None = None,
-        group_offset: int = 0,
-        groups: list[int] | None = None,
-        logprobs: bool = False,
+    def _episodes(
+        self, request: GenerateRequest, groups: list[int], sampling: SamplingConfig, n: int
     ) -> list[Sample]:
-        """`generate` for multi-turn episodes with rollout.environment (rollout/episodes.py): n
-        episodes per prompt, each turn of all live episodes one batched `llm.generate` call."""
+        """Multi-turn episodes with rollout.environment (rollout/episodes.py): n episodes per prompt,
+        each turn of all live episodes one batched `llm.generate` call."""
         from rlhf.rollout.episodes import Completion
 
-        if not prompts:
-            return []
-        if groups is None:
-            groups = [group_offset + i for i in range(len(prompts))]
-        sampling = sampling or self.cfg.sampling
+        prompts, temperature, logprobs = request.prompts, request.temperature, request.logprobs
         base = self.sampling_params(sampling, 1, temperature, logprobs)
         base.include_stop_str_in_output = True  # the text an environment reads is exactly the kept ids
         first_seed, turn = self._prompt_seed(prompts[0]), [0]
@@ -383,32 +453,20 @@ class RolloutEngine:
                 done.append(Completion(ids, texts[id(c)], lps, c.finish_reason or "length"))
             return done
 
-        count = sampling.n if n is None else n
         return self._episode_runner().run(
-            prompts, groups, count, generate, sampling.max_new_tokens, logprobs, self.weight_version
+            prompts, groups, n, generate, sampling.max_new_tokens, logprobs, self.weight_version
         )
 
-    def generate_agent_episodes(
-        self,
-        prompts: list[Prompt],
-        sampling: SamplingConfig | None = None,
-        n: int | None = None,
-        temperature: float | None = None,
-        group_offset: int = 0,
-        groups: list[int] | None = None,
-        logprobs: bool = False,
+    def _agent_episodes(
+        self, request: GenerateRequest, groups: list[int], sampling: SamplingConfig, n: int
     ) -> list[Sample]:
-        """`generate` with rollout.agent (rollout/agent_runner.py): n runs of the user's agent per
-        prompt against this engine's OpenAI-compatible endpoint, served for the duration of the call.
-        Sampling is rollout.sampling's (the request's temperature etc. are not read); batches follow
-        the agents' timing, so it is not reproducible."""
+        """Runs of the user's agent with rollout.agent (rollout/agent_runner.py): n per prompt against
+        this engine's OpenAI-compatible endpoint, served for the duration of the call. Sampling is
+        rollout.sampling's (the request's temperature etc. are not read); batches follow the agents'
+        timing, so it is not reproducible."""
         from rlhf.rollout.episodes import Completion
 
-        if not prompts:
-            return []
-        if groups is None:
-            groups = [group_offset + i for i in range(len(prompts))]
-        sampling = sampling or self.cfg.sampling
+        prompts, temperature, logprobs = request.prompts, request.temperature, request.logprobs
 
         def generate(calls: list[tuple[list[int], int, list[str]]]) -> list[Completion]:
             params = [  # the request's own stop strings join rollout.sampling.stop; every call is recorded
@@ -433,9 +491,8 @@ class RolloutEngine:
                 )
             return done
 
-        count = sampling.n if n is None else n
         return self._agent().run(
-            prompts, groups, count, generate, sampling.max_new_tokens, logprobs, self.weight_version
+            prompts, groups, n, generate, sampling.max_new_tokens, logprobs, self.weight_version
         )
 
     def _agent(self):
@@ -492,16 +549,13 @@ class RolloutEngine:
     # Weights and memory
 
     def receive_weights(
-        self, routes: list[tuple[SyncSpec, int]] | SyncSpec, payload: SyncPayload | list | None = None
+        self, routes: list[tuple[SyncSpec, int]], payload: SyncPayload | list | None = None
     ) -> dict[str, int]:
-        """Load one weight push (see rlhf.sync.wire) into every worker, then drop stale KV.
+        """Load one weight push (see rlhf.sync) into every worker, then drop stale KV.
 
         `routes[w]` = (channel spec, rank in that channel) of tensor-parallel worker w (planned by
-        rlhf.sync.routes); a bare spec means one channel with this engine's workers at consecutive ranks."""
+        rlhf.sync.routes)."""
         start = time.perf_counter()
-        if isinstance(routes, SyncSpec):
-            first = engine_first_rank(routes, self.engine_index)
-            routes = [(routes, first + w) for w in range(self.tensor_parallel)]
         if "weights" in self._asleep:
             self.llm.wake_up(tags=["weights"])  # KV cache may stay released while weights load
             self._asleep.discard("weights")
@@ -530,9 +584,6 @@ class RolloutEngine:
     def device_uuids(self) -> list[str | None]:
         """The CUDA device UUID of each tensor-parallel worker (None on CPU), for sync routing."""
         return list(self.llm.collective_rpc("rlhf_device_uuid"))
-
-    def weight_checksum(self) -> float:
-        return float(self.llm.collective_rpc("rlhf_weight_checksum")[0])
 
     def sleep(self, level: int = 1) -> bool:
         """Release weights (level 1: offload to host, level 2: discard) and the KV cache.

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from rlhf.rollout.engine import RolloutEngine, resolve_dtype
+from rlhf.rollout.engine import GenerateRequest, RolloutEngine, resolve_dtype
 
 from rlhf.actor_group import ActorGroup, GroupCallError, balance
 from rlhf.algorithms.old_logprobs import engines_return_logprobs
@@ -155,33 +155,40 @@ class RolloutGroup:
         sampling = sampling or self.cfg.rollout.sampling
         count = sampling.n if n is None else n
         rows = self.assign(prompts, count, sampling.max_new_tokens)
-        args = {
-            r: (
-                [prompts[i] for i in rows[r]],
-                sampling,
-                n,
-                temperature,
-                0,
-                [group_offset + i for i in rows[r]],
+        mode = self._mode()
+        requests = {
+            r: GenerateRequest(
+                prompts=[prompts[i] for i in chosen],
+                sampling=sampling,
+                n=n,
+                temperature=temperature,
+                groups=[group_offset + i for i in chosen],
+                logprobs=logprobs,
+                mode=mode,
             )
             for r, chosen in enumerate(rows)
             if chosen
         }
         if self.cfg.rollout.partial_rollouts:  # in chunks, so pushes land mid-response (rollout/partial.py)
-            chunks = self._in_chunks(args, logprobs)
+            chunks = self._in_chunks(requests)
         else:
-            # With rollout.environment every sample is a multi-turn episode (rollout/episodes.py); with
-            # rollout.agent the user's agent makes chat calls to the engine (rollout/agent_runner.py).
-            method = "generate"
-            if self.cfg.rollout.environment.name:
-                method = "generate_episodes"
-            elif self.cfg.rollout.agent.function:
-                method = "generate_agent_episodes"
-            chunks = self._supervised(method, args, logprobs=logprobs)
-            if method == "generate":
-                self.last_timing = self._engine_timing(list(args))
+            chunks = self._supervised(requests)
+            if mode == "tokens":
+                self.last_timing = self._engine_timing(list(requests))
         samples = [sample for chunk in chunks for sample in chunk]
         return sorted(samples, key=lambda s: s.group)  # stable: sample order within a group is kept
+
+    def _mode(self) -> str:
+        """With rollout.environment every sample is a multi-turn episode (rollout/episodes.py); with
+        rollout.agent the user's agent makes chat calls to the engine (rollout/agent_runner.py).
+        Partial rollouts generate plain token chunks."""
+        if self.cfg.rollout.partial_rollouts:
+            return "tokens"
+        if self.cfg.rollout.environment.name:
+            return "episodes"
+        if self.cfg.rollout.agent.function:
+            return "agent"
+        return "tokens"
 
     def _engine_timing(self, ranks: list[int]) -> dict[str, float]:
         """The slowest engine's seconds in vLLM and in building samples, for the last generate."""
@@ -192,15 +199,15 @@ class RolloutGroup:
         keys = {k for t in timings for k in t}
         return {f"engine_{k}": max(t.get(k, 0.0) for t in timings) for k in sorted(keys)}
 
-    def _in_chunks(self, args: dict[int, tuple], logprobs: bool) -> list:
-        """`generate` per rank as partial rollouts, one driver thread per engine; a rank whose engine
+    def _in_chunks(self, requests: dict[int, GenerateRequest]) -> list:
+        """Each rank's request as partial rollouts, one driver thread per engine; a rank whose engine
         dies is restarted and its share generated again from the start. Results in rank order."""
         from concurrent.futures import ThreadPoolExecutor
 
         from rlhf.rollout.partial import generate_in_chunks
 
         def share(rank: int) -> list[Sample]:
-            prompts, sampling, n, temperature, _, groups = args[rank]
+            request = requests[rank]
             while True:
 
                 def call(method, *a, **k):
@@ -209,12 +216,12 @@ class RolloutGroup:
                 try:
                     return generate_in_chunks(
                         call,
-                        prompts,
-                        groups,
-                        sampling,
-                        n,
-                        temperature,
-                        logprobs,
+                        request.prompts,
+                        request.groups,
+                        request.sampling,
+                        request.n,
+                        request.temperature,
+                        request.logprobs,
                         self.cfg.rollout.partial_chunk_tokens,
                     )
                 except ray.exceptions.RayActorError as exc:
@@ -222,14 +229,14 @@ class RolloutGroup:
                 except Exception as exc:
                     raise GroupCallError("rollout", rank, "generate (partial rollouts)", exc) from exc
 
-        with ThreadPoolExecutor(max_workers=len(args), thread_name_prefix="rlhf-partial") as pool:
-            futures = {rank: pool.submit(share, rank) for rank in args}
+        with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="rlhf-partial") as pool:
+            futures = {rank: pool.submit(share, rank) for rank in requests}
             return [futures[rank].result() for rank in sorted(futures)]
 
-    def _supervised(self, method: str, args: dict[int, tuple], **kwargs) -> list:
-        """Call `method(*args[r], **kwargs)` on each rank r in `args`; a rank whose engine dies is
-        restarted and called again with the same arguments. Results in rank order."""
-        pending = {r: getattr(self.group.actors[r], method).remote(*a, **kwargs) for r, a in args.items()}
+    def _supervised(self, requests: dict[int, GenerateRequest]) -> list:
+        """`serve(requests[r])` on each rank r; a rank whose engine dies is restarted and sent the same
+        request again. Results in rank order."""
+        pending = {r: self.group.actors[r].serve.remote(request) for r, request in requests.items()}
         results = {}
         while pending:
             ready, _ = ray.wait(list(pending.values()), num_returns=1)
@@ -239,18 +246,14 @@ class RolloutGroup:
                 del pending[rank]
             except ray.exceptions.RayActorError as exc:
                 self.restart(rank, exc)
-                pending[rank] = getattr(self.group.actors[rank], method).remote(*args[rank], **kwargs)
+                pending[rank] = self.group.actors[rank].serve.remote(requests[rank])
             except Exception as exc:
-                raise GroupCallError("rollout", rank, method, exc) from exc
+                raise GroupCallError("rollout", rank, requests[rank].method, exc) from exc
         return [results[r] for r in sorted(results)]
 
     def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Raw engine logprobs of each response token (see RolloutEngine.logprobs)."""
         return self.group.split_call("logprobs", seqs)
-
-    def receive_weights(self, spec, payload=None) -> list[dict[str, int]]:
-        """Every engine loads the same push concurrently (broadcast needs them all at once)."""
-        return self.group.call("receive_weights", spec, payload)
 
     def sleep(self, level: int = 1) -> bool:
         return all(self.group.call("sleep", level))

@@ -367,10 +367,12 @@ def test_zero3_gathers_full_weights_and_sends_them(ray_cluster, tiny_model, tmp_
         assert_same_state(full[0], expected)
         # The weight-sync sender: rank 0 returns the object-store payload, the other rank only gathers.
         spec = make_spec("object_store", 64 * 1024)
-        payloads = ray_cluster.get([a.send_weights.remote(spec) for a in group.actors])
-        assert payloads[1] is None and payloads[0].num_buckets > 1
+        payloads = ray_cluster.get(
+            [a.send_weights.remote([spec] if r == 0 else []) for r, a in enumerate(group.actors)]
+        )
+        assert payloads[1] == [] and payloads[0][0].num_buckets > 1
         received = {}
-        for ref in payloads[0].refs:
+        for ref in payloads[0][0].refs:
             received.update({n: t.clone() for n, t in unpack_bucket(ray_cluster.get(ref))})
         assert_same_state(received, expected)
         # Three rows on two ranks with small micro-batches: a ZeRO-3 step still lines up and trains.

@@ -465,25 +465,24 @@ class Learner:
             # Copies: the gathered storage is released when the context exits.
             return [(name, p.detach().clone()) for name, p in bucket]
 
-    def send_weights(self, specs, bucket_bytes: int | None = None, background: bool = False) -> Any:
+    def send_weights(
+        self, specs: list, bucket_bytes: int | None = None, background: bool = False
+    ) -> list | None:
         """Weight-sync sender: ship the weights over each channel this rank feeds (`specs`, planned
         by rlhf.sync.routes; may be empty), one payload per spec. Every rank calls it together: under
-        ZeRO-3 each bucket is all-gathered. A bare spec (old form) means: rank 0 sends, returns its
-        payload (None elsewhere).
+        ZeRO-3 each bucket is all-gathered.
 
         `background`: copy the weights (a staging copy on the same device), return None at once and
         send the copy from a thread on its own CUDA stream while this rank trains on; `finish_send`
         returns the payloads. The asynchronous loop uses it so that training never waits for an
         engine to finish the generate call it is in."""
-        from rlhf.sync.wire import BackgroundSend, send_to_channels
+        from rlhf.sync.learner_side import BackgroundSend, send_to_channels
 
-        single = not isinstance(specs, list | tuple)
-        specs = ([specs] if self.rank == 0 else []) if single else list(specs)
+        specs = list(specs)
         if bucket_bytes is None:
             bucket_bytes = specs[0].bucket_bytes if specs else int(self.cfg.sync.bucket_mb * 2**20)
         if not background:
-            payloads = send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
-            return (payloads[0] if payloads else None) if single else payloads
+            return send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
         self.finish_send()
         staged = [
             [(name, tensor.detach().clone()) for name, tensor in bucket]

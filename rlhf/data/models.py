@@ -212,8 +212,3 @@ def portable_tokenizer_config(path: str, max_length: int) -> None:
         tok_cfg.pop(key, None)
     with open(path, "w") as f:
         json.dump(tok_cfg, f, indent=2)
-
-
-def clear_builtin(cache_dir: str | None = None) -> None:
-    """Delete the materialised built-in models (forces a rebuild on next use)."""
-    shutil.rmtree(os.path.join(cache_root(cache_dir), "models", SMOLLM2_NAME), ignore_errors=True)

@@ -5,7 +5,8 @@ together and waits for both. `push(wait=False)` (the asynchronous loop) returns 
 learners have staged a copy of their weights: the learners send from a background thread while they
 train on, and each engine loads the push after the generate call it is running. The next push (or
 `finish()`) collects the one in flight first, so at most one push is outstanding. The wire format and
-the transports live in `rlhf.sync.wire`; see docs/weight_sync.md.
+the transports live in `rlhf.sync.wire`, the two ends in `rlhf.sync.learner_side` and
+`rlhf.sync.engine_side`; see docs/weight_sync.md.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from rlhf.sync import wire as weight_sync
 from rlhf.sync.engine_replay import WeightReplay, bucket_layout
+from rlhf.sync.engine_side import receive_buckets
+from rlhf.sync.wire import ENGINE_RELOADS, as_spec
 
 
 def _layerwise_reload_api():
@@ -68,10 +69,8 @@ def reload_mode(model: torch.nn.Module, requested: str = "auto", quantized: bool
     reload at all). Parameters created without a
     loader (vLLM 0.26's RMSNorm weights on GPU, 49 in Qwen2.5-0.5B) take `default_weight_loader`,
     a plain copy, inside `load_weights`, so they do not call for the layer-wise path."""
-    if requested not in weight_sync.ENGINE_RELOADS:
-        raise ValueError(
-            f"sync.engine_reload: expected one of {weight_sync.ENGINE_RELOADS}, got {requested!r}"
-        )
+    if requested not in ENGINE_RELOADS:
+        raise ValueError(f"sync.engine_reload: expected one of {ENGINE_RELOADS}, got {requested!r}")
     if requested != "auto":
         return requested
     params = list(model.parameters())
@@ -92,7 +91,7 @@ class WeightUpdateExtension:
         `routes[self.rank]` is this worker's (channel spec, rank in the channel); vLLM's RPC may
         deliver the specs as dicts and the pairs as lists."""
         spec, rank = routes[int(getattr(self, "rank", 0))]
-        spec = weight_sync.as_spec(spec)
+        spec = as_spec(spec)
         model = self.rlhf_model()
         device = next(model.parameters()).device
         loaded: set[str] = set()
@@ -119,7 +118,7 @@ class WeightUpdateExtension:
         with self.rlhf_config_context(), torch.no_grad():
             if reload_api:
                 reload_api[0](model)
-            stats = weight_sync.receive_buckets(
+            stats = receive_buckets(
                 spec, payload, load_weights, device=device, rank=int(rank), load_bucket=load_bucket
             )
             if reload_api:

@@ -1,4 +1,4 @@
-"""Weight sync: learner ranks -> every vLLM worker, one bucket of tensors at a time.
+"""Weight sync, what both sides share: the spec, the wire format and the store-backed group.
 
 Three transports share one wire format, a `PackedBucket` (one flat uint8 buffer + per-tensor
 metadata), so the engine pays one copy per bucket whatever the transport:
@@ -14,10 +14,11 @@ metadata), so the engine pays one copy per bucket whatever the transport:
   it. A colocated run on N GPUs has N such channels, one per GPU, running in parallel.
 
 Which rank feeds which worker over which transport is planned in `rlhf.sync.routes` (a "channel"
-is one sender and its receivers; each gets its own `SyncSpec` and store prefix).
+is one sender and its receivers; each gets its own `SyncSpec` and store prefix). The sending side
+is `rlhf.sync.learner_side`, the receiving side `rlhf.sync.engine_side`.
 
-Groups are created lazily on the first `send_buckets` / `receive_buckets` of a spec, which the
-driver (`WeightSync.push`) always starts on both sides at once, so the handshake cannot deadlock.
+Groups are created lazily on the first send / receive of a spec, which the driver
+(`WeightSync.push`) always starts on both sides at once, so the handshake cannot deadlock.
 See docs/weight_sync.md.
 """
 
@@ -25,9 +26,8 @@ from __future__ import annotations
 
 import logging
 import pickle
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -164,11 +164,6 @@ def make_spec(
     )
 
 
-def engine_first_rank(spec: SyncSpec, engine_index: int) -> int:
-    """Sync-group rank of worker 0 of engine `engine_index` (the learner is rank 0)."""
-    return 1 + engine_index * spec.workers_per_engine
-
-
 def iter_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 ) -> Iterator[NamedTensors]:
@@ -252,7 +247,8 @@ def bucket_to_bytes(packed: PackedBucket) -> PackedBucket:
 # The store-backed group (broadcast, cuda_ipc)
 
 
-def _key(spec: SyncSpec, bucket: int, suffix: str = "") -> str:
+def store_key(spec: SyncSpec, bucket: int, suffix: str = "") -> str:
+    """Store key of bucket `bucket` of the spec's push (with `suffix`: a receiver's acknowledgement)."""
     return f"v{spec.version}/b{bucket}{suffix}"
 
 
@@ -308,7 +304,7 @@ class _SyncGroup:
 _GROUPS: dict[tuple, _SyncGroup] = {}
 
 
-def _comm_device(spec: SyncSpec, device: torch.device | str | None = None) -> torch.device:
+def comm_device(spec: SyncSpec, device: torch.device | str | None = None) -> torch.device:
     """Where the bucket buffers live: the GPU for NCCL / CUDA IPC, host memory otherwise."""
     if spec.transport == "cuda_ipc" or (spec.transport == "broadcast" and spec.backend == "nccl"):
         device = torch.device(device) if device is not None else torch.device("cuda")
@@ -325,7 +321,7 @@ def join_group(spec: SyncSpec, rank: int, device: torch.device | str | None = No
     key = (spec.host, spec.port, spec.group, rank)
     if key not in _GROUPS:
         start = time.perf_counter()
-        _GROUPS[key] = _SyncGroup(spec, rank, _comm_device(spec, device))
+        _GROUPS[key] = _SyncGroup(spec, rank, comm_device(spec, device))
         logger.info(
             "weight sync: rank %d joined %s group in %.1fs", rank, spec.transport, time.perf_counter() - start
         )
@@ -335,197 +331,6 @@ def join_group(spec: SyncSpec, rank: int, device: torch.device | str | None = No
 def destroy_groups() -> None:
     """Forget this process's sync groups (a new `WeightSync` makes new ones)."""
     _GROUPS.clear()
-
-
-# ----------------------------------------------------------------------------------------------
-# Sender (learner rank 0) and receiver (inside each vLLM worker)
-
-
-class BucketSender:
-    """One channel's sending side: `send` each bucket as the learner produces it, then `finish`."""
-
-    def __init__(self, spec: SyncSpec):
-        self.spec = spec
-        self.payload = SyncPayload(spec.transport)
-        self.device = _comm_device(spec)
-        self.group = None
-        if spec.transport != "object_store":
-            self.group = join_group(spec, 0, self.device)
-            self.group.forget_previous_push()
-
-    def send(self, bucket: NamedTensors) -> None:
-        spec, group, payload = self.spec, self.group, self.payload
-        start = time.perf_counter()
-        packed = pack_bucket(bucket, spec.dtype, self.device)
-        sent = time.perf_counter()
-        payload.add_time("pack", sent - start)
-        index = payload.num_buckets
-        if spec.transport == "object_store":
-            import ray
-
-            payload.refs.append(ray.put(packed))
-        elif spec.transport == "broadcast":
-            group.publish(_key(spec, index), (packed.metas, packed.nbytes))
-            group.broadcast(packed.buffer)
-        else:  # cuda_ipc
-            from torch.multiprocessing.reductions import reduce_tensor
-
-            torch.cuda.current_stream().synchronize()
-            group.publish(_key(spec, index), (packed.metas, reduce_tensor(packed.buffer)))
-            acks = [_key(spec, index, f"/ack{r}") for r in range(1, spec.world_size)]
-            group.store.wait(acks, timedelta(seconds=spec.timeout_s))
-            group.sent_keys.extend(acks)
-        payload.add_time("send", time.perf_counter() - sent)
-        payload.num_bytes += packed.nbytes
-        payload.num_tensors += len(packed.metas)
-        payload.num_buckets += 1
-        del packed  # cuda_ipc: the receivers have acknowledged, the buffer may go
-
-    def finish(self) -> SyncPayload:
-        if self.group is not None:
-            self.group.publish(_key(self.spec, self.payload.num_buckets), None)  # end of this push
-        return self.payload
-
-
-def send_buckets(spec: SyncSpec, buckets: Iterable[NamedTensors]) -> SyncPayload:
-    """Ship every bucket over one channel; returns the payload the engines' `receive_weights` take."""
-    return send_to_channels([spec], buckets)[0]
-
-
-def send_to_channels(specs: list[SyncSpec], buckets: Iterable[NamedTensors]) -> list[SyncPayload]:
-    """One learner rank: ship every bucket over each of its channels (none: just drain `buckets`,
-    which under ZeRO-3 is this rank's part of the all-gathers). One payload per spec."""
-    senders = [BucketSender(spec) for spec in specs]
-    gather_s = 0.0
-    iterator = iter(buckets)
-    while True:
-        start = time.perf_counter()
-        bucket = next(iterator, None)
-        gather_s += time.perf_counter() - start
-        if bucket is None:
-            break
-        for sender in senders:
-            sender.send(bucket)
-    payloads = [sender.finish() for sender in senders]
-    for payload in payloads:
-        payload.add_time("gather", gather_s)
-    return payloads
-
-
-class BackgroundSend:
-    """`send_to_channels(specs, staged)` on a thread and, on a GPU, on a side stream: NCCL kernels
-    waiting for a busy engine must not block the training kernels queued on the default stream.
-    `staged` is a copy of the weights (buckets of named tensors), freed once sent."""
-
-    def __init__(self, specs: list, staged: list, device: torch.device):
-        self._payloads: list = []
-        self._error: BaseException | None = None
-        stream = None
-        if device.type == "cuda":
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))  # the staging copies come first
-
-        def run() -> None:
-            try:
-                if stream is None:
-                    self._payloads = send_to_channels(specs, staged)
-                    return
-                with torch.cuda.device(device), torch.cuda.stream(stream):
-                    self._payloads = send_to_channels(specs, staged)
-                    stream.synchronize()
-            except BaseException as exc:  # re-raised in result()
-                self._error = exc
-            finally:
-                staged.clear()
-
-        self._thread = threading.Thread(target=run, name="rlhf-weight-send", daemon=True)
-        self._thread.start()
-
-    def result(self) -> list:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._payloads
-
-
-def _rebuild_ipc_tensor(handle: tuple, device: torch.device) -> torch.Tensor:
-    """Open a CUDA IPC handle made by `reduce_tensor` on this process's view of the same GPU."""
-    rebuild, args = handle
-    args = list(args)
-    # storage_device: the sender's device index need not be ours (different CUDA_VISIBLE_DEVICES)
-    args[6] = device.index if device.index is not None else torch.cuda.current_device()
-    return rebuild(*args)
-
-
-def receive_buckets(
-    spec: SyncSpec,
-    payload: SyncPayload | list | None,
-    load_weights: Callable[[NamedTensors], Any],
-    device: torch.device | str | None = None,
-    rank: int = 1,
-    load_bucket: Callable[[PackedBucket, NamedTensors], Any] | None = None,
-) -> dict[str, int]:
-    """One engine worker: feed every bucket of this push to `load_weights`, one bucket at a time.
-
-    `payload` is the sender's `SyncPayload` (object_store: refs) or a list of ObjectRefs /
-    `PackedBucket`s; it is ignored by broadcast and cuda_ipc, which read the store instead.
-    `rank` is this worker's rank in the sync group (`engine_first_rank` + its TP rank).
-    `load_bucket(packed, tensors)`, if given, is called instead of `load_weights(tensors)`: it also
-    sees the bucket's buffer and layout (the tensors are views into it), which the replay path needs.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    stats = {"num_bytes": 0, "num_tensors": 0, "num_buckets": 0, "load_s": 0.0, "wait_s": 0.0}
-
-    def load(packed: PackedBucket) -> None:
-        start = time.perf_counter()
-        packed = bucket_on(packed, device)
-        tensors = unpack_bucket(packed)
-        if load_bucket is None:
-            load_weights(tensors)
-        else:
-            load_bucket(packed, tensors)
-        stats["load_s"] += time.perf_counter() - start
-        stats["num_bytes"] += packed.nbytes
-        stats["num_tensors"] += len(packed.metas)
-        stats["num_buckets"] += 1
-
-    if spec.transport == "object_store":
-        items = payload.refs if isinstance(payload, SyncPayload) else payload
-        if items is None:
-            raise ValueError("object_store weight sync needs the sender's payload (the bucket refs)")
-        for item in items:
-            if not isinstance(item, PackedBucket):
-                import ray
-
-                item = ray.get(item)
-            load(item)
-        return stats
-
-    if not 1 <= rank < spec.world_size:
-        raise ValueError(f"weight sync receiver rank {rank} outside 1..{spec.world_size - 1}")
-    comm_device = _comm_device(spec, device)
-    group = join_group(spec, rank, comm_device)
-    index = 0
-    while True:
-        start = time.perf_counter()
-        message = group.fetch(_key(spec, index))
-        stats["wait_s"] += time.perf_counter() - start  # the sender producing the bucket, and the store
-        if message is None:
-            break
-        metas, extra = message
-        if spec.transport == "broadcast":
-            buffer = torch.empty(extra, dtype=torch.uint8, device=comm_device)
-            group.broadcast(buffer)
-            load(PackedBucket(metas, buffer))
-        else:  # cuda_ipc: `extra` is the IPC handle of the sender's buffer
-            # Copy out (device to device) and release the sender at once: vLLM's layerwise
-            # reload may hold on to the loaded views until a whole layer has arrived.
-            buffer = _rebuild_ipc_tensor(extra, comm_device).clone()
-            torch.cuda.current_stream().synchronize()
-            group.store.set(_key(spec, index, f"/ack{rank}"), b"1")
-            load(PackedBucket(metas, buffer))
-        index += 1
-    return stats
 
 
 def logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
