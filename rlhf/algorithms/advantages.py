@@ -1,17 +1,25 @@
-"""Outcome-reward advantage estimators: one scalar per sample, broadcast over its response tokens.
+"""Advantage estimators, registered by name (`algorithm.advantage`) in `ADVANTAGE_ESTIMATORS`.
 
-All estimators take the final reward of each sample, `rewards` [B], and `groups` [B] (long), the id of the
-prompt each sample answers (the n samples of one prompt share an id; ids need not be contiguous or sorted).
-They return one advantage per sample, [B]; `compute_advantages` picks one by `algorithm.advantage` and
-broadcasts it to the response tokens. PPO's per-token GAE lives in `rlhf.algorithms.gae`.
+The outcome-reward estimators take the final reward of each sample, `rewards` [B], and `groups` [B] (long),
+the id of the prompt each sample answers (the n samples of one prompt share an id; ids need not be
+contiguous or sorted), and return one advantage per sample, [B]. PPO's per-token GAE lives in
+`rlhf.algorithms.gae`.
+
+`estimate_advantages(cfg, AdvantageInputs(...))` is the one entry point of the loop: it folds the KL into
+the reward (`algorithm.kl_in: reward`) and calls the registered estimator, which returns
+`(advantages [B, T], returns [B, T] or None)`. A new estimator is a function decorated with
+`@register_advantage("name")` (see `rlhf.algorithms.registry`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from rlhf.config.schema import AlgorithmConfig
+from rlhf.algorithms.gae import gae
+from rlhf.algorithms.registry import ADVANTAGE_ESTIMATORS, AlgorithmConfig, register_advantage
 
 SCALAR_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
@@ -107,32 +115,6 @@ def reinforce_pp_baseline_advantages(
     return reinforce_pp_advantages(dr_grpo_advantages(rewards, groups), mask, eps)
 
 
-def compute_advantages(cfg: AlgorithmConfig, rewards: Tensor, groups: Tensor, mask: Tensor) -> Tensor:
-    """Per-token advantages [B, T] = the sample's scalar advantage on its response tokens (mask), 0 elsewhere."""
-    _check(rewards, groups)
-    if mask.dim() != 2 or mask.shape[0] != rewards.shape[0]:
-        raise ValueError(f"mask must be [B, T] with B = {rewards.shape[0]}; got {tuple(mask.shape)}")
-    name = cfg.advantage
-    if name == "grpo":
-        adv = grpo_advantages(rewards, groups, cfg.eps)
-    elif name == "dr_grpo":
-        adv = dr_grpo_advantages(rewards, groups)
-    elif name == "rloo":
-        adv = rloo_advantages(rewards, groups)
-    elif name == "reinforce_pp":
-        adv = reinforce_pp_advantages(rewards, mask, cfg.eps)
-    elif name == "reinforce_pp_baseline":
-        adv = reinforce_pp_baseline_advantages(rewards, groups, mask, cfg.eps)
-    elif name == "gae":
-        raise ValueError(
-            "algorithm.advantage 'gae' is per-token and needs critic values: use "
-            "rlhf.algorithms.gae.gae(token_level_rewards(...), values, mask, gamma, lam)"
-        )
-    else:
-        raise ValueError(f"algorithm.advantage must be one of {(*SCALAR_ESTIMATORS, 'gae')}, got {name!r}")
-    return adv[:, None] * mask.float()
-
-
 def apply_kl_to_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, coef: float) -> Tensor:
     """KL in the reward (`algorithm.kl_in: reward`) for scalar estimators: r_i - coef * sum_t kl_it over the response.
 
@@ -155,3 +137,113 @@ def token_level_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, coef: float) 
     score = torch.where(has_response, rewards.float(), torch.zeros_like(rewards, dtype=torch.float))
     token_rewards[rows, last] += score
     return token_rewards
+
+
+# ------------------------------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an advantage estimator sees. `token_kl` is the KL-in-reward penalty per token (already masked,
+    before `kl_coef`), given only to estimators registered with `kl_per_token=True` and only when
+    `algorithm.kl_in` is `reward`; `values` are the critic's, for estimators with `needs_critic=True`."""
+
+    rewards: Tensor  # [B] final reward of each sample
+    groups: Tensor  # [B] long, the prompt each sample answers
+    mask: Tensor  # [B, T] 1 on the response tokens in the loss
+    token_kl: Tensor | None = None  # [B, T]
+    values: Tensor | None = None  # [B, T]
+
+
+def _check_mask(rewards: Tensor, mask: Tensor) -> None:
+    if mask.dim() != 2 or mask.shape[0] != rewards.shape[0]:
+        raise ValueError(f"mask must be [B, T] with B = {rewards.shape[0]}; got {tuple(mask.shape)}")
+
+
+def _per_token(adv: Tensor, mask: Tensor) -> tuple[Tensor, None]:
+    """The sample's scalar advantage on its response tokens (mask), 0 elsewhere; no returns."""
+    return adv[:, None] * mask.float(), None
+
+
+@register_advantage("grpo", group_relative=True)
+def _grpo(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> tuple[Tensor, None]:
+    """GRPO: `(r_i - mean_g) / (std_g + eps)`, the group-normalised reward."""
+    return _per_token(grpo_advantages(inputs.rewards, inputs.groups, cfg.eps), inputs.mask)
+
+
+@register_advantage("dr_grpo", group_relative=True)
+def _dr_grpo(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> tuple[Tensor, None]:
+    """Dr. GRPO: `r_i - mean_g`, no division by the group std."""
+    return _per_token(dr_grpo_advantages(inputs.rewards, inputs.groups), inputs.mask)
+
+
+@register_advantage("rloo", group_relative=True)
+def _rloo(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> tuple[Tensor, None]:
+    """RLOO: `r_i - mean_{j != i in g} r_j`, the leave-one-out baseline."""
+    return _per_token(rloo_advantages(inputs.rewards, inputs.groups), inputs.mask)
+
+
+@register_advantage("reinforce_pp")
+def _reinforce_pp(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> tuple[Tensor, None]:
+    """REINFORCE++: `(r_i - mean_batch) / (std_batch + eps)`, token-weighted over the global batch."""
+    return _per_token(reinforce_pp_advantages(inputs.rewards, inputs.mask, cfg.eps), inputs.mask)
+
+
+@register_advantage("reinforce_pp_baseline", group_relative=True)
+def _reinforce_pp_baseline(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> tuple[Tensor, None]:
+    """REINFORCE++-baseline: subtract the group mean, then normalise over the global batch."""
+    advantages = reinforce_pp_baseline_advantages(inputs.rewards, inputs.groups, inputs.mask, cfg.eps)
+    return _per_token(advantages, inputs.mask)
+
+
+@register_advantage("gae", needs_critic=True, kl_per_token=True)
+def _gae(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> tuple[Tensor, Tensor]:
+    """PPO's GAE: per-token advantages from the critic's values, `gamma` and `lam`; returns for the critic."""
+    if inputs.values is None:
+        raise ValueError(
+            "algorithm.advantage 'gae' is per-token and needs critic values: use "
+            "rlhf.algorithms.gae.gae(token_level_rewards(...), values, mask, gamma, lam)"
+        )
+    coef = cfg.kl_coef if inputs.token_kl is not None else 0.0
+    kl_term = inputs.token_kl if inputs.token_kl is not None else torch.zeros_like(inputs.mask)
+    token_rewards = token_level_rewards(inputs.rewards, kl_term, inputs.mask, coef)
+    return gae(token_rewards, inputs.values, inputs.mask, cfg.gamma, cfg.lam)
+
+
+def advantage_needs_critic(name: str) -> bool:
+    """Whether estimator `name` reads the critic's values (the loop fills `AdvantageInputs.values`)."""
+    return bool(ADVANTAGE_ESTIMATORS.get(name).attrs.get("needs_critic", False))
+
+
+def estimate_advantages(cfg: AlgorithmConfig, inputs: AdvantageInputs) -> tuple[Tensor, Tensor | None]:
+    """(advantages [B, T], returns [B, T] or None) of estimator `cfg.advantage`.
+
+    `inputs.token_kl` is the per-token KL to the reference (masked; None without a reference). With
+    `cfg.kl_in == "reward"` it becomes part of the reward: per token for estimators registered with
+    `kl_per_token=True` (GAE: `-kl_coef * kl_t` on every token, `token_level_rewards`), otherwise
+    `r_i - kl_coef * sum_t kl_t` (`apply_kl_to_rewards`) before the estimator runs. With `kl_in: loss`
+    the estimator sees no KL.
+    """
+    entry = ADVANTAGE_ESTIMATORS.get(cfg.advantage)
+    _check(inputs.rewards, inputs.groups)
+    _check_mask(inputs.rewards, inputs.mask)
+    kl_in_reward = inputs.token_kl is not None and cfg.kl_in == "reward"
+    if entry.attrs.get("kl_per_token", False):
+        token_kl = inputs.token_kl if kl_in_reward else None
+        inputs = AdvantageInputs(inputs.rewards, inputs.groups, inputs.mask, token_kl, inputs.values)
+    else:
+        rewards = inputs.rewards
+        if kl_in_reward:
+            rewards = apply_kl_to_rewards(rewards, inputs.token_kl, inputs.mask, cfg.kl_coef)
+        inputs = AdvantageInputs(rewards, inputs.groups, inputs.mask, None, inputs.values)
+    if entry.attrs.get("needs_critic", False) and inputs.values is None:
+        raise ValueError(f"algorithm.advantage {cfg.advantage!r} needs the critic's values (inputs.values)")
+    return entry(inputs, cfg)
+
+
+def compute_advantages(cfg: AlgorithmConfig, rewards: Tensor, groups: Tensor, mask: Tensor) -> Tensor:
+    """Per-token advantages [B, T] of an estimator without critic and without KL in the reward (for GRPO
+    and the other outcome-reward estimators: the sample's scalar advantage on its response tokens (mask), 0
+    elsewhere). The loop calls `estimate_advantages`."""
+    _check(rewards, groups)
+    _check_mask(rewards, mask)
+    # GAE raises here: it needs the critic's values.
+    return ADVANTAGE_ESTIMATORS.get(cfg.advantage)(AdvantageInputs(rewards, groups, mask), cfg)[0]

@@ -2,6 +2,9 @@
 
 Per-token tensors are [B, T] aligned with `input_ids`: position t is about token t; `mask` is 1.0 on the
 response tokens that enter the loss. Every loss is "per-token loss -> aggregate(mode)".
+
+Loss aggregations (`algorithm.loss_agg`) and off-policy corrections (`algorithm.off_policy_correction`)
+are registered by name in `rlhf.algorithms.registry` (`@register_loss_aggregation`, `@register_correction`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ import torch
 from torch import Tensor
 
 from rlhf.algorithms.kl import MAX_LOG_RATIO, kl_estimate
-from rlhf.config.schema import AlgorithmConfig
-
-LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+from rlhf.algorithms.registry import (
+    LOSS_AGGREGATIONS,
+    AlgorithmConfig,
+    register_correction,
+    register_loss_aggregation,
+)
+from rlhf.algorithms.registry import OFF_POLICY_CORRECTIONS as CORRECTIONS
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -47,17 +54,42 @@ def aggregate(
     """
     if values.shape != mask.shape:
         raise ValueError(f"aggregate: values {tuple(values.shape)} vs mask {tuple(mask.shape)}")
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"algorithm.loss_agg must be one of {LOSS_AGG_MODES}, got {mode!r}")
+    entry = LOSS_AGGREGATIONS.get(mode)
     # float32 masks: a bf16 sum of ones is no longer exact beyond 256 tokens.
-    mask = mask.float()
+    return entry(values, mask.float(), num_tokens=num_tokens, num_sequences=num_sequences, constant=constant)
+
+
+def _sequences(mask: Tensor, num_sequences: float | None):
+    """The divisor of the per-sequence modes: the sequences with loss tokens, at least 1."""
+    if num_sequences is None:
+        return (mask.sum(dim=1) > 0).sum().clamp(min=1)
+    return max(float(num_sequences), 1.0)
+
+
+@register_loss_aggregation("token_mean")
+def token_mean(values: Tensor, mask: Tensor, *, num_tokens=None, num_sequences=None, constant=None) -> Tensor:
+    """`sum_{i,t} x_it m_it / N_tokens`: every token counts once (DAPO, PPO)."""
     token_sums = (values.float() * mask).sum(dim=1)
-    if mode == "token_mean":
-        n = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
-        return token_sums.sum() / n
-    n = (mask.sum(dim=1) > 0).sum().clamp(min=1) if num_sequences is None else max(float(num_sequences), 1.0)
-    if mode == "seq_mean_token_mean":
-        return (token_sums / mask.sum(dim=1).clamp(min=1)).sum() / n
+    n = mask.sum().clamp(min=1) if num_tokens is None else max(float(num_tokens), 1.0)
+    return token_sums.sum() / n
+
+
+@register_loss_aggregation("seq_mean_token_mean")
+def seq_mean_token_mean(
+    values: Tensor, mask: Tensor, *, num_tokens=None, num_sequences=None, constant=None
+) -> Tensor:
+    """`(1/N_seq) sum_i [sum_t x_it m_it / sum_t m_it]`: every sample counts once (GRPO, GSPO, RLOO)."""
+    token_sums = (values.float() * mask).sum(dim=1)
+    return (token_sums / mask.sum(dim=1).clamp(min=1)).sum() / _sequences(mask, num_sequences)
+
+
+@register_loss_aggregation("seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(
+    values: Tensor, mask: Tensor, *, num_tokens=None, num_sequences=None, constant=None
+) -> Tensor:
+    """`(1/N_seq) sum_i [sum_t x_it m_it / loss_agg_constant]`: no length bias (Dr. GRPO)."""
+    token_sums = (values.float() * mask).sum(dim=1)
+    n = _sequences(mask, num_sequences)
     if constant is None or constant <= 0:
         raise ValueError(
             "loss_agg 'seq_mean_token_sum_norm' needs a positive constant "
@@ -72,19 +104,55 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return ((values.float() * mask).sum() / mask.sum().clamp(min=1)).detach()
 
 
+# The built-in names (more can be registered).
+LOSS_AGG_MODES = LOSS_AGGREGATIONS.names()
+
+
 # ---------------------------------------------------------------------------------------------- policy loss
-OFF_POLICY_CORRECTIONS = ("auto", "none", "tis", "decoupled_ppo")
+def _behaviour_weight(old_logprobs: Tensor, rollout_logprobs: Tensor) -> Tensor:
+    """w_t = pi_old(y_t) / pi_rollout(y_t) per token (the log-ratio clamped like every ratio here)."""
+    return torch.exp((old_logprobs - rollout_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+
+@register_correction("none")
+def no_correction(old_logprobs: Tensor, rollout_logprobs: Tensor, cfg: AlgorithmConfig) -> None:
+    """No weight: the tokens count as sampled from pi_old."""
+    return None
+
+
+@register_correction("tis")
+def truncated_importance_sampling(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, cfg: AlgorithmConfig
+) -> Tensor:
+    """Truncated importance sampling: `min(pi_old / pi_rollout, tis_cap)` per token (needs `tis_cap`)."""
+    # Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training": tokens
+    # were sampled by the engine, not by pi_old.
+    return _behaviour_weight(old_logprobs, rollout_logprobs).clamp(max=cfg.tis_cap)
+
+
+@register_correction("decoupled_ppo")
+def decoupled_ppo(old_logprobs: Tensor, rollout_logprobs: Tensor, cfg: AlgorithmConfig) -> Tensor:
+    """Decoupled PPO: `pi_old / pi_behav` per token; tokens whose weight exceeds `tis_cap` (if set) are
+    left out."""
+    # Fu et al. 2025, AReaL: pi_old is the proximal policy (the learner before this update), the
+    # behaviour policy sampled the tokens, possibly several versions ago; tokens whose behaviour weight
+    # exceeds the cap are left out rather than clipped.
+    weight = _behaviour_weight(old_logprobs, rollout_logprobs)
+    if cfg.tis_cap is not None:
+        weight = torch.where(weight <= cfg.tis_cap, weight, torch.zeros_like(weight))
+    return weight
+
+
+# The built-in choices of `algorithm.off_policy_correction` (more corrections can be registered).
+OFF_POLICY_CORRECTIONS = ("auto", *CORRECTIONS.names())
 
 
 def off_policy_correction(cfg: AlgorithmConfig, max_staleness: int = 0) -> str:
     """`algorithm.off_policy_correction` resolved: auto -> tis when tis_cap is set, decoupled_ppo for
     asynchronous runs (max_staleness >= 1), else none."""
     choice = cfg.off_policy_correction
-    if choice not in OFF_POLICY_CORRECTIONS:
-        raise ValueError(
-            f"algorithm.off_policy_correction must be one of {OFF_POLICY_CORRECTIONS}, got {choice!r}"
-        )
     if choice != "auto":
+        CORRECTIONS.get(choice)  # an unknown name raises, listing the registered ones
         return choice
     if cfg.tis_cap is not None:
         return "tis"
@@ -156,18 +224,8 @@ def policy_loss(
         rollout_logprobs = rollout_logprobs.detach()
         # KL(pi_rollout || pi_old): how far the inference engine's sampler is from the learner's policy.
         stats["mismatch_kl"] = masked_mean(kl_estimate(rollout_logprobs, old_logprobs, "k3"), mask)
-        correction = off_policy_correction(cfg)
-        if correction != "none":
-            weight = torch.exp((old_logprobs - rollout_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-            if correction == "tis":
-                # Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
-                # brings you off-policy RL training"): tokens were sampled by the engine, not by pi_old.
-                weight = weight.clamp(max=cfg.tis_cap)
-            elif cfg.tis_cap is not None:
-                # Decoupled PPO (Fu et al. 2025, AReaL): pi_old is the proximal policy (the learner before
-                # this update), the behaviour policy sampled the tokens, possibly several versions ago;
-                # tokens whose behaviour weight exceeds the cap are left out rather than clipped.
-                weight = torch.where(weight <= cfg.tis_cap, weight, torch.zeros_like(weight))
+        weight = CORRECTIONS.get(off_policy_correction(cfg))(old_logprobs, rollout_logprobs, cfg)
+        if weight is not None:
             pg = pg * weight
             stats["tis_weight_mean"] = masked_mean(weight, mask)
 

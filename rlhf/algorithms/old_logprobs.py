@@ -19,7 +19,7 @@ engine's side.
 
 from __future__ import annotations
 
-from rlhf.config.schema import AlgorithmConfig
+from rlhf.algorithms.registry import AlgorithmConfig
 
 
 def engine_logprobs_needed(alg: AlgorithmConfig, max_staleness: int = 0) -> bool:

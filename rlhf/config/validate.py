@@ -23,10 +23,6 @@ from rlhf.config.loader import (
 )
 from rlhf.config.schema import RunConfig
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
-# Group-relative estimators: a group of one sample has no baseline to compare against.
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 BUILTIN_RULES = ("task", "format", "env")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
@@ -92,29 +88,7 @@ def validate(
 
     # algorithm
     al = cfg.algorithm
-    check(
-        al.advantage in ADVANTAGES,
-        "algorithm.advantage",
-        f"must be one of {', '.join(ADVANTAGES)}",
-        al.advantage,
-    )
-    if al.advantage == "gae":
-        check(
-            cfg.trainer.critic.enabled,
-            "algorithm.advantage",
-            "gae needs a critic: set trainer.critic.enabled=true",
-            al.advantage,
-        )
-    if al.advantage in GROUP_ADVANTAGES:
-        check(
-            sp.n >= 2,
-            "rollout.sampling.n",
-            f"{al.advantage} compares samples of a prompt: needs n >= 2",
-            sp.n,
-        )
-    check(
-        al.loss_agg in LOSS_AGGS, "algorithm.loss_agg", f"must be one of {', '.join(LOSS_AGGS)}", al.loss_agg
-    )
+    _validate_algorithm_names(cfg, fail)
     at_least("algorithm.clip_low", al.clip_low, 0)
     at_least("algorithm.clip_high", al.clip_high, 0)
     at_least("algorithm.kl_coef", al.kl_coef, 0)
@@ -200,6 +174,43 @@ def validate(
     at_least("checkpoint.every", cfg.checkpoint.every, 0)
     at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
     return cfg
+
+
+def _validate_algorithm_names(cfg: RunConfig, fail) -> None:
+    """The `algorithm.*` names that select a registered piece (rlhf.algorithms.registry), and what the
+    chosen advantage estimator needs."""
+    from rlhf.algorithms.registry import (
+        ADVANTAGE_ESTIMATORS,
+        KL_ESTIMATORS,
+        LOSS_AGGREGATIONS,
+        OFF_POLICY_CORRECTIONS,
+    )
+
+    al = cfg.algorithm
+
+    def known(key: str, value: str, registry, extra: tuple[str, ...] = ()) -> None:
+        if value not in extra and value not in registry:
+            raise fail(key, f"must be one of {', '.join((*registry.names(), *extra))}", value)
+
+    known("algorithm.advantage", al.advantage, ADVANTAGE_ESTIMATORS)
+    needs = ADVANTAGE_ESTIMATORS.get(al.advantage).attrs
+    if needs.get("needs_critic") and not cfg.trainer.critic.enabled:
+        raise fail(
+            "algorithm.advantage",
+            f"{al.advantage} needs a critic: set trainer.critic.enabled=true",
+            al.advantage,
+        )
+    # Group-relative estimators: a group of one sample has no baseline to compare against.
+    if needs.get("group_relative") and cfg.rollout.sampling.n < 2:
+        raise fail(
+            "rollout.sampling.n",
+            f"{al.advantage} compares samples of a prompt: needs n >= 2",
+            cfg.rollout.sampling.n,
+        )
+    known("algorithm.loss_agg", al.loss_agg, LOSS_AGGREGATIONS)
+    known("algorithm.kl_estimator", al.kl_estimator, KL_ESTIMATORS)
+    # `auto` is no correction of its own: it picks one (rlhf.algorithms.losses.off_policy_correction).
+    known("algorithm.off_policy_correction", al.off_policy_correction, OFF_POLICY_CORRECTIONS, ("auto",))
 
 
 def _validate_data(cfg: RunConfig, fail) -> None:
