@@ -11,7 +11,7 @@ import pytest
 from experiments.learning import prompts as P
 from experiments.learning import summary as S
 from experiments.learning.compare_trl import ours_batches_match, ours_overrides, parse_args
-from experiments.learning.peer_trl import config_kwargs, task_reward
+from experiments.learning.trl_baseline import config_kwargs, task_reward
 
 
 # ------------------------------------------------------------------------------ prompt sets
@@ -35,7 +35,7 @@ def test_train_pool_drops_exactly_the_held_out_prompts():
     assert P.train_rows(3, 90, held) == generated[:10] + generated[20:]
 
 
-def test_peer_reward_is_our_checker():
+def test_trl_reward_is_our_checker():
     completions = [
         [{"role": "assistant", "content": "The answer is 95."}],
         [{"role": "assistant", "content": "94"}],
@@ -73,16 +73,16 @@ def test_both_sides_get_the_same_budget():
 def test_batch_check_reads_our_logged_samples(tmp_path):
     import json
 
-    peer = P.write_jsonl(
-        tmp_path / "peer.jsonl", [{"prompt": f"Compute {i} + 1.", "answer": i + 1} for i in range(4)]
+    trl = P.write_jsonl(
+        tmp_path / "trl.jsonl", [{"prompt": f"Compute {i} + 1.", "answer": i + 1} for i in range(4)]
     )
     chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
     logged = [(1, "Compute 0 + 1."), (1, "Compute 1 + 1."), (2, "Compute 3 + 1.")]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"step": s, "prompt": chat.format(u)}) + "\n" for s, u in logged))
-    assert ours_batches_match(samples, peer, per_step=2) is True
-    assert ours_batches_match(samples, peer, per_step=1) is False  # step 1 would be prompt 0 only
-    assert ours_batches_match(tmp_path / "none.jsonl", peer, per_step=2) is None
+    assert ours_batches_match(samples, trl, per_step=2) is True
+    assert ours_batches_match(samples, trl, per_step=1) is False  # step 1 would be prompt 0 only
+    assert ours_batches_match(tmp_path / "none.jsonl", trl, per_step=2) is None
 
 
 # ------------------------------------------------------------------------------ summary maths
@@ -105,28 +105,28 @@ def test_aggregate_against_hand_computed_values():
     runs = [
         run("ours", 0, [0.1, 0.2, 0.3, 0.4], 0.30, 0.20),
         run("ours", 1, [0.3, 0.4, 0.5, 0.6], 0.50, 0.40),
-        run("peer", 0, [0.0, 0.1, 0.1, 0.2], 0.25, 0.20),
-        run("peer", 1, [0.2, 0.1, 0.3, 0.2], 0.35, 0.30),
-        run("peer", 2, [0.9, 0.9, 0.9, 0.9], 0.99, 0.99, status="failed"),  # counts nowhere
+        run("trl", 0, [0.0, 0.1, 0.1, 0.2], 0.25, 0.20),
+        run("trl", 1, [0.2, 0.1, 0.3, 0.2], 0.35, 0.30),
+        run("trl", 2, [0.9, 0.9, 0.9, 0.9], 0.99, 0.99, status="failed"),  # counts nowhere
         run("ours:tis", 0, [0.2, 0.2, 0.2, 0.2], 0.40, 0.10),
     ]
     agg = S.aggregate(runs, steps=4, mid_step=2, base=0.17)
-    assert list(agg["by_label"]) == ["ours", "peer", "ours:tis"]
+    assert list(agg["by_label"]) == ["ours", "trl", "ours:tis"]
     assert agg["base_greedy"] == 0.17
     assert agg["ours_greedy_after_mean"] == pytest.approx(0.40)
-    assert agg["peer_greedy_after_mean"] == pytest.approx(0.30)
+    assert agg["trl_greedy_after_mean"] == pytest.approx(0.30)
     assert agg["ours_greedy_step2_mean"] == pytest.approx(0.30)
-    assert agg["peer_greedy_step2_mean"] == pytest.approx(0.25)
+    assert agg["trl_greedy_step2_mean"] == pytest.approx(0.25)
     assert agg["ours_tis_greedy_after_mean"] == pytest.approx(0.40)
-    ours, peer = agg["by_label"]["ours"], agg["by_label"]["peer"]
-    assert ours["greedy_after_per_seed"] == {"0": 0.30, "1": 0.50} and peer["seeds"] == [0, 1]
+    ours, trl = agg["by_label"]["ours"], agg["by_label"]["trl"]
+    assert ours["greedy_after_per_seed"] == {"0": 0.30, "1": 0.50} and trl["seeds"] == [0, 1]
     assert ours["greedy_after"]["std"] == pytest.approx(math.sqrt(0.02))  # (0.1^2 + 0.1^2) / 1
-    assert (peer["greedy_after"]["min"], peer["greedy_after"]["max"]) == (0.25, 0.35)
+    assert (trl["greedy_after"]["min"], trl["greedy_after"]["max"]) == (0.25, 0.35)
     assert ours["train_reward_curve_mean"] == pytest.approx([0.2, 0.3, 0.4, 0.5])
-    assert peer["train_reward_curve_mean"] == pytest.approx([0.1, 0.1, 0.2, 0.2])
+    assert trl["train_reward_curve_mean"] == pytest.approx([0.1, 0.1, 0.2, 0.2])
     assert ours["train_reward_mean_per_seed"] == pytest.approx({"0": 0.25, "1": 0.45})
     assert agg["ours_train_reward_mean"] == pytest.approx(0.35)
-    assert agg["peer_train_reward_mean"] == pytest.approx(0.15)
+    assert agg["trl_train_reward_mean"] == pytest.approx(0.15)
     assert ours["train_reward_last5_mean"]["mean"] == pytest.approx(0.35)  # 4 steps: all of them
     assert S.aggregate(runs, steps=4, mid_step=None, base=None).get("ours_greedy_step2_mean") is None
 
@@ -152,15 +152,15 @@ def test_merge_state_takes_the_other_dirs_finished_runs_only():
     other = {
         "settings": {**settings, "train_fingerprints": {"1": "abc"}},
         "runs": {
-            "peer/s0": {"status": "ok"},
-            "peer/s1": {"status": "failed"},
+            "trl/s0": {"status": "ok"},
+            "trl/s1": {"status": "failed"},
             "ours/s0": {"status": "ok", "x": 1},
         },
-        "evals": {"base": {"accuracy": 0.5}, "/w/peer-s0": {"accuracy": 0.75}},
+        "evals": {"base": {"accuracy": 0.5}, "/w/trl-s0": {"accuracy": 0.75}},
     }
-    assert merge_state(mine, other) == ["peer/s0"]
-    assert set(mine["runs"]) == {"ours/s0", "peer/s0"} and "x" not in mine["runs"]["ours/s0"]
-    assert mine["evals"] == {"base": {"accuracy": 0.25}, "/w/peer-s0": {"accuracy": 0.75}}
+    assert merge_state(mine, other) == ["trl/s0"]
+    assert set(mine["runs"]) == {"ours/s0", "trl/s0"} and "x" not in mine["runs"]["ours/s0"]
+    assert mine["evals"] == {"base": {"accuracy": 0.25}, "/w/trl-s0": {"accuracy": 0.75}}
     assert mine["settings"]["train_fingerprints"] == {"1": "abc"}
     with pytest.raises(SystemExit, match="other settings"):
         merge_state(mine, {**other, "settings": {**settings, "steps": 2}})
@@ -172,11 +172,11 @@ def test_a_recorded_summary_merges_without_its_base_scores(tmp_path):
     settings = {k: 1 for k in SHARED_KEYS}
     recorded = {
         "settings": settings,
-        "runs": {"peer/s0": {"status": "ok", "models": {"40": "/old/peer-s0"}}},
+        "runs": {"trl/s0": {"status": "ok", "models": {"40": "/old/trl-s0"}}},
         "evals": {
             "base": {"accuracy": 0.25},
             "base_recheck": {"accuracy": 0.25},
-            "/old/peer-s0": {"accuracy": 0.5},
+            "/old/trl-s0": {"accuracy": 0.5},
         },
         "by_label": {},
     }
@@ -184,8 +184,8 @@ def test_a_recorded_summary_merges_without_its_base_scores(tmp_path):
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "state.json").write_text(json.dumps({**recorded, "runs": {}}))
     mine = {"settings": dict(settings), "runs": {}, "evals": {}}
-    assert merge_state(mine, load_merge_source(tmp_path / "summary.json")) == ["peer/s0"]
-    assert mine["evals"] == {"/old/peer-s0": {"accuracy": 0.5}}  # the base is scored again by this judge
+    assert merge_state(mine, load_merge_source(tmp_path / "summary.json")) == ["trl/s0"]
+    assert mine["evals"] == {"/old/trl-s0": {"accuracy": 0.5}}  # the base is scored again by this judge
     assert load_merge_source(tmp_path / "work")["evals"]["base"] == {"accuracy": 0.25}
 
 

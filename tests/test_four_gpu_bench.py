@@ -233,7 +233,7 @@ def test_matrix_runs_in_children_keeps_failures_and_skips_what_no_longer_fits(tm
     monkeypatch.setattr(four_gpu, "wait_gpus_free", lambda: 0.0)
     commands["sync"].append("--")  # the --out=DIR the matrix appends is an argument of `-c`
     args = args_for(tmp_path)
-    args.runs, args.budget, args.min_run_s, args.session, args.sample_ms = "sync,async,gpu2", 60, 55, "s", 200
+    args.runs, args.budget, args.min_run_s, args.record, args.sample_ms = "sync,async,gpu2", 60, 55, "s", 200
     combined = four_gpu.matrix(args)
     assert combined["runs"]["sync"]["rc"] == 0 and combined["runs"]["async"]["rc"] == 1
     assert combined["runs"]["async"]["steps_from_log"] == [{"time/step_s": 3.0}]

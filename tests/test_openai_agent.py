@@ -213,7 +213,7 @@ def test_endpoint_records_each_episode_and_reports_a_failing_agent_per_sample(to
 
 
 def test_the_documented_example_agent_runs_against_the_endpoint(tokenizer, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "experiments/examples/openai_agent"))
+    monkeypatch.syspath_prepend(str(REPO / "examples/openai_agent"))
     from agent import solve_then_check
 
     runner = AgentRunner(AgentConfig(), tokenizer, 256, "tiny", function=solve_then_check)
@@ -240,9 +240,9 @@ def test_the_documented_example_agent_runs_against_the_endpoint(tokenizer, monke
 def test_bad_agent_config_is_one_line_naming_the_key(override, key, monkeypatch):
     from rlhf.config.loader import ConfigError, load_config
 
-    monkeypatch.syspath_prepend(str(REPO / "experiments/examples/openai_agent"))
+    monkeypatch.syspath_prepend(str(REPO / "examples/openai_agent"))
     with pytest.raises(ConfigError) as error:
-        load_config(REPO / "experiments/examples/openai_agent/config.yaml", [override])
+        load_config(REPO / "examples/openai_agent/config.yaml", [override])
     assert key in str(error.value) and "\n" not in str(error.value)
 
 
@@ -271,7 +271,7 @@ def test_agent_over_http_trains_through_the_real_loop(tiny_model_dir, tmp_path, 
         "logging.plot": "false",
         "steps": "1",
     }
-    config = REPO / "experiments/examples/openai_agent/config.yaml"
+    config = REPO / "examples/openai_agent/config.yaml"
     cfg = load_config(config, [f"{k}={v}" for k, v in overrides.items()])
     trainer = Trainer(cfg)
     try:

@@ -11,7 +11,7 @@ from rlhf.config.loader import load_config
 from rlhf.production.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "experiments" / "examples" / "own_data"
+EXAMPLE = REPO / "examples" / "own_data"
 
 
 def test_the_user_reward_function():
@@ -30,7 +30,7 @@ def test_the_user_reward_function():
 def test_own_data_example_runs(tiny_model_dir, tmp_path, monkeypatch):
     from rlhf.loop.driver import train
 
-    monkeypatch.syspath_prepend(str(EXAMPLE))  # the docs say: PYTHONPATH=experiments/examples/own_data
+    monkeypatch.syspath_prepend(str(EXAMPLE))  # the docs say: PYTHONPATH=examples/own_data
     overrides = [
         f"model.path={tiny_model_dir}",
         f"data.source={EXAMPLE / 'questions.jsonl'}",

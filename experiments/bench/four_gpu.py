@@ -427,7 +427,7 @@ def matrix(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     deadline = t0 + args.budget
     combined: dict = {"device": device_name_nvidia_smi(), "budget_s": args.budget, "runs": {}, "skipped": {}}
-    write = lambda: write_reports(out, combined, args.session)  # noqa: E731
+    write = lambda: write_reports(out, combined, args.record)  # noqa: E731
     ensure_models(args.shape, args.rm_shape)
     combined["build_s"] = time.perf_counter() - t0
     commands = run_commands(args)
@@ -474,7 +474,7 @@ def matrix(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- reports
-def summary_entry(name: str, run: dict, session: str) -> dict | None:
+def summary_entry(name: str, run: dict, record: str) -> dict | None:
     """A run as an experiments/results/gpu/summary.json entry (None without a summary)."""
     s, a = run.get("summary"), run.get("args", {})
     if not s:
@@ -484,8 +484,8 @@ def summary_entry(name: str, run: dict, session: str) -> dict | None:
     four = run.get("kind") == "four_gpu"
     rates = sync_rates(s, run.get("rlhf", {}).get("sync_alone") or []) if "gather_gbps" not in s else s
     e = {
-        "session": session,
-        "source": f"{session}/four_gpu.json:{name}",
+        "record": record,
+        "source": f"{record}/four_gpu.json:{name}",
         "device": run.get("device"),
         "gpus": 4 if four else a.get("gpus"),
         "mode": "disaggregated_4gpu" if four else a.get("mode"),
@@ -523,8 +523,8 @@ def summary_entry(name: str, run: dict, session: str) -> dict | None:
     return e
 
 
-def write_reports(out: Path, combined: dict, session: str) -> None:
-    entries = [e for name, run in combined["runs"].items() if (e := summary_entry(name, run, session))]
+def write_reports(out: Path, combined: dict, record: str) -> None:
+    entries = [e for name, run in combined["runs"].items() if (e := summary_entry(name, run, record))]
     combined["summary_entries"] = entries
     (out / "four_gpu.json").write_text(json.dumps(combined, indent=1, default=str))
     (out / "four_gpu.md").write_text(markdown(combined))
@@ -649,7 +649,7 @@ def main() -> None:
     ap.add_argument("--runs", help="several runs in child processes, e.g. sync,async,gpu2,gpu1")
     ap.add_argument("--budget", type=float, default=500, help="--runs: seconds for all of them")
     ap.add_argument("--min-run-s", type=float, default=140, help="--runs: do not start a run with less left")
-    ap.add_argument("--session", default=f"four_gpu_{time.strftime('%Y%m%d')}")
+    ap.add_argument("--record", default="four_gpu", help="results folder name used in the summary entries")
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny models, the plan on h100x4.yaml, exit")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -1,9 +1,9 @@
 """Turn `run_matrix.py` outputs into `experiments/results/gpu/summary.json` entries.
 
 Every entry takes its baselines (raw vLLM without logprobs, raw DeepSpeed) from a run on the same
-machine in the same session (`--baseline FILE:NAME`), never from another machine.
+machine in the same run (`--baseline FILE:NAME`), never from another machine.
 
-  python experiments/bench/summarize.py --session h100x2_20261125 --baseline run2.json:raw \\
+  python experiments/bench/summarize.py --record two_gpu_hybrid_engine --baseline run2.json:raw \\
       --entry run2.json:gpu1_coloc --entry run3.json:disagg2 ... >> summary
 """
 
@@ -30,11 +30,11 @@ def engine_reload(phases: dict) -> str:
     return "direct" if phases.get("engine_direct", 1.0) else "layerwise"
 
 
-def entry(run: dict, raw: dict, session: str, source: str) -> dict:
+def entry(run: dict, raw: dict, record: str, source: str) -> dict:
     s, args = run["summary"], run["args"]
     parts = s["breakdown_s"]
     return {
-        "session": session,
+        "record": record,
         "source": source,
         "device": run["device"],
         "gpus": args["gpus"],
@@ -62,13 +62,13 @@ def entry(run: dict, raw: dict, session: str, source: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="experiments/results/gpu", help="folder the FILE paths are under")
-    ap.add_argument("--session", required=True)
+    ap.add_argument("--record", required=True, help="the results folder the entries come from")
     ap.add_argument("--baseline", required=True, help="FILE:NAME of the raw (a,b) run")
     ap.add_argument("--entry", action="append", default=[], help="FILE:NAME of an rlhf (c) run")
     args = ap.parse_args()
     root = Path(args.root)
     raw = load(args.baseline, root)
-    print(json.dumps([entry(load(e, root), raw, args.session, e) for e in args.entry], indent=1))
+    print(json.dumps([entry(load(e, root), raw, args.record, e) for e in args.entry], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ours against TRL's GRPOTrainer on the same model, prompts, budget and checker; one greedy judge.
 
 For each seed, our trainer (`python -m rlhf train configs/quickstart.yaml` with the shared budget as
-overrides, and any ablation variants) and the peer (peer_trl.py, TRL from an experiment-only path)
+overrides, and any ablation variants) and TRL (trl_baseline.py, TRL from an experiment-only path)
 train on the same train pool in the same per-step batches; then greedy_eval.py scores the base model
 and every final (and mid-run) policy on a fixed held-out set with one vLLM engine. Every run is a
 process of its own with a timeout, so a failure keeps the others. State lives in --work and is merged
@@ -53,17 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mid-step", type=int, default=None, help="also evaluate here (default steps/2; 0: no)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--only", choices=["ours", "peer"], default=None)
+    ap.add_argument("--only", choices=["ours", "trl"], default=None)
     ap.add_argument("--ours-override", nargs="+", action="extend", default=[], metavar="K=V")
     ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", '"K=V K=V"'),
                     help="an extra variant of ours (label ours:NAME), run for every seed")  # fmt: skip
     ap.add_argument(
-        "--peer-arg", nargs="+", action="extend", default=[], metavar="K=V", help="GRPOConfig extras"
+        "--trl-arg", nargs="+", action="extend", default=[], metavar="K=V", help="GRPOConfig extras"
     )
     ap.add_argument(
-        "--peer-micro-batch", type=int, default=None, help="default 64 on cuda, the whole batch on cpu"
+        "--trl-micro-batch", type=int, default=None, help="default 64 on cuda, the whole batch on cpu"
     )
-    ap.add_argument("--peer-path", default="/tmp/trl-site", help="prepended to PYTHONPATH for the peer only")
+    ap.add_argument("--trl-path", default="/tmp/trl-site", help="prepended to PYTHONPATH for TRL only")
     ap.add_argument("--timeout", type=float, default=1500, help="seconds per run (and for the evaluation)")
     ap.add_argument("--work", default="/tmp/compare_trl", help="runs, checkpoints and merged state")
     ap.add_argument("--out", default=str(REPO / "experiments/results/learning"))
@@ -194,7 +194,7 @@ def run_ours(args, label: str, seed: int, files: dict, extra: list[str]) -> dict
     record = {"command": shlex.join(cmd), "rc": rc, "wall_s": wall, "log": str(run_root / "log.txt")}
     run_dir = run_root / "run"
     curve: list[float | None] = [None] * args.steps
-    # per-step learner figures beside the reward, for diagnosing a slow start (the peer's log history
+    # per-step learner figures beside the reward, for diagnosing a slow start (TRL's log history
     # has its own grad_norm and entropy)
     learner = {key: [None] * args.steps for key in OURS_STEP_KEYS}
     step_s = []
@@ -210,7 +210,7 @@ def run_ours(args, label: str, seed: int, files: dict, extra: list[str]) -> dict
     record["per_step"] = learner
     record["step_s_mean"] = S.curve_mean(step_s[1:] or step_s)
     record["batches_match"] = ours_batches_match(
-        run_dir / "samples.jsonl", files["peer_train"][seed], args.prompts_per_step
+        run_dir / "samples.jsonl", files["trl_train"][seed], args.prompts_per_step
     )
     record["models"] = {}
     for step in filter(None, (args.mid_step, args.steps)):
@@ -220,35 +220,35 @@ def run_ours(args, label: str, seed: int, files: dict, extra: list[str]) -> dict
     return record
 
 
-def step_batches(peer_file: Path, per_step: int) -> list[set[str]]:
-    """The user prompts of each step, from the peer's dataset (our served order)."""
-    users = [json.loads(line)["prompt"] for line in peer_file.read_text().splitlines()]
+def step_batches(trl_file: Path, per_step: int) -> list[set[str]]:
+    """The user prompts of each step, from TRL's dataset (our served order)."""
+    users = [json.loads(line)["prompt"] for line in trl_file.read_text().splitlines()]
     return [set(users[i : i + per_step]) for i in range(0, len(users), per_step)]
 
 
-def ours_batches_match(samples_file: Path, peer_file: Path, per_step: int) -> bool | None:
+def ours_batches_match(samples_file: Path, trl_file: Path, per_step: int) -> bool | None:
     """Whether every sample our run logged (samples.jsonl) answers a prompt of that step's batch in the
-    peer's dataset: the two sides trained on the same batches. None without logged samples."""
+    TRL's dataset: the two sides trained on the same batches. None without logged samples."""
     if not samples_file.is_file():
         return None
-    batches = step_batches(peer_file, per_step)
+    batches = step_batches(trl_file, per_step)
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     return bool(samples) and all(
         any(f"\n{u}<|im_end|>" in s["prompt"] for u in batches[s["step"] - 1]) for s in samples
     )
 
 
-def run_peer(args, seed: int, files: dict) -> dict:
-    run_root = Path(args.work) / "runs" / f"peer-s{seed}"
+def run_trl(args, seed: int, files: dict) -> dict:
+    run_root = Path(args.work) / "runs" / f"trl-s{seed}"
     shutil.rmtree(run_root, ignore_errors=True)
     run_root.mkdir(parents=True)
     batch = args.prompts_per_step * args.n
-    micro = args.peer_micro_batch or (min(64, batch) if args.device == "cuda" else batch)
+    micro = args.trl_micro_batch or (min(64, batch) if args.device == "cuda" else batch)
     import yaml
 
     spec = {
         "model_dir": files["model_dir"],
-        "train_file": str(files["peer_train"][seed]),
+        "train_file": str(files["trl_train"][seed]),
         "out_dir": str(run_root / "trl"),
         "steps": args.steps,
         "mid_step": args.mid_step,
@@ -260,11 +260,11 @@ def run_peer(args, seed: int, files: dict) -> dict:
         "seed": seed,
         "device": args.device,
         "micro_batch": micro,
-        "extra": {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.peer_arg)},
+        "extra": {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.trl_arg)},
     }
     (run_root / "spec.json").write_text(json.dumps(spec, indent=1))
-    cmd = [sys.executable, "-m", "experiments.learning.peer_trl", str(run_root / "spec.json")]
-    rc, wall = run_process(cmd, run_root / "log.txt", args.timeout, child_env(args.peer_path))
+    cmd = [sys.executable, "-m", "experiments.learning.trl_baseline", str(run_root / "spec.json")]
+    rc, wall = run_process(cmd, run_root / "log.txt", args.timeout, child_env(args.trl_path))
     record = {
         "command": shlex.join(cmd),
         "spec": spec,
@@ -281,8 +281,8 @@ def run_peer(args, seed: int, files: dict) -> dict:
         record["log_history"] = result["log_history"]
         record["train_s"] = result["train_s"]
         record["last_completions"] = result.get("last_completions")
-        if result.get("last_batch_prompts"):  # the peer's last generation batch, as TRL logged it
-            last = step_batches(files["peer_train"][seed], args.prompts_per_step)[args.steps - 1]
+        if result.get("last_batch_prompts"):  # TRL's last generation batch, as TRL logged it
+            last = step_batches(files["trl_train"][seed], args.prompts_per_step)[args.steps - 1]
             record["batches_match"] = set(result["last_batch_prompts"]) == last
     return record
 
@@ -402,7 +402,7 @@ def write_outputs(args, state: dict, out: Path) -> None:
 
 
 def prepare(args, log: Log) -> tuple[dict, dict]:
-    """Prompt files, the peer's ordered datasets, and the state merged from earlier invocations."""
+    """Prompt files, TRL's ordered datasets, and the state merged from earlier invocations."""
     from transformers import AutoTokenizer
 
     from rlhf.data.models import resolve_model_path
@@ -412,20 +412,20 @@ def prepare(args, log: Log) -> tuple[dict, dict]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     held_out = P.held_out_rows(args.held_out)
     files: dict = {"model_dir": model_dir, "held_out": P.write_jsonl(work / "held_out.jsonl", held_out)}
-    files["train"], files["peer_train"] = {}, {}
+    files["train"], files["trl_train"] = {}, {}
     same_ids = True
     for seed in args.seeds:
         pool = P.train_rows(seed, args.steps * args.prompts_per_step, held_out)
         files["train"][seed] = P.write_jsonl(work / f"train-s{seed}.jsonl", pool)
         served = P.served_order(files["train"][seed], seed, args.steps, args.prompts_per_step, tokenizer)
         rows = [{"prompt": p.metadata["raw_prompt"], "answer": p.label} for p in served]
-        files["peer_train"][seed] = P.write_jsonl(work / f"peer-train-s{seed}.jsonl", rows)
-        same_ids &= all(p.token_ids == P.peer_ids(tokenizer, p.metadata["raw_prompt"]) for p in served)
+        files["trl_train"][seed] = P.write_jsonl(work / f"trl-train-s{seed}.jsonl", rows)
+        same_ids &= all(p.token_ids == P.trl_ids(tokenizer, p.metadata["raw_prompt"]) for p in served)
         overlap = {r["prompt"] for r in pool} & {r["prompt"] for r in held_out}
         if overlap:
             raise RuntimeError(f"seed {seed}: {len(overlap)} held-out prompt(s) in the train pool")
     held = P.held_out_prompts(files["held_out"], tokenizer)
-    same_ids &= all(p.token_ids == P.peer_ids(tokenizer, p.metadata["raw_prompt"]) for p in held)
+    same_ids &= all(p.token_ids == P.trl_ids(tokenizer, p.metadata["raw_prompt"]) for p in held)
     settings = {
         "steps": args.steps, "prompts_per_step": args.prompts_per_step, "n": args.n,
         "max_new_tokens": args.max_new_tokens, "lr": args.lr, "temperature": args.temperature,
@@ -434,7 +434,7 @@ def prepare(args, log: Log) -> tuple[dict, dict]:
         "held_out_seed": P.HELD_OUT_SEED, "task": P.TASK, "task_args": P.TASK_ARGS,
         "system_prompt": P.SYSTEM_PROMPT, "eval": "greedy (temperature 0), one vLLM engine, rlhf.tasks checker",
         "prompt_ids_identical_both_sides": same_ids,
-        "peer_order": "our driver's served order, shuffle_dataset=False",
+        "trl_order": "our driver's served order, shuffle_dataset=False",
     }  # fmt: skip
     log(f"held-out {len(held)} prompts ({settings['held_out_fingerprint']}); token ids identical: {same_ids}")
     state_file = work / "state.json"
@@ -494,8 +494,8 @@ def main(argv=None) -> None:
         if not args.variants_only:
             plan.append(("ours", []))
         plan += [(f"ours:{name}", shlex.split(extra)) for name, extra in args.variant]
-    if args.only in (None, "peer"):
-        plan.append(("peer", []))
+    if args.only in (None, "trl"):
+        plan.append(("trl", []))
     for seed in [] if args.eval_only else args.seeds:
         for label, extra in plan:
             key = f"{label}/s{seed}"
@@ -503,8 +503,8 @@ def main(argv=None) -> None:
                 log(f"{key}: done in {work}, skipped")
                 continue
             log(f"{key}: training")
-            if label == "peer":
-                record = run_peer(args, seed, files)
+            if label == "trl":
+                record = run_trl(args, seed, files)
             else:
                 record = run_ours(args, label, seed, files, extra)
             complete = all(v is not None for v in record.get("train_reward", [None]))

@@ -77,7 +77,7 @@ def data_overrides(train_file: Path, seed: int, num_train: int) -> list[str]:
 
 def served_order(train_file: Path, seed: int, steps: int, per_step: int, tokenizer: Any) -> list[Any]:
     """The prompts our driver serves, step by step (rlhf.data.prompts.PromptData with the run's data config);
-    the peer gets its dataset in this order with shuffling off, so both train on the same batches."""
+    TRL gets its dataset in this order with shuffling off, so both train on the same batches."""
     from rlhf.config.schema import DataConfig
     from rlhf.data.prompts import PromptData
 
@@ -104,7 +104,7 @@ def held_out_prompts(held_out_file: Path, tokenizer: Any) -> list[Any]:
     return PromptData(cfg, tokenizer).prompts_in_order()
 
 
-def peer_ids(tokenizer: Any, user: str) -> list[int]:
+def trl_ids(tokenizer: Any, user: str) -> list[int]:
     """Token ids as TRL's GRPOTrainer builds them for a conversational prompt (apply_chat_template with
     tokenize=True), to check they equal ours (chat template as text, then tokenized without specials)."""
     out = tokenizer.apply_chat_template(

@@ -107,8 +107,8 @@ def build_batch(path: Path, prompts: int, n: int, max_new_tokens: int, seed: int
             )
         entry = {"user": rows[prompt.index]["prompt"], "token_ids": prompt.token_ids, "label": prompt.label,
                  "samples": group}  # fmt: skip
-        entry["peer_ids_equal"] = P.peer_ids(tok, entry["user"]) == prompt.token_ids
-        same_ids &= entry["peer_ids_equal"]
+        entry["trl_ids_equal"] = P.trl_ids(tok, entry["user"]) == prompt.token_ids
+        same_ids &= entry["trl_ids_equal"]
         rewards = {s["reward"] for s in group}
         (mixed if len(rewards) > 1 else uniform).append(entry)
         if len(mixed) >= prompts - 1 and uniform:
@@ -383,8 +383,8 @@ def main() -> None:
                    "--trl-path", args.trl_path]  # fmt: skip
             subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
         res[part] = torch.load(out_file, weights_only=False)
-    ours, peer = res["ours:float32"], res["trl:float32"]
-    adv_o, adv_t = torch.tensor(ours["advantages"]), torch.tensor(peer["advantages"])
+    ours, theirs = res["ours:float32"], res["trl:float32"]
+    adv_o, adv_t = torch.tensor(ours["advantages"]), torch.tensor(theirs["advantages"])
     nz = adv_t.abs() > 0
     summary = {
         "what": "one GRPO step on one fixed batch: ours (Learner + DeepSpeed) vs TRL GRPOTrainer.compute_loss",
@@ -393,16 +393,16 @@ def main() -> None:
                   "synthetic_rewards": batch["synthetic_rewards"], "num_tokens": ours["num_tokens"],
                   "prompt_ids_identical_both_sides": batch["prompt_ids_identical_both_sides"],
                   "response_lengths": [[len(s["response_ids"]) for s in g["samples"]] for g in batch["groups"]]},
-        "trl": {k: peer[k] for k in ("trl", "optimizer", "weight_decay", "lr")},
+        "trl": {k: theirs[k] for k in ("trl", "optimizer", "weight_decay", "lr")},
         "fp32": {
-            "advantages_ours": ours["advantages"], "advantages_trl": peer["advantages"],
+            "advantages_ours": ours["advantages"], "advantages_trl": theirs["advantages"],
             "advantage_ratio_trl_over_ours": (adv_t[nz] / adv_o[nz]).tolist(),
-            "loss_ours": ours["loss"], "loss_trl": peer["loss"],
-            "num_tokens_ours": ours["num_tokens"], "num_tokens_trl": peer["num_tokens"],
-            "grad_norm_ours": ours["grad_norm"], "grad_norm_trl": peer["grad_norm"], "lr": [ours["lr"], peer["lr"]],
-            "grad_ours_vs_trl": compare(ours["grads"], peer["grads"]),
-            "update_ours_vs_trl": compare(ours["delta"], peer["delta"]),
-            "update_max_abs": [max(float(d.abs().max()) for d in r["delta"].values()) for r in (ours, peer)],
+            "loss_ours": ours["loss"], "loss_trl": theirs["loss"],
+            "num_tokens_ours": ours["num_tokens"], "num_tokens_trl": theirs["num_tokens"],
+            "grad_norm_ours": ours["grad_norm"], "grad_norm_trl": theirs["grad_norm"], "lr": [ours["lr"], theirs["lr"]],
+            "grad_ours_vs_trl": compare(ours["grads"], theirs["grads"]),
+            "update_ours_vs_trl": compare(ours["delta"], theirs["delta"]),
+            "update_max_abs": [max(float(d.abs().max()) for d in r["delta"].values()) for r in (ours, theirs)],
         },
     }  # fmt: skip
     if args.bf16:
@@ -411,10 +411,10 @@ def main() -> None:
             "trl_mixed_precision": tb["mixed_precision"], "trl_weight_dtype": tb["weight_dtype"],
             "loss": {"ours": ob["loss"], "trl": tb["loss"]}, "grad_norm": {"ours": ob["grad_norm"], "trl": tb["grad_norm"]},
             "grad_ours_bf16_vs_ours_fp32": compare(ob["grads"], ours["grads"]),
-            "grad_trl_bf16_vs_trl_fp32": compare(tb["grads"], peer["grads"]),
+            "grad_trl_bf16_vs_trl_fp32": compare(tb["grads"], theirs["grads"]),
             "grad_ours_bf16_vs_trl_bf16": compare(ob["grads"], tb["grads"]),
             "update_ours_bf16_vs_ours_fp32": compare(ob["delta"], ours["delta"]),
-            "update_trl_bf16_vs_trl_fp32": compare(tb["delta"], peer["delta"]),
+            "update_trl_bf16_vs_trl_fp32": compare(tb["delta"], theirs["delta"]),
             "numel": ob["numel"],
             "ours_changed_bf16_module_weights": ob["changed_module_weights"],
             "ours_changed_fp32_masters": ob["changed_masters"],

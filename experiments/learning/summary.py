@@ -2,7 +2,7 @@
 
 Pure functions over the run records that compare_trl.py keeps (no Ray, vLLM or TRL), so the
 arithmetic behind `ours_greedy_after_mean` and friends is unit-tested on hand-computed values.
-A run record: {"label": "ours" | "peer" | "ours:<variant>", "seed": int, "status": "ok" | ...,
+A run record: {"label": "ours" | "trl" | "ours:<variant>", "seed": int, "status": "ok" | ...,
 "train_reward": [reward at step 1, 2, ...] (None where a step was not logged),
 "greedy": {"<step>": accuracy}}.
 """
@@ -43,7 +43,7 @@ def curve_mean(curve: list[float | None], last: int | None = None) -> float | No
 def aggregate(runs: list[dict], steps: int, mid_step: int | None, base: float | None) -> dict[str, Any]:
     """Headline figures per label: greedy accuracy after `steps` (and at `mid_step`) per seed with its
     spread, the mean train-reward curve, and each seed's curve mean. Failed runs count nowhere."""
-    labels = sorted({r["label"] for r in runs}, key=lambda x: (x != "ours", x != "peer", x))
+    labels = sorted({r["label"] for r in runs}, key=lambda x: (x != "ours", x != "trl", x))
     out: dict[str, Any] = {"base_greedy": base, "steps": steps, "mid_step": mid_step, "by_label": {}}
     for label in labels:
         ok = sorted(

@@ -2,7 +2,7 @@
 agent"). It answers an arithmetic question, is asked to check its work, and earns 1 when the final
 number is right. From the repository root:
 
-    PYTHONPATH=experiments/examples/openai_agent rlhf train experiments/examples/openai_agent/config.yaml
+    PYTHONPATH=examples/openai_agent rlhf train examples/openai_agent/config.yaml
 
 Nothing here knows about training: point `base_url` at any OpenAI-compatible server and it runs the
 same. During training the framework calls `solve_then_check(prompt, base_url)` once per episode, with

@@ -1,6 +1,6 @@
-"""The peer: TRL's GRPOTrainer on our prompts, budget and checker, in a process of its own.
+"""The TRL baseline: TRL's GRPOTrainer on our prompts, budget and checker, in a process of its own.
 
-Run by compare_trl.py as `python -m experiments.learning.peer_trl SPEC.json` with TRL on PYTHONPATH
+Run by compare_trl.py as `python -m experiments.learning.trl_baseline SPEC.json` with TRL on PYTHONPATH
 (an experiment-only install, never a dependency of the package). TRL keeps its defaults (loss_type
 "dapo", group-scaled rewards, vLLM importance-sampling correction "sequence_mask", gradient
 checkpointing, bf16 on GPU) except what the shared budget fixes, and two data settings that make the
@@ -32,7 +32,7 @@ def config_kwargs(spec: dict) -> dict:
     batch = spec["prompts_per_step"] * spec["n"]
     micro = spec.get("micro_batch") or batch
     if batch % micro:
-        raise ValueError(f"peer micro batch {micro} does not divide {batch} completions per step")
+        raise ValueError(f"TRL micro batch {micro} does not divide {batch} completions per step")
     on_gpu = spec["device"] == "cuda"
     kwargs = dict(
         output_dir=spec["out_dir"],
