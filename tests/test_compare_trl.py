@@ -185,7 +185,7 @@ def test_a_recorded_summary_merges_without_its_base_scores(tmp_path):
     (tmp_path / "work" / "state.json").write_text(json.dumps({**recorded, "runs": {}}))
     mine = {"settings": dict(settings), "runs": {}, "evals": {}}
     assert merge_state(mine, load_merge_source(tmp_path / "summary.json")) == ["trl/s0"]
-    assert mine["evals"] == {"/old/trl-s0": {"accuracy": 0.5}}  # the base is scored again by this judge
+    assert mine["evals"] == {"/old/trl-s0": {"accuracy": 0.5}}  # the base is scored again by this evaluation
     assert load_merge_source(tmp_path / "work")["evals"]["base"] == {"accuracy": 0.25}
 
 

@@ -45,7 +45,7 @@ def config_only(path: Path, shape: str) -> Path:
 
 @pytest.fixture
 def planned(tmp_path):
-    """(cfg, plan) of the issue's run, as four_gpu builds it, on the h100x4 inventory."""
+    """(cfg, plan) of the 4-GPU run, as four_gpu builds it, on the h100x4 inventory."""
 
     def make(rollout: str, staleness: int = 0):
         policy = config_only(tmp_path / f"policy-{rollout}-{staleness}", "qwen2.5-1.5b")

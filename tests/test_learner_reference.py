@@ -1,4 +1,4 @@
-"""Our `Learner` against plain PyTorch, and what DeepSpeed keeps in fp32 (issue 16, "Guard it").
+"""Our `Learner` against plain PyTorch, and what DeepSpeed keeps in fp32 (what the TRL comparison needed guarded).
 
 The learners run in this process, without Ray (as `experiments/bench/bench_step.py::learner_alone`
 does): rank 0 of a world of one on gloo, on the tiny random llama of `tiny_model_dir`.

@@ -148,6 +148,6 @@ def test_a_head_size_the_cpu_engine_cannot_run_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
     with pytest.raises(ValueError, match=r"head size 16 .*needs at least 32"):
         check_engine_can_run(str(tmp_path), "cpu")
-    check_engine_can_run(str(tmp_path), "cuda")  # not judged for GPU engines here
+    check_engine_can_run(str(tmp_path), "cuda")  # not checked for GPU engines here
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
     check_engine_can_run(str(tmp_path), "cpu")

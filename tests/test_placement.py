@@ -466,7 +466,7 @@ FOUR_GPU_RUN = [
     "rollout", [["rollout.tensor_parallel=2"], ["placement.rollout.replicas=2"]], ids=["tp2", "two_engines"]
 )
 def test_four_gpu_plan_for_the_1_5b_shape(recipe, rollout):
-    """The issue's 4-GPU run, planned on the 4 x H100 inventory: the engines on two GPUs, a ZeRO-3
+    """The 1.5B-shape 4-GPU run, planned on the 4 x H100 inventory: the engines on two GPUs, a ZeRO-3
     learner over the other two with the reference and the reward model beside it; and the weight
     sync the planned layout gets (one NCCL broadcast from learner rank 0 to every engine worker)."""
     from rlhf.sync.routes import plan_routes

@@ -474,7 +474,7 @@ def summarise(res: dict, args) -> dict:
         if "vllm" in res:
             raw = res["vllm"]["generate_no_logprobs_s"] + res["deepspeed"]["train_s"]
             out["overhead_vs_raw_parts"] = step / (raw + sync)
-            # The 1-GPU target: step <= 1.15 x (raw generation without logprobs + raw
+            # The 1-GPU target: step <= 1.15 x (raw generation without logprobs + raw
             # DeepSpeed train + one forward pass, about a third of a train step).
             out["target_1gpu_s"] = 1.15 * (raw + res["deepspeed"]["train_s"] / 3)
     return out

@@ -1,4 +1,4 @@
-"""Issue 17: the 1.5B shape on one 4-GPU host, planned by `rlhf plan` and run as planned.
+"""The 1.5B shape on one 4-GPU host, planned by `rlhf plan` and run as planned.
 
 Layout (tests/test_placement.py FOUR_GPU_RUN): the rollout on two GPUs (`--rollout two_engines`: two
 engines, or `tp2`: one engine with tensor_parallel=2), a ZeRO-3 learner over the other two, the
@@ -15,7 +15,7 @@ per-GPU used memory sampled with nvidia-smi every 200 ms (peak next to the plan'
 GPU, paired through the CUDA UUIDs the learners and engine workers report), step time, tokens/s,
 generate/train/sync seconds and the ZeRO-3 gather and NCCL broadcast GB/s of the weight sync.
 
-Everything the issue asks, in ONE command (each run a fresh process; a shared time budget; runs that
+The whole measurement in ONE command (each run a fresh process; a shared time budget; runs that
 no longer fit are skipped and said so; the combined JSON and markdown are rewritten after each run):
 
   python experiments/bench/four_gpu.py --out $OUT/four_gpu --runs sync,async,gpu2,gpu1 --budget 500 --eager
@@ -155,7 +155,7 @@ def build_models(shape: str, rm_shape: str) -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------------------- config
 def layout_overrides(rm_dir: str, rollout: str) -> list[str]:
-    """The issue's layout on top of bench_step's part (c) overrides."""
+    """The 4-GPU layout on top of bench_step's part (c) overrides."""
     return [
         "trainer.zero_stage=3",
         "algorithm.kl_coef=0.05",
@@ -384,7 +384,7 @@ def stop_ray() -> None:
 
 
 def run_child(cmd: list[str], run_dir: Path, timeout: float) -> tuple[object, float]:
-    """Runs `cmd` in its own session, log to run_dir/log.txt and the console; kills it at `timeout`."""
+    """Runs `cmd` in its own process session, log to run_dir/log.txt and the console; kills it at `timeout`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(

@@ -1,8 +1,8 @@
 """Run several `bench_step.py` configurations back to back on one machine; one JSON with them all.
 
 Each configuration runs in its own process (a fresh Ray, vLLM and DeepSpeed), so a crash in one
-leaves the others' results. On a leased GPU host, one call of this script measures the baselines
-and every mode on the same device in the same session:
+leaves the others' results. On a GPU host, one call of this script measures the baselines
+and every mode on the same device in the same run:
 
   python experiments/bench/run_matrix.py --out $OUT/matrix.json \\
       raw="--parts a,b" gpu1="--parts c --sleep" gpu2="--parts c --sleep --gpus 2"

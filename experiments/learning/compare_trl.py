@@ -1,4 +1,4 @@
-"""Ours against TRL's GRPOTrainer on the same model, prompts, budget and checker; one greedy judge.
+"""Ours against TRL's GRPOTrainer on the same model, prompts, budget and checker; one greedy evaluation.
 
 For each seed, our trainer (`python -m rlhf train configs/quickstart.yaml` with the shared budget as
 overrides, and any ablation variants) and TRL (trl_baseline.py, TRL from an experiment-only path)
@@ -75,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         metavar="WORK",
         help="first take the finished runs (and evaluations) of these --work dirs' state.json: runs of one "
-        "comparison made in parallel, one --work per GPU, then judged together. A summary.json file (a "
-        "recorded comparison) merges the same way, except that this judge scores the base model again",
+        "comparison made in parallel, one --work per GPU, then scored together. A summary.json file (a "
+        "recorded comparison) merges the same way, except that this evaluation scores the base model again",
     )
     ap.add_argument(
         "--variants-only",
@@ -110,7 +110,7 @@ class Log:
 
 
 def run_process(cmd: list[str], log_file: Path, timeout: float, env: dict) -> tuple[int | str, float]:
-    """Run in a new session (its Ray/vLLM children die with it on timeout); output to log_file."""
+    """Run in a new process session (its Ray/vLLM children die with it on timeout); output to log_file."""
     t0 = time.perf_counter()
     with log_file.open("w") as sink:
         proc = subprocess.Popen(
@@ -162,7 +162,7 @@ def ours_overrides(args, seed: int, train_file: Path, run_root: Path, extra: lis
         "logging.plot=false",
         *P.data_overrides(train_file, seed, steps * args.prompts_per_step),
     ]
-    if args.device == "cuda":  # as our earlier H100 run (experiments/results/gpu/h100_smollm2_grpo)
+    if args.device == "cuda":  # as our earlier H100 run (experiments/results/gpu/smollm2_grpo_learning)
         out += [
             "placement.device=cuda",
             "placement.colocate=[[rollout,learner]]",
@@ -455,7 +455,7 @@ def prepare(args, log: Log) -> tuple[dict, dict]:
 
 def load_merge_source(path: Path) -> dict:
     """A --work dir's state.json, or a recorded summary.json: its base-model scores are dropped, so that
-    this judge scores the base again (equal scores show the two judges agree)."""
+    this evaluation scores the base again (equal scores show the two evaluations agree)."""
     if path.is_dir():
         return json.loads((path / "state.json").read_text())
     other = json.loads(path.read_text())

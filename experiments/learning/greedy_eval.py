@@ -1,4 +1,4 @@
-"""The one judge for both sides: greedy decoding on the held-out prompts with one vLLM engine.
+"""The one evaluation for both sides: greedy decoding on the held-out prompts with one vLLM engine.
 
 Run as `python -m experiments.learning.greedy_eval SPEC.json`. The engine starts once from the base
 model; every other model's safetensors are loaded into it the way our engines take a weight sync (prefix

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The TRL comparison split over two GPUs of one host: ours on one, TRL on the other, at the same
-# time, then every policy judged together (compare_trl.py --merge-from). Meant to be started detached
+# time, then every policy scored together (compare_trl.py --merge-from). Meant to be started detached
 # (setsid ... &) so that later commands on the host can use its other GPUs meanwhile; `WORK/done`
 # appears at the end, the logs are WORK/{ours,trl,eval}.log, the results OUT/summary.json.
 #   usage: parallel_gpus.sh GPU_OURS GPU_PEER WORK OUT SEED... [-- extra compare_trl.py arguments]

@@ -1,4 +1,4 @@
-"""Same batch, two trainers: does our GRPO step equal TRL's GRPOTrainer step? (issue 16, on CPU)
+"""Same batch, two trainers: does our GRPO step equal TRL's GRPOTrainer step? (on CPU)
 
 On GPU TRL learned faster per sample than we did (experiments/learning/README.md). Before blaming
 sampling, engines or precision, this checks the step itself: one fixed batch (SmolLM2-135M-Instruct,
