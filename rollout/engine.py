@@ -145,7 +145,7 @@ class RolloutEngine:
             model=model_path,
             tokenizer=model_path,
             dtype=self.dtype,
-            seed=cfg.seed if seed is None else seed,
+            seed=seed if seed is not None else (cfg.seed or 0),
             max_model_len=cfg.max_model_len,
             enforce_eager=enforce_eager,
             enable_prefix_caching=cfg.enable_prefix_caching,
@@ -415,7 +415,7 @@ class RolloutEngine:
         return self.device == "cpu" if wanted is None else wanted
 
     def _prompt_seed(self, p: Prompt) -> int:
-        key = (self.cfg.seed, p.index, int(p.metadata.get("epoch", 0)), p.metadata.get("split", ""))
+        key = (self.cfg.seed or 0, p.index, int(p.metadata.get("epoch", 0)), p.metadata.get("split", ""))
         return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
 
     def _episodes(

@@ -52,7 +52,14 @@ def two_node_cluster(tmp_path):
     temp_dir = Path("/tmp") / f"rlhf-ray-{os.getpid()}"
     # Ray 2.60 turns on token authentication for new clusters; the CLI clients of this test would
     # need the token, so this loopback-only cluster runs without it.
-    env = dict(os.environ, RAY_DEDUP_LOGS="0", RAY_AUTH_MODE="disabled")
+    # A loaded 2-core host can stall a node's heartbeats for many seconds; the default (5 missed
+    # checks, 3 s apart) then marks the worker dead mid-test. Allow about two minutes.
+    env = dict(
+        os.environ,
+        RAY_DEDUP_LOGS="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_health_check_failure_threshold="40",
+    )
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -142,6 +143,14 @@ def test_no_import_cycle_between_packages():
 @pytest.mark.slow
 def test_wheel_installs_rlhf_alone(tmp_path):
     """The wheel puts one top-level name into site-packages, and every source file is inside it."""
+    # Built from a copy of the tracked files: an in-tree build leaves build/ behind, whose stale
+    # copies of moved modules would end up in the next wheel.
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     subprocess.run(
         [
             sys.executable,
@@ -153,7 +162,7 @@ def test_wheel_installs_rlhf_alone(tmp_path):
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
     )

@@ -271,7 +271,9 @@ class AlgorithmConfig:
         None, help="The constant of `seq_mean_token_sum_norm` (> 0); null: `max_new_tokens`."
     )
     kl_coef: float = doc(0.0, help="KL penalty coefficient (>= 0); > 0 starts the reference role.")
-    kl_estimator: Literal["k1", "k2", "k3"] = doc("k3", help="KL estimator: `k1`, `k2` or `k3`.")
+    kl_estimator: str = doc(
+        "k3", help="KL estimator, a registered name: `k1`, `k2` or `k3` (docs/algorithms.md)."
+    )
     kl_in: Literal["loss", "reward"] = doc("loss", help="Where the KL penalty goes: `loss` or `reward`.")
     entropy_coef: float = doc(0.0, help="Entropy bonus coefficient.")
     recompute_old_logprobs: bool | None = doc(
@@ -284,7 +286,7 @@ class AlgorithmConfig:
         help="Truncated importance sampling cap (> 0); for `decoupled_ppo`, the weight above which a "
         "token is left out.",
     )
-    off_policy_correction: Literal["auto", "none", "tis", "decoupled_ppo"] = doc(
+    off_policy_correction: str = doc(
         "auto",
         help="`none`, `tis` (needs `tis_cap`), `decoupled_ppo`; `auto`: `tis` when `tis_cap` is set, "
         "`decoupled_ppo` when `rollout.max_staleness >= 1`, else `none` (docs/async.md).",

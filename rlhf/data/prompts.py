@@ -43,7 +43,7 @@ class PromptData:
     def __init__(self, cfg: DataConfig, tokenizer: Any):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.seed = cfg.seed
+        self.seed = 0 if cfg.seed is None else cfg.seed  # null outside a RunConfig: seed 0
         self.epoch = 0
         self.position = 0
         self.num_dropped = 0
@@ -76,7 +76,7 @@ class PromptData:
         """Train from `seed`; eval from other seeds, with any prompt seen in train removed."""
         cfg = self.cfg
         train = [
-            {**row, "index": i} for i, row in enumerate(task.generate(cfg.num_train, seed=cfg.seed, **args))
+            {**row, "index": i} for i, row in enumerate(task.generate(cfg.num_train, seed=self.seed, **args))
         ]
         seen = {row["prompt"] for row in train}
         evals: list[dict] = []
@@ -84,7 +84,7 @@ class PromptData:
             if len(evals) >= cfg.num_eval:
                 break
             for row in task.generate(
-                max(cfg.num_eval, 16), seed=cfg.seed + EVAL_SEED_OFFSET + attempt, **args
+                max(cfg.num_eval, 16), seed=self.seed + EVAL_SEED_OFFSET + attempt, **args
             ):
                 if row["prompt"] not in seen and len(evals) < cfg.num_eval:
                     seen.add(row["prompt"])
@@ -166,7 +166,7 @@ class PromptData:
             raise ValueError(
                 f"data.num_eval={cfg.num_eval} leaves no training rows in {cfg.source} ({len(rows)} rows)"
             )
-        held_out = set(np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.num_eval].tolist())
+        held_out = set(np.random.default_rng(self.seed).permutation(len(rows))[: cfg.num_eval].tolist())
         train = [r for r in rows if r["index"] not in held_out]
         evals = [r for r in rows if r["index"] in held_out]
         return train, evals

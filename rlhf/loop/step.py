@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from rlhf.algorithms import advantages as adv_fns
 from rlhf.algorithms import filters, kl, old_logprobs
-from rlhf.algorithms.gae import gae
 from rlhf.loop.batch import make_train_batch
 from rlhf.production.metrics import Timer, sample_metrics, sample_rows
 from rlhf.reward.pipeline import drop_unscored_groups
@@ -140,24 +139,19 @@ class StepBody:
                 batch.old_logprobs = roles.policy.logprobs(batch)
         # pi_old known before training: from the pass above or the engine (else the training pass has it)
         policy_logprobs = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
-        rewards = batch.rewards
         token_kl = None
         if batch.ref_logprobs is not None and policy_logprobs is not None:
             token_kl = kl.kl_estimate(policy_logprobs, batch.ref_logprobs, alg.kl_estimator) * batch.loss_mask
             metrics["reward/kl_to_ref"] = float(token_kl.sum(1).mean())
         with timer.phase("advantages"):
-            if alg.advantage == "gae":
+            if adv_fns.advantage_needs_critic(alg.advantage):
                 batch.values = roles.critic.values(batch)
-                coef = alg.kl_coef if (token_kl is not None and alg.kl_in == "reward") else 0.0
-                kl_term = token_kl if token_kl is not None else torch.zeros_like(batch.loss_mask)
-                token_rewards = adv_fns.token_level_rewards(rewards, kl_term, batch.loss_mask, coef)
-                batch.advantages, batch.returns = gae(
-                    token_rewards, batch.values, batch.loss_mask, alg.gamma, alg.lam
-                )
-            else:
-                if token_kl is not None and alg.kl_in == "reward":
-                    rewards = adv_fns.apply_kl_to_rewards(rewards, token_kl, batch.loss_mask, alg.kl_coef)
-                batch.advantages = adv_fns.compute_advantages(alg, rewards, batch.group, batch.loss_mask)
+            inputs = adv_fns.AdvantageInputs(
+                batch.rewards, batch.group, batch.loss_mask, token_kl, batch.values
+            )
+            batch.advantages, returns = adv_fns.estimate_advantages(alg, inputs)
+            if returns is not None:
+                batch.returns = returns
         metrics["train/advantage_abs_mean"] = float(
             (batch.advantages.abs() * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
         )
