@@ -46,3 +46,22 @@ def test_summary_entries_name_how_the_engines_wrote_the_weights():
     )  # nothing replayed
     assert engine_reload({"engine_direct": 1.0}) == "direct"
     assert engine_reload({"engine_direct": 0.0}) == "layerwise"
+
+
+def test_summary_entries_carry_shape_workload_and_memory_beside_the_plan():
+    from experiments.bench.summarize import entry
+
+    args = {"gpus": 1, "mode": "colocated", "shape": "qwen2.5-1.5b", "prompts": 64, "n": 8}
+    args.update(prompt_len=128, new_tokens=512)
+    summary = summarise(_res(audited=True), None)
+    summary.update(packing=True, memory={"peak_gpu_gb": 70.1, "planned_gpu_gb": 66.0, "peak_host_gb": 20.0})
+    raw = {
+        "vllm": {"generate_no_logprobs_s": 4.0, "generate_s": 9.0},
+        "deepspeed": {"train_s": 3.0},
+    }
+    e = entry({"summary": summary, "args": args, "device": "NVIDIA H200"}, raw, "rec", "f.json:x")
+    assert e["shape"] == "qwen2.5-1.5b" and e["packing"] is True
+    assert e["workload"] == "64x8 prompts of 128, 512 new tokens"
+    assert e["peak_gpu_gb"] == 70.1 and e["planned_gpu_gb"] == 66.0 and e["peak_host_gb"] == 20.0
+    assert "planned_host_gb" not in e  # not measured: left out rather than null
+    assert e["raw_vllm_nologprobs_s"] == 4.0 and e["raw_deepspeed_train_s"] == 3.0

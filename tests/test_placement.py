@@ -24,6 +24,7 @@ from rlhf.placement import (
     params_from_hf_config,
     propose_plan,
 )
+from rlhf.placement.memory import activation_bytes_per_token, learner_memory, logits_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 INVENTORIES = REPO / "configs" / "inventories"
@@ -86,7 +87,7 @@ def test_heterogeneous_placement_follows_accelerator_types(recipe):
     assert plan.groups[0].bundles[0] == {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
     assert plan.gpu_types() == {"H100": 8, "L4": 8}
     table = plan.describe()
-    assert "role     replica  node  gpu  num_gpus  num_cpus  mem/GPU" in table
+    assert "role     replica  node  gpu  num_gpus  num_cpus  peak/GPU  host" in table
     assert "l4 gpu 0,1,2,3,4,5,6,7: ~20.4 GB / 24 GB each" in table  # 0.85 x 24 GB per engine
 
 
@@ -160,16 +161,17 @@ def test_memory_does_not_fit(recipe):
     )
     with pytest.raises(PlacementError) as info:
         make_plan(cfg, inventory("h100x8_l4x8"), param_count=7e9)
-    # 7e9 params x 16 bytes (1 rank: nothing to shard) + 2 GB overhead = 114 GB on a 24 GB L4.
+    # 7e9 params x (16 bytes of states + 4 of fp32 gradients at the optimizer step; 1 rank: nothing
+    # to shard) + 2 GB overhead = 142 GB on a 24 GB L4 (a size from a name: no activations counted).
     assert str(info.value).startswith(
-        "placement.learner: needs ~114.0 GB on l4 gpu 0 (learner ~114.0) but a L4 has 24 GB"
+        "placement.learner: needs ~142.0 GB on l4 gpu 0 (learner ~142.0) but a L4 has 24 GB; add learner"
     )
-    # Eight ZeRO-3 ranks: 16/8 = 2 bytes/param -> 14 + 2 = 16 GB fits on H100s.
+    # Eight ZeRO-3 ranks: 20/8 = 2.5 bytes/param -> 17.5 + 2 = 19.5 GB fits on H100s.
     cfg = load_config(
         recipe, ["placement.learner={replicas: 8, accelerator_type: H100}", "trainer.zero_stage=3"]
     )
     plan = make_plan(cfg, inventory("h100x8_l4x8"), param_count=7e9)
-    assert plan.assignments["learner"][0].memory_gb == pytest.approx(16.0)
+    assert plan.assignments["learner"][0].memory_gb == pytest.approx(19.5)
 
 
 def test_rollout_weights_must_fit_the_engine(recipe):
@@ -489,3 +491,79 @@ def test_four_gpu_plan_for_the_1_5b_shape(recipe, rollout):
     channels, routes = plan_routes("auto", "cuda", learner_gpus, worker_gpus)
     assert [(c.transport, c.sender) for c in channels] == [("broadcast", 0)]
     assert sum(len(r) for r in routes) == 2
+
+
+# ------------------------------------------------------------------------------------ peak memory
+def test_learner_memory_by_hand():
+    """One rank, ZeRO-2, bf16 + fp32 Adam, a micro-batch of 1000 tokens of a made-up shape."""
+    from rlhf.config.schema import TrainerConfig
+
+    shape = {
+        "hidden_size": 100,
+        "intermediate_size": 300,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+    }
+    # activations: 16 x 100 + 4 x 50 (2 KV heads of 25) + 8 x 300 = 4200 bytes per token and layer
+    assert activation_bytes_per_token(shape, checkpointing=False) == 2 * 4200
+    # checkpointed: each layer's input (2 x 100 bytes) plus one layer recomputed
+    assert activation_bytes_per_token(shape, checkpointing=True) == 2 * 200 + 4200
+    # logits: 4 bytes per token and vocabulary entry, plus two float32 chunks of 1024 tokens
+    assert logits_bytes(shape, 1000) == 1000 * 1000 * 4 + 2 * 1024 * 1000 * 4
+    trainer = TrainerConfig(zero_stage=2, micro_batch_tokens=1000)
+    p = 1e9
+    m = learner_memory(p, shape, trainer, ranks=1)
+    work = 1000 * 8400 + logits_bytes(shape, 1000)  # 0.0206 GB, less than the step's 4 GB
+    assert m.peak_gpu_gb == pytest.approx((2 + 2 + 12 + 4) * p / 1e9 + 2.0)  # the optimizer step's peak
+    assert work < 4 * p
+    assert m.resident_gpu_gb == pytest.approx((2 + 12) * p / 1e9)  # weights and Adam stay during generation
+    assert m.host_gb == pytest.approx(3.0)
+    off = learner_memory(
+        p, shape, TrainerConfig(zero_stage=2, micro_batch_tokens=1000, offload_optimizer=True), 1
+    )
+    assert off.peak_gpu_gb == pytest.approx((2 + 2) * p / 1e9 + work / 1e9 + 2.0)
+    assert off.resident_gpu_gb == pytest.approx(2 * p / 1e9)
+    assert off.host_gb == pytest.approx(3.0 + 16 * p / 1e9)  # fp32 master, m, v and gradients, pinned
+    parked = learner_memory(p, shape, TrainerConfig(zero_stage=2, offload_during_generation=True), 2)
+    assert parked.resident_gpu_gb == 0.0
+    assert parked.host_gb == pytest.approx(3.0 + (2 + 6) * p / 1e9)  # weights and this rank's Adam share
+
+
+def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded():
+    """Qwen2.5-7B colocated on one H200: without offload the fp32 Adam states do not fit, and validation
+    says which key to set; with it the plan shows the GPU and the host memory."""
+    overrides = [
+        "model.path=qwen2.5-7b",
+        "placement.device=cuda",
+        "placement.colocate=[[rollout,learner]]",
+        "trainer.micro_batch_tokens=16384",
+        "trainer.gradient_checkpointing=true",
+    ]
+    cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
+    with pytest.raises(PlacementError) as info:
+        make_plan(cfg, inventory("h200x1"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("placement.learner: needs ~") and "but a H200 has 141 GB" in message
+    assert message.endswith("set trainer.offload_optimizer=true (then ~79 GB per GPU)"), message
+
+    cfg.trainer.offload_optimizer = True
+    plan = make_plan(cfg, inventory("h200x1"))
+    params = estimate_params("qwen2.5-7b")
+    assert params == pytest.approx(7.62e9, rel=0.01)
+    learner = plan.assignments["learner"][0]
+    assert learner.host_gb == pytest.approx(3.0 + 16 * params / 1e9)
+    ((used, total),) = plan.gpu_memory_usage().values()
+    assert used < total == 141
+    assert "h200 host memory: ~" in plan.describe()
+    # A host of 125 GB cannot pin the offloaded states: one line about host memory.
+    small = Inventory(
+        [Node("h200", cpus=16, memory_gb=125, gpus=1, gpu_type="H200", gpu_memory_gb=141)], source="one H200"
+    )
+    with pytest.raises(PlacementError, match=r"^placement.learner: needs ~\d+ GB of host memory on h200 \("):
+        make_plan(cfg, small)
+    # The same line from `rlhf validate`, exit code 3 (a placement error).
+    shipped = str(INVENTORIES / "h200x1.yaml")
+    assert main(["validate", str(REPO / "configs/quickstart.yaml"), "--inventory", shipped, *overrides]) == 3

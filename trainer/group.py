@@ -56,10 +56,12 @@ def shard_batch(batch: TrainBatch, world_size: int) -> tuple[list[list[int]], li
     return rows_per_rank, shards
 
 
-def micro_batches(shard: TrainBatch, local_rows: list[int], token_budget: int) -> list[list[int]]:
+def micro_batches(
+    shard: TrainBatch, local_rows: list[int], token_budget: int, padded: bool = True
+) -> list[list[int]]:
     """`local_rows` of a shard packed into micro-batches (lists of shard row indices)."""
     lengths = row_lengths(shard)
-    packed = pack_micro_batches([lengths[i] for i in local_rows], token_budget)
+    packed = pack_micro_batches([lengths[i] for i in local_rows], token_budget, padded)
     return [[local_rows[j] for j in mb] for mb in packed]
 
 
@@ -70,9 +72,11 @@ def plan_steps(
     ppo_epochs: int = 1,
     mini_batches: int = 1,
     seed: int = 0,
+    padded: bool = True,
 ) -> tuple[list[list[int]], list[TrainBatch], list[list[dict[str, Any]]]]:
     """Split `batch` over ranks once; then per epoch shuffle each rank's rows (when mini_batches > 1)
-    and cut them into `mini_batches` optimizer steps, each packed into micro-batches.
+    and cut them into `mini_batches` optimizer steps, each packed into micro-batches (`padded`: a
+    micro-batch costs rows x its longest row, else its real tokens; `trainer.packing`).
 
     Returns (rows_per_rank, shards, steps) with steps[rank] = list of dicts: `micro_batches`,
     `num_micro` (max over ranks: ranks with fewer run filler micro-batches), and the step's global
@@ -100,7 +104,9 @@ def plan_steps(
             if not global_rows:
                 continue
             num_tokens, num_sequences = loss_normalizers(batch.loss_mask[global_rows])
-            micro = [micro_batches(shards[r], local_rows[r], micro_batch_tokens) for r in range(world_size)]
+            micro = [
+                micro_batches(shards[r], local_rows[r], micro_batch_tokens, padded) for r in range(world_size)
+            ]
             num_micro = max(len(mb) for mb in micro)
             for r in range(world_size):
                 steps[r].append(
@@ -181,7 +187,13 @@ class LearnerGroup:
         alg = self.cfg.algorithm
         seed = self.cfg.seed * 1_000_003 + self._train_calls * 1009
         _, shards, steps = plan_steps(
-            batch, self.world_size, self.micro_batch_tokens, alg.ppo_epochs, alg.mini_batches, seed
+            batch,
+            self.world_size,
+            self.micro_batch_tokens,
+            alg.ppo_epochs,
+            alg.mini_batches,
+            seed,
+            padded=not self.cfg.trainer.packing,
         )
         return shards, steps
 
@@ -219,7 +231,7 @@ class LearnerGroup:
     def _per_token(self, batch: TrainBatch, method: str, **kwargs) -> torch.Tensor:
         rows_per_rank, shards = shard_batch(batch, self.world_size)
         micro = [
-            micro_batches(s, list(range(len(rows))), self.micro_batch_tokens)
+            micro_batches(s, list(range(len(rows))), self.micro_batch_tokens, not self.cfg.trainer.packing)
             for s, rows in zip(shards, rows_per_rank)
         ]
         num_micro = max(len(m) for m in micro)

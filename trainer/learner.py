@@ -33,8 +33,9 @@ ROLES = ("policy", "reference", "critic")
 CHECKPOINT_TAG = "deepspeed"
 
 
-def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Greedy packing by token budget: longest rows first, a micro-batch costs rows x its longest row.
+def pack_micro_batches(lengths: list[int], token_budget: int, padded: bool = True) -> list[list[int]]:
+    """Greedy packing by token budget, longest rows first. A micro-batch costs rows x its longest row
+    (`padded`) or the sum of its rows (packed without padding: first fit over the open micro-batches).
 
     A row longer than the budget gets a micro-batch of its own. Returns lists of row indices.
     """
@@ -42,6 +43,17 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
         raise ValueError(f"trainer.micro_batch_tokens must be positive, got {token_budget}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     micro: list[list[int]] = []
+    if not padded:
+        room: list[int] = []
+        for i in order:
+            slot = next((k for k, free in enumerate(room) if lengths[i] <= free), None)
+            if slot is None:
+                micro.append([i])
+                room.append(token_budget - lengths[i])
+            else:
+                micro[slot].append(i)
+                room[slot] -= lengths[i]
+        return micro
     current: list[int] = []
     width = 0
     for i in order:
@@ -53,6 +65,21 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
     if current:
         micro.append(current)
     return micro
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows [b, W] -> their real tokens in one row [1, N] and position ids restarting at 0
+    for each sequence (HF models keep attention within each sequence when given such position ids and
+    no attention mask)."""
+    keep = attention_mask.bool()
+    positions = torch.cumsum(attention_mask, dim=1) - 1
+    return input_ids[keep][None], positions[keep][None]
+
+
+def unpack_rows(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values of a packed row [1, N] back to the padded layout [b, W] (0 on padding);
+    differentiable in `values`."""
+    return values.new_zeros(attention_mask.shape).masked_scatter(attention_mask.bool(), values[0])
 
 
 def row_lengths(batch: TrainBatch) -> list[int]:
@@ -74,12 +101,25 @@ class ValueModel(nn.Module):
                 return getattr(self.seq_model, name)
         raise ValueError(f"critic: {type(self.seq_model).__name__} has no score/classifier head")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **packed: Any,
+    ) -> torch.Tensor:
         hidden = self.seq_model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **packed,
         ).last_hidden_state
         values = self.head(hidden).squeeze(-1).float()
-        return F.pad(values[:, :-1], (1, 0))  # values[:, t] comes from hidden[:, t - 1]
+        values = F.pad(values[:, :-1], (1, 0))  # values[:, t] comes from hidden[:, t - 1]
+        if position_ids is not None:  # packed: a sequence's first token has no state before it
+            values = values.masked_fill(position_ids == 0, 0.0)
+        return values
 
 
 class Learner:
@@ -155,6 +195,7 @@ class Learner:
         self.temperature = float(temperature) if temperature and temperature > 0 else 1.0
         self.zero_stage = int(cfg.trainer.zero_stage)
         self.compile_logprobs = device == "cuda" and cfg.trainer.compile_logprobs
+        self.packing = cfg.trainer.packing
         self.trainable = role != "reference"
         ds_config = make_ds_config(cfg.trainer, device, self.dtype, world_size, train=self.trainable)
         if self.zero_stage == 3:
@@ -220,6 +261,10 @@ class Learner:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         kwargs = dict(dtype=self.dtype, trust_remote_code=self.cfg.model.trust_remote_code)
+        if self.packing:  # each packed sequence attends to itself only, at its own length's cost
+            from rlhf.trainer.attention import register
+
+            kwargs["attn_implementation"] = register()
         if self.role != "critic":
             model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
             model.config.use_cache = False
@@ -243,14 +288,51 @@ class Learner:
         self.critic_path = critic_path or self.model_path
         return value_model
 
-    def _forward(self, mb: TrainBatch) -> torch.Tensor:
-        """Policy/reference: logits [B, T, V]; critic: values [B, T]."""
+    def _token_pass(
+        self, mb: TrainBatch, temperature: float | None = None, entropy: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass over a micro-batch; per-token results in its padded layout [b, W]: the
+        critic's values, or log-probs at `temperature` (default: the sampling one) and, when `entropy`
+        is "logged" (detached) or "loss" (through autograd), the entropies.
+
+        With `trainer.packing` the rows run as one row of their real tokens (`pack_rows`)."""
+        from rlhf.algorithms.losses import token_entropy, token_logprobs, token_logprobs_and_entropy
+
+        ids, positions, packed = mb.input_ids, None, {}
+        if self.packing:
+            from rlhf.trainer.attention import sequence_bounds
+
+            ids, positions = pack_rows(mb.input_ids, mb.attention_mask)
+            bounds, longest = sequence_bounds(positions)
+            packed = dict(
+                cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
+            )
         if self.role == "critic":
-            return self.engine(mb.input_ids, mb.attention_mask)
-        # Batches are right-padded, so with the causal mask alone no real token ever attends to a pad:
-        # passing no attention mask gives the same values on real tokens and lets SDPA use its
+            if positions is None:
+                return self.engine(ids, attention_mask=mb.attention_mask), None
+            values = self.engine(ids, position_ids=positions, **packed)
+            return unpack_rows(values, mb.attention_mask), None
+        # Padded batches are right-padded, so with the causal mask alone no real token ever attends to a
+        # pad: passing no attention mask gives the same values on real tokens and lets SDPA use its
         # flash/causal kernels instead of a dense [B, 1, T, T] mask.
-        return self.engine(input_ids=mb.input_ids, use_cache=False).logits
+        logits = self.engine(input_ids=ids, position_ids=positions, use_cache=False, **packed).logits
+        temperature = temperature or self.temperature
+        compiled = self.compile_logprobs
+        if entropy is None:
+            logprobs = token_logprobs(logits, ids, temperature=temperature, compiled=compiled)
+            entropies = None
+        else:
+            logprobs, entropies = token_logprobs_and_entropy(
+                logits, ids, temperature=temperature, compiled=compiled
+            )
+            if entropy == "loss":
+                entropies = token_entropy(logits, temperature=temperature)
+        if positions is not None:  # the first token of each sequence is predicted by nothing: 0
+            starts = positions == 0
+            logprobs = unpack_rows(logprobs.masked_fill(starts, 0.0), mb.attention_mask)
+            if entropies is not None:
+                entropies = unpack_rows(entropies.masked_fill(starts, 0.0), mb.attention_mask)
+        return logprobs, entropies
 
     def _micro_batch(self, shard: TrainBatch, rows: list[int] | None) -> TrainBatch:
         """Rows of the shard on the device, trimmed to their longest row. `None`: a filler micro-batch
@@ -298,23 +380,16 @@ class Learner:
         return self._per_token(shard, micro_batches, num_micro)
 
     def _per_token(self, shard: TrainBatch, micro_batches, num_micro, temperature=None) -> torch.Tensor:
-        from rlhf.algorithms.losses import token_logprobs
-
         if micro_batches is None:
-            micro_batches = pack_micro_batches(row_lengths(shard), self.cfg.trainer.micro_batch_tokens)
+            micro_batches = pack_micro_batches(
+                row_lengths(shard), self.cfg.trainer.micro_batch_tokens, padded=not self.packing
+            )
         was_training = self.engine.training
         self.engine.eval()
         out = torch.zeros(shard.input_ids.shape, dtype=torch.float32)
         for rows in self._padded(micro_batches, num_micro):
             mb = self._micro_batch(shard, rows)
-            result = self._forward(mb)
-            if self.role != "critic":
-                result = token_logprobs(
-                    result,
-                    mb.input_ids,
-                    temperature=temperature or self.temperature,
-                    compiled=self.compile_logprobs,
-                )
+            result, _ = self._token_pass(mb, temperature)
             if rows is not None:
                 width = mb.input_ids.shape[1]
                 out[rows, :width] = (result.float() * mb.attention_mask).cpu()
@@ -394,25 +469,20 @@ class Learner:
         }
 
     def _loss(self, mb: TrainBatch, num_tokens: float, num_sequences: float) -> tuple[torch.Tensor, dict]:
-        from rlhf.algorithms.losses import policy_loss, token_entropy, token_logprobs_and_entropy, value_loss
+        from rlhf.algorithms.losses import policy_loss, value_loss
 
         if self.role == "critic":
             if mb.values is None or mb.returns is None:
                 raise ValueError(
                     "critic train: the batch needs `values` (old values) and `returns` (from GAE)"
                 )
-            values = self._forward(mb)
+            values, _ = self._token_pass(mb)
             return value_loss(
                 values, mb.values, mb.returns, mb.loss_mask, self.algorithm.value_clip, num_tokens=num_tokens
             )
         alg = self.algorithm
-        logits = self._forward(mb)
-        # One float32 pass gives both; the entropy is detached (logged only) ...
-        logprobs, entropy = token_logprobs_and_entropy(
-            logits, mb.input_ids, temperature=self.temperature, compiled=self.compile_logprobs
-        )
-        if alg.entropy_coef != 0:  # ... unless it is in the loss: then through autograd
-            entropy = token_entropy(logits, temperature=self.temperature)
+        # The entropy is detached (logged only) unless it is in the loss: then through autograd.
+        logprobs, entropy = self._token_pass(mb, entropy="loss" if alg.entropy_coef != 0 else "logged")
         # pi_old (rlhf/algorithms/old_logprobs.py): a learner pass, the engine's, or this very pass
         # (one optimizer step per batch: the weights have not moved yet); `behaviour` feeds TIS.
         if mb.old_logprobs is not None:

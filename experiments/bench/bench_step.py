@@ -25,34 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-SHAPES = {
-    # Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings)
-    "qwen2.5-0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-}
+from rlhf.data.shapes import MODEL_SHAPES as SHAPES  # noqa: E402
 
 
-def build_model_dir(shape: str, out: Path) -> Path:
+def build_model_dir(shape: str, out: Path, max_positions: int = 4096) -> Path:
     """Random-weight model of the given shape (bf16) + a word-level tokenizer covering the whole vocab.
 
-    The Qwen2.5 shapes are written as Llama configs with attention biases (Qwen2 = Llama + q/k/v
-    biases; Llama adds an o_proj bias too, 0.01% more parameters): transformers maps a `qwen2`
+    Every shape is written as a Llama config; the Qwen2.5 ones with attention biases (Qwen2 = Llama +
+    q/k/v biases; Llama adds an o_proj bias too, 0.01% more parameters): transformers maps a `qwen2`
     model type to Qwen2Tokenizer, which cannot read a word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -72,10 +52,7 @@ def build_model_dir(shape: str, out: Path) -> Path:
     hf_tok.save_pretrained(out)
     cfg = LlamaConfig(
         **spec,
-        attention_bias=True,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         bos_token_id=vocab["<eos>"],
         eos_token_id=vocab["<eos>"],
         # No padding_idx: it would leave the <pad> row at zero, and vLLM samples every id of a random
@@ -385,7 +362,14 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         flush=True,
     )
     trainer.data.load_state_dict({"epoch": 0, "position": 0, "seed": cfg.data.seed})
+    from experiments.bench.gpu_memory import GpuSampler, HostSampler
+    from rlhf.placement import make_plan
+
+    gpu_sampler = GpuSampler(Path(args.out) / "gpu_samples.csv").start()
+    host_sampler = HostSampler().start()
     trainer.roles = trainer.start_roles()
+    gpu_sampler.mark("steps")
+    plan = make_plan(cfg)  # the plan the run was placed by, now that Ray is up
     steps = []
     try:
         if cfg.rollout.max_staleness > 0:  # asynchronous: the engines generate ahead of the learner
@@ -410,8 +394,33 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         for _ in range(5):
             syncs.append(trainer.roles.sync.push())
     finally:
+        measured = gpu_sampler.stop()
+        host = host_sampler.stop()
         trainer.shutdown()
-    return {"steps": steps, "sync_alone": syncs}
+    return {"steps": steps, "sync_alone": syncs, "memory": memory_beside_plan(plan, measured, host)}
+
+
+def memory_beside_plan(plan, measured: dict, host: dict) -> dict:
+    """The planner's peak GPU and host memory next to the measured peaks (nvidia-smi during the
+    steps; host: used memory during the whole run, less what was used before it)."""
+    gpu_plan = max((used for used, _ in plan.gpu_memory_usage().values()), default=None)
+    peak_mib = max((g["mib"] for g in measured.get("steps", measured.get("all", {})).values()), default=None)
+    host_plan = sum(a.host_gb or 0.0 for assignments in plan.assignments.values() for a in assignments)
+    out = {
+        "planned_gpu_gb": round(gpu_plan, 2) if gpu_plan is not None else None,
+        "peak_gpu_gb": round(peak_mib * 2**20 / 1e9, 2) if peak_mib is not None else None,
+        "planned_host_gb": round(host_plan, 2),
+        "peak_host_gb": round(host["peak_gb"] - host["before_gb"], 2),
+        "per_role": {
+            role: [
+                {"gpu_gb": a.memory_gb, "resident_gb": a.resident_gb, "host_gb": a.host_gb}
+                for a in assignments
+            ]
+            for role, assignments in plan.assignments.items()
+        },
+    }
+    print("memory (plan vs measured): " + json.dumps(out), flush=True)
+    return out
 
 
 def gpu_layout(args) -> list[str]:
@@ -464,6 +473,10 @@ def summarise(res: dict, args) -> dict:
         if audited
         else None,
     }
+    if "memory" in res["rlhf"]:
+        out["memory"] = {k: v for k, v in res["rlhf"]["memory"].items() if k != "per_role"}
+    if args is not None:
+        out["shape"], out["packing"] = args.shape, "trainer.packing=false" not in " ".join(args.override)
     if "vllm" in res:
         out["vllm_alone_generate_s"] = res["vllm"]["generate_s"]
         out["vllm_alone_generate_no_logprobs_s"] = res["vllm"]["generate_no_logprobs_s"]
@@ -527,7 +540,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = build_model_dir(
-        args.shape, Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench")) / args.shape
+        args.shape,
+        Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench")) / args.shape,
+        max_positions=max(4096, args.prompt_len + args.new_tokens + 16),
     )
 
     if args.part == "a":

@@ -78,6 +78,7 @@ TINY = dict(  # for --dry-run and the tests: same structure, seconds to build on
     intermediate_size=128,
     vocab_size=1000,
     tie_word_embeddings=True,
+    attention_bias=True,
 )
 SHAPES.setdefault("tiny", TINY)
 CACHE = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench"))  # bench_step's model cache too

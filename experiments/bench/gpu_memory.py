@@ -83,6 +83,37 @@ class GpuSampler:
         return out
 
 
+class HostSampler:
+    """Peak used host memory (psutil: total - available) every `period_ms`, in a thread."""
+
+    def __init__(self, period_ms: int = 200):
+        self.period_ms, self.peak_gb, self.start_gb = period_ms, 0.0, None
+        self.stop_event = threading.Event()
+        self.thread = None
+
+    def start(self) -> HostSampler:
+        import psutil
+
+        def used() -> float:
+            vm = psutil.virtual_memory()
+            return (vm.total - vm.available) / 1e9
+
+        def loop() -> None:
+            while not self.stop_event.wait(self.period_ms / 1000):
+                self.peak_gb = max(self.peak_gb, used())
+
+        self.start_gb = used()
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        return {"peak_gb": round(self.peak_gb, 2), "before_gb": round(self.start_gb or 0.0, 2)}
+
+
 def parse_samples(text: str, reduce=max) -> dict[int, dict]:
     """nvidia-smi `index, uuid, memory.used, memory.total` lines -> {index: {uuid, mib, total_mib,
     samples}} with the peak (or `reduce`) of memory.used; partial or unreadable lines are skipped."""

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+MEMORY_KEYS = ("peak_gpu_gb", "planned_gpu_gb", "peak_host_gb", "planned_host_gb")
+
 
 def load(spec: str, root: Path) -> dict:
     path, _, name = spec.rpartition(":")
@@ -56,6 +58,10 @@ def entry(run: dict, raw: dict, record: str, source: str) -> dict:
         "raw_vllm_logprobs_s": round(raw["vllm"]["generate_s"], 3),
         "raw_deepspeed_train_s": round(raw["deepspeed"]["train_s"], 3),
         "audit_logprob_diff": _round(s["audit_logprob_diff"], 4),
+        "shape": args.get("shape"),
+        "workload": f"{args['prompts']}x{args['n']} prompts of {args['prompt_len']}, {args['new_tokens']} new tokens",
+        "packing": s.get("packing"),
+        **{k: s.get("memory", {}).get(k) for k in MEMORY_KEYS if s.get("memory", {}).get(k) is not None},
     }
 
 

@@ -333,7 +333,14 @@ class TrainerConfig:
     max_grad_norm: float = doc(1.0, help="Gradient clipping norm (>= 0).")
     micro_batch_tokens: int = doc(
         4096,
-        help="Token budget (prompt and response) of one packed micro-batch per rank (>= 1).",
+        help="Token budget (prompt and response) of one micro-batch per rank (>= 1): real tokens with "
+        "`packing`, rows x longest row without.",
+    )
+    packing: bool = doc(
+        True,
+        help="Padding-free micro-batches: the sequences of a micro-batch are concatenated into one row "
+        "(position ids restart per sequence, attention stays within each), so compute follows real "
+        "tokens; false: right-padded rows, a micro-batch costs rows x its longest row.",
     )
     gradient_checkpointing: bool = doc(False, help="Activation checkpointing in the learners.")
     offload_optimizer: bool = doc(False, help="ZeRO optimizer offload to CPU.")

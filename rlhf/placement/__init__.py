@@ -1,7 +1,7 @@
 """Placement: which role runs where.
 
-The planner is pure Python (no Ray): `plan` (`make_plan`, `Plan`, `PlacementError`), `inventory`
-(inventories, model size), `propose` (`propose_plan`); `ray_groups` realises a plan as Ray placement
+The planner is pure Python (no Ray): `plan` (`make_plan`, `Plan`), `inventory` (inventories, model
+size, `PlacementError`), `memory` (peak GPU and host memory per role), `propose` (`propose_plan`); `ray_groups` realises a plan as Ray placement
 groups; `k8s` writes it as a KubeRay RayJob. The public names are re-exported here.
 """
 
@@ -13,6 +13,7 @@ from rlhf.placement.inventory import (
     Inventory,
     Node,
     NodeSpec,
+    PlacementError,
     estimate_params,
     inventory_from_ray,
     learner_bytes_per_param,
@@ -20,14 +21,12 @@ from rlhf.placement.inventory import (
     local_inventory,
     params_from_hf_config,
 )
+from rlhf.placement.memory import ENGINE_ROLES, GPU_OVERHEAD_GB, RoleMemory, engine_memory, learner_memory
 from rlhf.placement.plan import (
     CPU_RESERVE_FRACTION,
-    ENGINE_ROLES,
-    GPU_OVERHEAD_GB,
     ROLES,
     Assignment,
     GroupSpec,
-    PlacementError,
     Plan,
     active_roles,
     make_plan,
@@ -40,6 +39,9 @@ __all__ = [
     "CPU_RESERVE_FRACTION",
     "ENGINE_ROLES",
     "GPU_OVERHEAD_GB",
+    "RoleMemory",
+    "engine_memory",
+    "learner_memory",
     "GPU_SPECS",
     "ROLES",
     "Assignment",

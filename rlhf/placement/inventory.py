@@ -31,6 +31,10 @@ GPU_SPECS: dict[str, tuple[float, float]] = {  # type: (memory GB, TFLOPs)
 BUILTIN_PARAMS = {"smollm2-135m-instruct": 135e6}
 
 
+class PlacementError(ValueError):
+    """The recipe's roles do not fit the cluster; one line naming the role and the config key."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Inventory
 # ----------------------------------------------------------------------------------------------
@@ -207,10 +211,35 @@ def estimate_params(model_path: str | None) -> float | None:
             pass
     if model_path in BUILTIN_PARAMS:
         return BUILTIN_PARAMS[model_path]
+    from rlhf.data.shapes import MODEL_SHAPES
+
+    if model_path in MODEL_SHAPES:  # a shape name: plan before the checkpoint exists
+        return params_from_hf_config(MODEL_SHAPES[model_path])
     match = re.search(r"(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])", Path(model_path).name)
     if match:
         return float(match.group(1)) * (1e9 if match.group(2).lower() == "b" else 1e6)
     return None
+
+
+def model_shape(model_path: str | None) -> dict[str, Any] | None:
+    """The size fields of the model's config (a local config.json or a shape name), or None."""
+    if not model_path:
+        return None
+    from rlhf.data.shapes import MODEL_SHAPES
+
+    if model_path in MODEL_SHAPES:
+        return dict(MODEL_SHAPES[model_path])
+    config_file = Path(model_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        hf = json.loads(config_file.read_text())
+    except (ValueError, OSError):
+        return None
+    if isinstance(hf, dict):
+        hf = hf.get("text_config", hf)  # multimodal configs keep the language model's fields inside
+    needed = ("hidden_size", "num_hidden_layers", "vocab_size")
+    return hf if isinstance(hf, dict) and all(isinstance(hf.get(k), int) for k in needed) else None
 
 
 def params_from_hf_config(hf: dict[str, Any]) -> float:

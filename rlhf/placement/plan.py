@@ -27,25 +27,26 @@ from dataclasses import dataclass, field
 from rlhf.config.schema import RolePlacement, RunConfig
 from rlhf.placement.inventory import (
     Inventory,
+    PlacementError,
     estimate_params,
     inventory_from_ray,
-    learner_bytes_per_param,
     local_inventory,
+)
+from rlhf.placement.memory import (
+    ENGINE_ROLES,
+    check_gpu_memory,
+    check_host_memory_on_cpu,
+    estimate_memory,
+    memory_by_gpu,
+    memory_by_host,
+    rollout_sleeps,
 )
 
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
-# Roles that are vLLM engines (footprint of `rollout.tensor_parallel` GPUs, memory of a KV cache).
-ENGINE_ROLES = ("rollout", "evaluation")
 # Groups holding the trained model go first: they are the biggest and least flexible.
 _ROLE_ORDER = {"learner": 0, "critic": 1, "reference": 2, "reward_model": 3, "rollout": 4, "evaluation": 5}
-# Spare memory per GPU for activations, CUDA context and fragmentation (the estimate is rough).
-GPU_OVERHEAD_GB = 2.0
 # On CPU, reserve at most this fraction of the cores for role actors (the driver and Ray need some).
 CPU_RESERVE_FRACTION = 0.75
-
-
-class PlacementError(ValueError):
-    """The recipe's roles do not fit the cluster; one line naming the role and the config key."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +65,9 @@ class Assignment:
     group: int  # index into Plan.groups
     bundle: int  # first bundle of this replica in the group's placement group
     bundles: list[int]  # all bundles of this replica (tensor-parallel engines span several)
-    memory_gb: float | None = None  # estimated GPU memory per GPU of this replica
+    memory_gb: float | None = None  # estimated peak GPU memory per GPU of this replica (CPU: host)
+    resident_gb: float | None = None  # GPU memory it keeps while the roles sharing its GPU compute
+    host_gb: float | None = None  # estimated host memory of this replica (GPU runs)
     resources: dict[str, float] = field(default_factory=dict)
 
 
@@ -95,13 +98,16 @@ class Plan:
     def describe(self) -> str:
         size = f"~{_human(self.params)} params" if self.params else "size unknown (memory not checked)"
         lines = [f"device: {self.device}   model: {size}", f"inventory: {self.inventory.summary()}", ""]
-        mem_header = "mem/GPU" if self.device == "cuda" else "host mem"
-        header = ("role", "replica", "node", "gpu", "num_gpus", "num_cpus", mem_header, "group")
+        cuda = self.device == "cuda"
+        mem_header = ("peak/GPU", "host") if cuda else ("host mem",)
+        header = ("role", "replica", "node", "gpu", "num_gpus", "num_cpus", *mem_header, "group")
         rows = [header]
         for role in self.roles:
             for a in self.assignments[role]:
                 gpu = ",".join(map(str, a.gpus)) if a.gpus else "-"
-                mem = f"~{a.memory_gb:.1f} GB" if a.memory_gb is not None else "-"
+                mem = [f"~{a.memory_gb:.1f} GB" if a.memory_gb is not None else "-"]
+                if cuda:
+                    mem.append(f"~{a.host_gb:.0f} GB" if a.host_gb is not None else "-")
                 rows.append(
                     (
                         role,
@@ -110,7 +116,7 @@ class Plan:
                         gpu,
                         f"{a.num_gpus:g}",
                         f"{a.num_cpus:g}",
-                        mem,
+                        *mem,
                         self.groups[a.group].name,
                     )
                 )
@@ -130,6 +136,9 @@ class Plan:
                     if len(gpus) > 1
                     else f"{node} gpu {gpus[0]}: {text}"
                 )
+            for node, (used, total) in sorted(memory_by_host(self).items()):
+                cap = f" / {total:.0f} GB" if total else ""
+                lines.append(f"{node} host memory: ~{used:.0f} GB{cap}")
         lines.append("")
         for i, g in enumerate(self.groups):
             lines.append(
@@ -149,7 +158,7 @@ class Plan:
 
     def gpu_memory_usage(self) -> dict[tuple[str, int], tuple[float, float]]:
         """(node, gpu) -> (estimated peak GB, capacity GB)."""
-        return _memory_by_gpu(self)
+        return memory_by_gpu(self)
 
     def gpu_types(self) -> dict[str, int]:
         """GPU type -> number of GPUs the plan uses."""
@@ -307,42 +316,12 @@ def make_plan(cfg: RunConfig, inventory: Inventory | None = None, param_count: f
         placed_names.append(spec.name)
 
     if device == "cuda":
-        _estimate_memory(cfg, plan)
-        _check_memory(cfg, plan)
+        plan.rollout_sleeps = rollout_sleeps(cfg, plan)
+        estimate_memory(cfg, plan)
+        check_gpu_memory(cfg, plan)
     elif params is not None:
-        _check_host_memory(cfg, plan, params)
+        check_host_memory_on_cpu(cfg, plan, params)
     return plan
-
-
-def _check_host_memory(cfg: RunConfig, plan: Plan, params: float) -> None:
-    """On CPU everything is fp32 in host RAM: learner weights+grads+Adam, engine weights + KV cache."""
-    nodes = {n.name: n for n in plan.inventory.nodes}
-    kv_fraction = cfg.rollout.gpu_memory_utilization or 0.1
-    per_node: Counter[str] = Counter()
-    for role in plan.roles:
-        ranks = getattr(cfg.placement, role).replicas
-        for a in plan.assignments[role]:
-            if role in ("learner", "critic"):
-                gb = params * learner_bytes_per_param(cfg.trainer.zero_stage, ranks, False) * 2 / 1e9  # fp32
-            elif role in ENGINE_ROLES:
-                gb = params * 4 / 1e9 + kv_fraction * nodes[a.node].memory_gb
-            else:
-                gb = params * 4 / 1e9
-            a.memory_gb = gb
-            per_node[a.node] += gb
-    for node, used in per_node.items():
-        if used > nodes[node].memory_gb:
-            role = max(
-                plan.roles, key=lambda r: sum(a.memory_gb or 0 for a in plan.assignments[r] if a.node == node)
-            )
-            raise PlacementError(
-                f"placement.{role}: the roles need ~{used:.0f} GB of host RAM for a {_human(params)}-parameter model "
-                f"on CPU but {node} has {nodes[node].memory_gb:.0f} GB; use a smaller model.path"
-            )
-    plan.notes.append(
-        "CPU memory: learner fp32 weights+grads+Adam, engine fp32 weights + KV cache "
-        f"({kv_fraction:g} x host RAM); mem column is host GB per replica"
-    )
 
 
 def _cpu_scale(cfg: RunConfig, roles: list[str], inventory: Inventory) -> float:
@@ -515,89 +494,3 @@ def _no_fit(
     return PlacementError(
         f"{key}: cannot place {total_bundles} bundle(s) {_bundle_text(spec)}{detail} ({cluster})"
     )
-
-
-def _estimate_memory(cfg: RunConfig, plan: Plan) -> None:
-    """Per-GPU GB of each replica: vLLM takes a fixed fraction; trained models scale with params."""
-    params = plan.params
-    tr, pl = cfg.trainer, cfg.placement
-    colocated_rollout = any("rollout" in g.roles and len(g.roles) > 1 for g in plan.groups)
-    nodes = {n.name: n for n in plan.inventory.nodes}
-    for role in plan.roles:
-        ranks = getattr(pl, role).replicas
-        for a in plan.assignments[role]:
-            gpu_mem = nodes[a.node].gpu_memory_gb
-            if role in ENGINE_ROLES:
-                util = cfg.rollout.gpu_memory_utilization or (0.45 if colocated_rollout else 0.85)
-                a.memory_gb = util * gpu_mem if gpu_mem else None
-            elif params is None:
-                a.memory_gb = None
-            elif role in ("learner", "critic"):
-                stage, offload = tr.zero_stage, tr.offload_optimizer
-                per_param = learner_bytes_per_param(stage, ranks, offload)
-                a.memory_gb = params * per_param / 1e9 + GPU_OVERHEAD_GB
-            elif role == "reference":
-                shard = ranks if tr.zero_stage == 3 else 1
-                a.memory_gb = params * 2 / shard / 1e9 + GPU_OVERHEAD_GB / 2
-            else:  # reward_model
-                rm_path = next((s.path for s in cfg.reward.sources if s.kind == "model"), None)
-                rm_params = estimate_params(rm_path) or params
-                a.memory_gb = rm_params * 2 / 1e9 + GPU_OVERHEAD_GB / 2
-
-
-def _rollout_sleeps(cfg: RunConfig, plan: Plan) -> bool:
-    sleeps = cfg.rollout.sleep_between_steps
-    colocated = any("rollout" in g.roles and len(g.roles) > 1 for g in plan.groups)
-    return colocated if sleeps is None else sleeps
-
-
-def _memory_by_gpu(plan: Plan) -> dict[tuple[str, int], tuple[float, float]]:
-    """Peak per GPU: when the rollout engine sleeps during training it time-shares with the rest."""
-    if plan.device != "cuda":
-        return {}
-    nodes = {n.name: n for n in plan.inventory.nodes}
-    rollout: Counter[tuple[str, int]] = Counter()
-    others: Counter[tuple[str, int]] = Counter()
-    for role in plan.roles:
-        for a in plan.assignments[role]:
-            if a.memory_gb is None:
-                continue
-            for g in a.gpus:
-                (rollout if role == "rollout" else others)[(a.node, g)] += a.memory_gb
-    sleeps = plan.rollout_sleeps
-    usage = {}
-    for key in set(rollout) | set(others):
-        peak = max(rollout[key], others[key]) if sleeps else rollout[key] + others[key]
-        usage[key] = (peak, nodes[key[0]].gpu_memory_gb)
-    return usage
-
-
-def _check_memory(cfg: RunConfig, plan: Plan) -> None:
-    plan.rollout_sleeps = _rollout_sleeps(cfg, plan)
-    tp = cfg.rollout.tensor_parallel
-    for a in plan.assignments["rollout"]:
-        if plan.params and a.memory_gb is not None:
-            weights = plan.params * 2 / 1e9 / tp
-            if weights > 0.9 * a.memory_gb:
-                raise PlacementError(
-                    f"placement.rollout: bf16 weights ~{weights:.1f} GB per GPU (tensor_parallel={tp}) do not fit "
-                    f"the engine's ~{a.memory_gb:.1f} GB (gpu_memory_utilization x GPU memory) with room for a KV "
-                    f"cache; raise rollout.tensor_parallel or rollout.gpu_memory_utilization"
-                )
-    for (node, gpu), (used, total) in sorted(_memory_by_gpu(plan).items()):
-        if not total or used <= total:
-            continue
-        on_gpu = [
-            (role, a)
-            for role in plan.roles
-            for a in plan.assignments[role]
-            if a.node == node and gpu in a.gpus
-        ]
-        role, _ = max(on_gpu, key=lambda ra: ra[1].memory_gb or 0)
-        parts = ", ".join(f"{r} ~{a.memory_gb:.1f}" for r, a in on_gpu if a.memory_gb)
-        gpu_type = next(n.gpu_type for n in plan.inventory.nodes if n.name == node)
-        raise PlacementError(
-            f"placement.{role}: needs ~{used:.1f} GB on {node} gpu {gpu} ({parts}) but a {gpu_type} has "
-            f"{total:.0f} GB; add learner replicas, use trainer.zero_stage=3 or trainer.offload_optimizer=true, "
-            f"or lower rollout.gpu_memory_utilization"
-        )

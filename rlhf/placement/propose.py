@@ -10,7 +10,8 @@ import yaml
 from rlhf.config.loader import to_dict
 from rlhf.config.schema import RunConfig
 from rlhf.placement.inventory import Inventory, Node, estimate_params, learner_bytes_per_param
-from rlhf.placement.plan import GPU_OVERHEAD_GB, active_roles
+from rlhf.placement.memory import GPU_OVERHEAD_GB
+from rlhf.placement.plan import active_roles
 
 
 def gpu_score(node: Node) -> float:

@@ -11,8 +11,9 @@ import contextlib
 from typing import Any
 
 from rlhf.config.schema import RunConfig
-from rlhf.placement.inventory import inventory_from_ray
-from rlhf.placement.plan import ENGINE_ROLES, PlacementError, Plan, _bundle_text, make_plan
+from rlhf.placement.inventory import PlacementError, inventory_from_ray
+from rlhf.placement.memory import ENGINE_ROLES
+from rlhf.placement.plan import Plan, _bundle_text, make_plan
 
 
 class RayPlacement:
