@@ -18,8 +18,9 @@ R ranks, ZeRO stage s:
 
 A colocated vLLM engine takes `rollout.gpu_memory_utilization` of the GPU while it generates and
 about `ENGINE_ASLEEP_GB` while it sleeps (level 1: its weights wait in host memory). While the engine
-generates the learners keep their weights and GPU-resident optimizer states, unless
-`trainer.offload_during_generation` parks them in host memory.
+generates, a learner keeps what PyTorch's caching allocator reserved at its training peak; with
+`trainer.release_cache_before_wake` only its weights and GPU-resident optimizer states, and with
+`trainer.offload_during_generation` nothing (they wait in host memory).
 
 Without the model's shape (a size read from a name) activations and logits are left out.
 """
@@ -105,7 +106,9 @@ def learner_memory(
     step = 0.0 if offload else step_grads
     peak = (weights + grads + gpu_states + max(work, step)) / GB + GPU_OVERHEAD_GB
     host = HOST_BASE_GB + ((states + step_grads) / GB if offload else 0.0)
-    resident = (weights + gpu_states) / GB
+    resident = peak  # the allocator keeps the blocks of the training peak for the next step
+    if trainer.release_cache_before_wake or trainer.offload_during_generation:
+        resident = (weights + gpu_states) / GB
     if trainer.offload_during_generation:
         host += resident
         resident = 0.0
