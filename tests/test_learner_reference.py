@@ -158,7 +158,7 @@ def reference_run(cfg: RunConfig, model_dir: str, batch: TrainBatch) -> list[dic
 def learner_run_steps(learner, batch: TrainBatch, steps: int = STEPS) -> list[dict]:
     """`steps` optimizer steps of the learner on the whole batch (packed into micro-batches); each
     step's stats with the full weights after it in `state`."""
-    from rlhf.trainer.learner import pack_micro_batches, row_lengths
+    from rlhf.trainer.packing import pack_micro_batches, row_lengths
 
     micro = pack_micro_batches(row_lengths(batch), learner.cfg.trainer.micro_batch_tokens)
     assert len(micro) > 1

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from rlhf.trainer.learner import pack_micro_batches, pack_rows, row_lengths, unpack_rows
+from rlhf.trainer.packing import pack_micro_batches, pack_rows, row_lengths, unpack_rows
 
 from rlhf.algorithms.losses import loss_normalizers
 from rlhf.config.schema import RunConfig

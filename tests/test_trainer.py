@@ -9,7 +9,7 @@ import pytest
 import torch
 from rlhf.trainer.ds_config import lr_lambda, make_ds_config
 from rlhf.trainer.group import chunk, combine_stats, plan_steps, split_rows
-from rlhf.trainer.learner import pack_micro_batches
+from rlhf.trainer.packing import pack_micro_batches
 
 from rlhf.config.schema import RunConfig
 from rlhf.testing import random_token_rows

@@ -14,7 +14,8 @@ from typing import Any
 
 import ray
 import torch
-from rlhf.trainer.learner import ROLES, Learner, pack_micro_batches, row_lengths
+from rlhf.trainer.learner import ROLES, Learner
+from rlhf.trainer.packing import pack_micro_batches, row_lengths
 
 from rlhf.actor_group import ActorGroup, balance
 from rlhf.config.schema import RolePlacement, RunConfig

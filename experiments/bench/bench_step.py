@@ -216,7 +216,8 @@ def learner_alone(model_dir: str, args) -> dict:
     with --profile, the top CUDA kernels of one step.
     """
     import torch
-    from rlhf.trainer.learner import Learner, pack_micro_batches, row_lengths
+    from rlhf.trainer.learner import Learner
+    from rlhf.trainer.packing import pack_micro_batches, row_lengths
 
     from rlhf.algorithms import losses
     from rlhf.config.loader import load_config
