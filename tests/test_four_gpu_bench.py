@@ -50,7 +50,7 @@ def planned(tmp_path):
     def make(rollout: str, staleness: int = 0):
         policy = config_only(tmp_path / f"policy-{rollout}-{staleness}", "qwen2.5-1.5b")
         rm = config_only(tmp_path / f"rm-{rollout}-{staleness}", "qwen2.5-0.5b")
-        prompts = four_gpu.write_prompts(tmp_path / "p.jsonl", 16, 8, 1000)
+        prompts = four_gpu.write_prompts(tmp_path / "p.jsonl", [8] * 16, 1000)
         args = args_for(tmp_path, rollout, staleness)
         _, overrides, cfg = four_gpu.config_of_run(
             str(policy), str(prompts), four_gpu.run_args(args, str(rm))

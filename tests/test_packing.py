@@ -196,3 +196,14 @@ def test_packed_attention_equals_block_diagonal_sdpa():
     ).transpose(1, 2)
     assert out.shape == (1, n, heads, dim)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_fraction_of_a_plan():
+    from rlhf.trainer.group import padding_fraction
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    shard = TrainBatch(mask.clone(), mask, mask.float(), None, torch.zeros(3, 4), torch.zeros(3))
+    steps = [[{"micro_batches": [[0, 1], [2]]}]]
+    # micro-batch [0, 1]: 6 real tokens of 2 x 4 computed; [2]: 1 of 1 -> 1 - 7 / 9
+    assert padding_fraction([shard], steps, packed=False) == pytest.approx(2 / 9)
+    assert padding_fraction([shard], steps, packed=True) == 0.0

@@ -211,7 +211,9 @@ class LearnerGroup:
         shards, steps = self.plan(batch)
         self._train_calls += 1
         results = self.group.call("train", per_rank=list(zip(shards, steps)))
-        return combine_stats(results)
+        stats = combine_stats(results)
+        stats["padding_frac"] = padding_fraction(shards, steps, packed=self.cfg.trainer.packing)
+        return stats
 
     # ------------------------------------------------------------------ inference
     def logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
@@ -284,6 +286,21 @@ class LearnerGroup:
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
+
+
+def padding_fraction(shards: list[TrainBatch], steps: list[list[dict[str, Any]]], packed: bool) -> float:
+    """The share of the tokens the learners compute that are padding: 0 for packed micro-batches,
+    else 1 - real tokens / (rows x longest row) summed over the micro-batches of every step."""
+    if packed:
+        return 0.0
+    real = computed = 0
+    for shard, rank_steps in zip(shards, steps):
+        lengths = row_lengths(shard)
+        for step in rank_steps:
+            for rows in step["micro_batches"]:
+                real += sum(lengths[i] for i in rows)
+                computed += len(rows) * max(lengths[i] for i in rows)
+    return 1.0 - real / computed if computed else 0.0
 
 
 def combine_stats(results: list[list[dict[str, Any]]]) -> dict[str, float]:

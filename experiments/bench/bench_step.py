@@ -28,12 +28,13 @@ sys.path.insert(0, str(REPO))
 from rlhf.data.shapes import MODEL_SHAPES as SHAPES  # noqa: E402
 
 
-def build_model_dir(shape: str, out: Path, max_positions: int = 4096) -> Path:
+def build_model_dir(shape: str, out: Path, max_positions: int = 4096, eos_rate: float | None = None) -> Path:
     """Random-weight model of the given shape (bf16) + a word-level tokenizer covering the whole vocab.
 
     Every shape is written as a Llama config; the Qwen2.5 ones with attention biases (Qwen2 = Llama +
     q/k/v biases; Llama adds an o_proj bias too, 0.01% more parameters): transformers maps a `qwen2`
-    model type to Qwen2Tokenizer, which cannot read a word-level tokenizer."""
+    model type to Qwen2Tokenizer, which cannot read a word-level tokenizer. With `eos_rate` the model
+    ends its answers at that rate per token (experiments/bench/workloads.py)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -64,47 +65,77 @@ def build_model_dir(shape: str, out: Path, max_positions: int = 4096) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if eos_rate is not None:
+        from experiments.bench.workloads import set_eos_rate
+
+        measured = set_eos_rate(model, vocab["<eos>"], eos_rate)
+        (out / "eos_rate.json").write_text(json.dumps({"target": eos_rate, "on_probes": measured}))
     model.save_pretrained(out)
     return out
 
 
-def write_prompts(path: Path, num: int, prompt_len: int, vocab: int, seed: int = 0) -> Path:
+def write_prompts(path: Path, lengths: list[int], vocab: int, seed: int = 0) -> Path:
+    """One prompt per length, of that many word-level tokens."""
     import random
 
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for i in range(num):
+        for i, prompt_len in enumerate(lengths):
             words = " ".join(f"t{rng.randrange(vocab - 2)}" for _ in range(prompt_len))
             f.write(json.dumps({"prompt": words, "answer": str(i)}) + "\n")
     return path
 
 
+def prompt_lengths(args, num: int) -> list[int]:
+    """The workload's prompt lengths: all `--prompt-len` (fixed), or spread over `--prompt-lens`."""
+    if args.workload == "fixed":
+        return [args.prompt_len] * num
+    from experiments.bench.workloads import varied_prompt_lengths
+
+    low, high = args.prompt_lens
+    return varied_prompt_lengths(num, low, high)
+
+
+def longest_prompt(args) -> int:
+    return args.prompt_len if args.workload == "fixed" else args.prompt_lens[1]
+
+
+def eos_rate(args) -> float | None:
+    """Per-token end probability of the long-tailed workload (answers of median `--eos-median`)."""
+    return None if args.workload == "fixed" else 1 - 0.5 ** (1 / args.eos_median)
+
+
 # ----------------------------------------------------------------------------------------- (a) vLLM alone
-def vllm_alone(
-    model_dir: str, prompts: int, n: int, prompt_len: int, new_tokens: int, util: float, eager: bool
-) -> dict:
+def vllm_alone(model_dir: str, args) -> dict:
     import random
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    n, new_tokens, fixed = args.n, args.new_tokens, args.workload == "fixed"
     t0 = time.perf_counter()
     llm = LLM(
         model_dir,
         dtype="bfloat16",
-        gpu_memory_utilization=util,
-        enforce_eager=eager,
+        gpu_memory_utilization=args.util,
+        enforce_eager=args.eager,
         seed=0,
-        max_model_len=prompt_len + new_tokens + 16,
+        max_model_len=longest_prompt(args) + new_tokens + 16,
     )
     startup = time.perf_counter() - t0
     rng = random.Random(0)
     batch = [
-        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 100000) for _ in range(prompt_len)])
-        for _ in range(prompts)
+        TokensPrompt(prompt_token_ids=[rng.randrange(1000, 100000) for _ in range(length)])
+        for length in prompt_lengths(args, args.prompts)
     ]
+    # Fixed: every answer runs to new_tokens; long-tailed: answers end where the model emits EOS.
     sp = SamplingParams(
-        n=n, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, logprobs=0
+        n=n,
+        temperature=1.0,
+        max_tokens=new_tokens,
+        min_tokens=new_tokens if fixed else 0,
+        ignore_eos=fixed,
+        logprobs=0,
     )
     llm.generate(batch[:4], sp, use_tqdm=False)  # warm-up
     # Full-size batches, alternating with / without returned logprobs (the learner could recompute
@@ -127,6 +158,9 @@ def vllm_alone(
         outs = llm.generate(batch, params[variant], use_tqdm=False)
         times[variant].append(time.perf_counter() - t0)
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    # The sequences (prompt, answer) lengths of the last batch: (b) trains on the same lengths.
+    lengths = [[len(o.prompt_token_ids), len(c.token_ids)] for o in outs for c in o.outputs]
+    (Path(args.out) / "lengths.json").write_text(json.dumps(lengths))
     gen = sum(times["logprobs"]) / 2
     gen_no_logprobs = sum(times["none"]) / 2
     sched = llm.llm_engine.vllm_config.scheduler_config
@@ -151,9 +185,9 @@ def _without_logprobs(sp):
 
 
 # ----------------------------------------------------------------------------------------- (b) DeepSpeed alone
-def deepspeed_alone(
-    model_dir: str, seqs: int, prompt_len: int, new_tokens: int, micro_batch_tokens: int
-) -> dict:
+def deepspeed_alone(model_dir: str, args) -> dict:
+    """A plain DeepSpeed ZeRO-2 loop on the step's sequences: fixed-length rows, or (long-tailed) the
+    lengths (a) generated, in right-padded micro-batches of `--micro-batch-tokens` (rows x longest)."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
@@ -168,10 +202,22 @@ def deepspeed_alone(
         model_dir, torch_dtype=torch.bfloat16, attn_implementation="sdpa"
     )
     model.gradient_checkpointing_enable()
-    per_micro = max(1, micro_batch_tokens // (prompt_len + new_tokens))
+    seqs, prompt_len = args.prompts * args.n, args.prompt_len
+    lengths_file = Path(args.out) / "lengths.json"
+    if args.workload == "fixed":
+        rows = [[prompt_len, args.new_tokens]] * seqs
+    elif lengths_file.exists():
+        rows = json.loads(lengths_file.read_text())
+    else:
+        raise SystemExit("--workload longtail: part b trains on the lengths part a generated; run a,b")
+    from rlhf.trainer.packing import pack_micro_batches
+
+    totals = [p + r for p, r in rows]
+    micro = pack_micro_batches(totals, args.micro_batch_tokens)
+    per_micro = max(len(m) for m in micro)
     ds_cfg = {
         "train_micro_batch_size_per_gpu": per_micro,
-        "gradient_accumulation_steps": max(1, seqs // per_micro),
+        "gradient_accumulation_steps": len(micro),
         "bf16": {"enabled": True},
         "zero_optimization": {"stage": 2},
         "gradient_clipping": 1.0,
@@ -180,13 +226,20 @@ def deepspeed_alone(
     # torch's fused AdamW: no JIT-compiled DeepSpeed op needed on the host.
     optim = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_cfg)
-    ids = torch.randint(1000, 100000, (per_micro, prompt_len + new_tokens), device=engine.device)
+    batches = []
+    for m in micro:
+        width = max(totals[i] for i in m)
+        ids = torch.randint(1000, 100000, (len(m), width), device=engine.device)
+        mask = torch.zeros(len(m), width, device=engine.device)
+        for j, i in enumerate(m):
+            mask[j, rows[i][0] : totals[i]] = 1.0  # the answer's tokens
+        batches.append((ids, mask))
 
     def one_step():
-        for _ in range(ds_cfg["gradient_accumulation_steps"]):
+        for ids, mask in batches:
             logits = engine(input_ids=ids).logits
             logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            loss = -(logp[:, prompt_len - 1 :]).mean()
+            loss = -(logp * mask[:, 1:]).sum() / mask.sum()
             engine.backward(loss)
             engine.step()
         torch.cuda.synchronize()
@@ -195,13 +248,16 @@ def deepspeed_alone(
     t0 = time.perf_counter()
     one_step()
     train = time.perf_counter() - t0
-    tokens = seqs * (prompt_len + new_tokens)
+    tokens = sum(totals)
+    computed = sum(len(m) * max(totals[i] for i in m) for m in micro)
     return {
         "train_s": train,
         "trained_tokens": tokens,
+        "padding_frac": 1 - tokens / computed,
         "tokens_per_s": tokens / train,
         "micro_batch_size": per_micro,
         "grad_accum": ds_cfg["gradient_accumulation_steps"],
+        "sequences": len(rows),
         "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
     }
@@ -327,13 +383,13 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         f"data.source={prompts_file}",
         "data.apply_chat_template=false",
         "data.num_eval=0",
-        f"data.max_prompt_tokens={args.prompt_len + 8}",
+        f"data.max_prompt_tokens={longest_prompt(args) + 8}",
         f"rollout.prompts_per_step={args.prompts}",
         f"rollout.sampling.n={args.n}",
         f"rollout.sampling.max_new_tokens={args.new_tokens}",
-        "rollout.sampling.ignore_eos=true",
+        f"rollout.sampling.ignore_eos={str(args.workload == 'fixed').lower()}",
         f"rollout.max_num_seqs={args.prompts * args.n}",
-        f"rollout.max_model_len={args.prompt_len + args.new_tokens + 16}",
+        f"rollout.max_model_len={longest_prompt(args) + args.new_tokens + 16}",
         f"rollout.enforce_eager={str(args.eager).lower()}",
         f"rollout.gpu_memory_utilization={args.util}",
         f"rollout.sleep_between_steps={str(args.sleep).lower()}",
@@ -474,16 +530,21 @@ def summarise(res: dict, args) -> dict:
         if audited
         else None,
     }
+    if "train/padding_frac" in steps[0]:
+        out["padding_frac"] = avg("train/padding_frac")
     if "memory" in res["rlhf"]:
         out["memory"] = {k: v for k, v in res["rlhf"]["memory"].items() if k != "per_role"}
     if args is not None:
         out["shape"], out["packing"] = args.shape, "trainer.packing=false" not in " ".join(args.override)
+        out["workload"] = args.workload
+        out["mean_answer_tokens"] = avg("perf/generated_tokens") / (args.prompts * args.n)
     if "vllm" in res:
         out["vllm_alone_generate_s"] = res["vllm"]["generate_s"]
         out["vllm_alone_generate_no_logprobs_s"] = res["vllm"]["generate_no_logprobs_s"]
         out["ours_generate_vs_vllm"] = gen / res["vllm"]["generate_s"]
     if "deepspeed" in res:
         out["deepspeed_alone_train_s"] = res["deepspeed"]["train_s"]
+        out["deepspeed_alone_padding_frac"] = res["deepspeed"].get("padding_frac")
         out["ours_train_vs_deepspeed"] = train / res["deepspeed"]["train_s"]
         if "vllm" in res:
             raw = res["vllm"]["generate_no_logprobs_s"] + res["deepspeed"]["train_s"]
@@ -509,7 +570,21 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=512, help="answer length (fixed) or limit (longtail)")
+    ap.add_argument(
+        "--workload",
+        default="fixed",
+        choices=["fixed", "longtail"],
+        help="fixed: every answer --new-tokens long; longtail: the model ends answers at a set rate "
+        "(geometric lengths of median --eos-median, cut at --new-tokens) and prompts vary over --prompt-lens",
+    )
+    ap.add_argument("--eos-median", type=int, default=300, help="longtail: median answer length")
+    ap.add_argument(
+        "--prompt-lens",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        default=(64, 1024),
+        help="longtail: prompt lengths, uniform over LOW,HIGH",
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated"])
     ap.add_argument("--gpus", type=int, default=1, help="GPUs the rlhf step (c) uses (see gpu_layout)")
@@ -540,22 +615,21 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cache = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench"))
+    name = args.shape if args.workload == "fixed" else f"{args.shape}-eos-median-{args.eos_median}"
     model_dir = build_model_dir(
         args.shape,
-        Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench")) / args.shape,
-        max_positions=max(4096, args.prompt_len + args.new_tokens + 16),
+        cache / name,
+        max_positions=max(4096, longest_prompt(args) + args.new_tokens + 16),
+        eos_rate=eos_rate(args),
     )
 
     if args.part == "a":
-        r = vllm_alone(
-            str(model_dir), args.prompts, args.n, args.prompt_len, args.new_tokens, args.util, args.eager
-        )
+        r = vllm_alone(str(model_dir), args)
         print("RESULT " + json.dumps(r))
         return
     if args.part == "b":
-        r = deepspeed_alone(
-            str(model_dir), args.prompts * args.n, args.prompt_len, args.new_tokens, args.micro_batch_tokens
-        )
+        r = deepspeed_alone(str(model_dir), args)
         print("RESULT " + json.dumps(r))
         return
     if args.part == "l":
@@ -578,7 +652,7 @@ def main() -> None:
             (out / "result.json").write_text(json.dumps(results, indent=2, default=str))
     if "c" in parts:
         vocab = SHAPES[args.shape]["vocab_size"]
-        prompts_file = write_prompts(out / "prompts.jsonl", args.prompts * 4, args.prompt_len, vocab)
+        prompts_file = write_prompts(out / "prompts.jsonl", prompt_lengths(args, args.prompts * 4), vocab)
         results["rlhf"] = rlhf_steps(str(model_dir), str(prompts_file), args)
         results["summary"] = summarise(results, args)
         print(json.dumps(results["summary"], indent=2))

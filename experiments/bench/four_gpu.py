@@ -106,10 +106,7 @@ def build_reward_dir(spec: dict, out: Path, tokenizer_dir: Path) -> Path:
             shutil.copy(f, out / f.name)
     eos = spec["vocab_size"] - 1
     cfg = LlamaConfig(
-        **spec,
-        attention_bias=True,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
+        **{"attention_bias": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, **spec},
         max_position_embeddings=4096,
         bos_token_id=eos,
         eos_token_id=eos,
@@ -174,6 +171,8 @@ def run_args(args: argparse.Namespace, rm_dir: str) -> argparse.Namespace:
     if args.audit_every is not None:
         extra.append(f"sync.audit_every={args.audit_every}")
     return argparse.Namespace(
+        shape=args.shape,
+        workload="fixed",
         prompts=args.prompts,
         n=args.n,
         prompt_len=args.prompt_len,
@@ -243,7 +242,7 @@ def one_run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     policy, rm = ensure_models(args.shape, args.rm_shape)
     prompts = write_prompts(
-        out / "prompts.jsonl", args.prompts * 4, args.prompt_len, SHAPES[args.shape]["vocab_size"]
+        out / "prompts.jsonl", [args.prompt_len] * (args.prompts * 4), SHAPES[args.shape]["vocab_size"]
     )
     rargs = run_args(args, str(rm))
     recipe, overrides, _ = config_of_run(str(policy), str(prompts), rargs)
@@ -597,7 +596,7 @@ def dry_run(args: argparse.Namespace) -> dict:
         (d / "config.json").write_text(json.dumps({**SHAPES[shape], "model_type": "llama"}))
         sizes[name] = d
     prompts = write_prompts(
-        out / "prompts.jsonl", args.prompts * 4, args.prompt_len, SHAPES[args.shape]["vocab_size"]
+        out / "prompts.jsonl", [args.prompt_len] * (args.prompts * 4), SHAPES[args.shape]["vocab_size"]
     )
     result = {"reward_scores": scores, "plans": {}}
     for rollout in ROLLOUT_LAYOUTS:
