@@ -42,3 +42,23 @@ def rm_path(tmp_path_factory) -> str:
     tokenizer.pad_token = None  # like many RM tokenizers: the actor must pad with EOS and say so
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """For learners built in the test process (rank 0 of a world of one on gloo): Learner.setup writes
+    MASTER_ADDR/RANK/WORLD_SIZE/... into os.environ and joins a process group, kept for every learner
+    of the module. Undo both when the module is done, through DeepSpeed so that it forgets the groups
+    it cached too (the next module's learners then start clean)."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)

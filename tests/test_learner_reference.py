@@ -40,20 +40,6 @@ LR_FACTORS = [0.5, 1.0, 1.0]  # warm-up over 2 steps, then cosine from step 2 of
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def in_process():
-    """Learner.setup writes MASTER_ADDR/RANK/WORLD_SIZE/... into os.environ and joins a gloo group
-    (kept for every learner of this module, world size 1): undo both when the module is done."""
-    saved = dict(os.environ)
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def make_learner(cfg: RunConfig, model_dir: str):
     from rlhf.trainer.learner import Learner
 

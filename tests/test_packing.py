@@ -26,19 +26,6 @@ in_process_learners = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def in_process():
-    """Learner.setup joins a gloo group and writes MASTER_ADDR/RANK/... into os.environ: undo both."""
-    saved = dict(os.environ)
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 # ---------------------------------------------------------------------------------------------- units
 def test_pack_rows_and_unpack_rows_round_trip():
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])

@@ -347,9 +347,9 @@ def test_two_ranks_zero2_agree_with_one_rank(policy, ray_cluster, tiny_model):
     assert stats["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert stats["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
     # Adam's first step is ~lr * g / (|g| + eps): for gradient entries near eps a float re-association
-    # (different micro-batch packing) moves the update by up to ~1e-5 of lr=1e-3; a wrong scaling
-    # would move every parameter by ~lr.
-    assert_same_state(rank0, expected_state, atol=2e-5)
+    # (different micro-batches, each run as one packed row) moves the update by a few 1e-5 of
+    # lr=1e-3 (2.1e-5 seen); a wrong scaling would move every parameter by ~lr.
+    assert_same_state(rank0, expected_state, atol=5e-5)
 
 
 @pytest.mark.slow
