@@ -65,3 +65,24 @@ def test_summary_entries_carry_shape_workload_and_memory_beside_the_plan():
     assert e["peak_gpu_gb"] == 70.1 and e["planned_gpu_gb"] == 66.0 and e["peak_host_gb"] == 20.0
     assert "planned_host_gb" not in e  # not measured: left out rather than null
     assert e["raw_vllm_nologprobs_s"] == 4.0 and e["raw_deepspeed_train_s"] == 3.0
+
+
+def test_trl_step_settings_and_padding_by_hand():
+    import argparse
+
+    from experiments.bench.trl_step import grpo_kwargs, padding_fraction
+
+    args = argparse.Namespace(
+        prompts=4, n=8, micro_batch=16, new_tokens=512, steps=3, util=0.5, sleep=True, workload="fixed"
+    )
+    kw = grpo_kwargs(args, "/tmp/x")
+    assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 32  # one step's answers
+    assert kw["num_generations"] == 8 and kw["max_completion_length"] == 512
+    assert kw["generation_kwargs"] == {"ignore_eos": True, "min_tokens": 512}  # fixed: every answer 512
+    assert kw["vllm_mode"] == "colocate" and kw["vllm_enable_sleep_mode"] is True and kw["beta"] == 0.0
+    args.workload = "longtail"
+    assert grpo_kwargs(args, "/tmp/x")["generation_kwargs"] == {}  # answers end at EOS
+    # 2 prompts of 10 and 30 tokens, 2 answers each, mean 20, longest 50:
+    # real = 2 x 40 + 4 x 20 = 160 of 4 x (30 + 50) = 320 -> half is padding
+    assert padding_fraction([10, 30], 2, 20.0, 50) == pytest.approx(0.5)
+    assert padding_fraction([8, 8], 3, 40.0, 40) == pytest.approx(0.0)
