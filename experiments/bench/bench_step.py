@@ -462,7 +462,9 @@ def memory_beside_plan(plan, measured: dict, host: dict) -> dict:
     steps; host: used memory during the whole run, less what was used before it)."""
     gpu_plan = max((used for used, _ in plan.gpu_memory_usage().values()), default=None)
     peak_mib = max((g["mib"] for g in measured.get("steps", measured.get("all", {})).values()), default=None)
-    host_plan = sum(a.host_gb or 0.0 for assignments in plan.assignments.values() for a in assignments)
+    from rlhf.placement.memory import memory_by_host
+
+    host_plan = sum(used for used, _ in memory_by_host(plan).values())
     out = {
         "planned_gpu_gb": round(gpu_plan, 2) if gpu_plan is not None else None,
         "peak_gpu_gb": round(peak_mib * 2**20 / 1e9, 2) if peak_mib is not None else None,

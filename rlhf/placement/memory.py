@@ -45,6 +45,8 @@ ENGINE_ROLES = ("rollout", "evaluation")
 GPU_OVERHEAD_GB = 2.0
 # Host memory of one role process (Python, torch, Ray worker, CUDA host state).
 HOST_BASE_GB = 3.0
+# The driver process and Ray's own daemons, on the node that runs the driver (the inventory's first).
+DRIVER_HOST_GB = 2.0
 # What a sleeping vLLM engine keeps on its GPU (CUDA graphs, context).
 ENGINE_ASLEEP_GB = 1.0
 # Tokens per float32 chunk of the log-prob/entropy kernels (rlhf.algorithms.losses).
@@ -214,9 +216,12 @@ def memory_by_gpu(plan: Plan) -> dict[tuple[str, int], tuple[float, float]]:
 
 
 def memory_by_host(plan: Plan) -> dict[str, tuple[float, float]]:
-    """Host GB per node (every replica is a process of its own) and the node's memory."""
+    """Host GB per node (every replica is a process of its own, the driver and Ray's daemons on the
+    first node) and the node's memory."""
     nodes = {n.name: n for n in plan.inventory.nodes}
     used: Counter[str] = Counter()
+    if plan.inventory.nodes:
+        used[plan.inventory.nodes[0].name] += DRIVER_HOST_GB
     for role in plan.roles:
         for a in plan.assignments[role]:
             used[a.node] += a.host_gb or 0.0
