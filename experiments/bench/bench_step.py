@@ -96,6 +96,18 @@ def prompt_lengths(args, num: int) -> list[int]:
     return varied_prompt_lengths(num, low, high)
 
 
+def workload_model_dir(args) -> Path:
+    """The workload's random model (long-tailed: rewired to its EOS rate), built once per cache."""
+    cache = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench"))
+    name = args.shape if args.workload == "fixed" else f"{args.shape}-eos-median-{args.eos_median}"
+    return build_model_dir(
+        args.shape,
+        cache / name,
+        max_positions=max(4096, longest_prompt(args) + args.new_tokens + 16),
+        eos_rate=eos_rate(args),
+    )
+
+
 def longest_prompt(args) -> int:
     return args.prompt_len if args.workload == "fixed" else args.prompt_lens[1]
 
@@ -617,14 +629,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench"))
-    name = args.shape if args.workload == "fixed" else f"{args.shape}-eos-median-{args.eos_median}"
-    model_dir = build_model_dir(
-        args.shape,
-        cache / name,
-        max_positions=max(4096, longest_prompt(args) + args.new_tokens + 16),
-        eos_rate=eos_rate(args),
-    )
+    model_dir = workload_model_dir(args)
 
     if args.part == "a":
         r = vllm_alone(str(model_dir), args)

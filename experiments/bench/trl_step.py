@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ def padding_fraction(prompt_lengths: list[int], n: int, mean_answer: float, max_
 
 
 def main() -> None:
-    from experiments.bench.bench_step import SHAPES, build_model_dir, eos_rate, longest_prompt, prompt_lengths
+    from experiments.bench.bench_step import SHAPES, prompt_lengths, workload_model_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
@@ -93,14 +92,7 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    cache = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench"))
-    name = args.shape if args.workload == "fixed" else f"{args.shape}-eos-median-{args.eos_median}"
-    model_dir = build_model_dir(
-        args.shape,
-        cache / name,
-        max_positions=max(4096, longest_prompt(args) + args.new_tokens + 16),
-        eos_rate=eos_rate(args),
-    )
+    model_dir = workload_model_dir(args)
     import random
 
     rng = random.Random(0)
