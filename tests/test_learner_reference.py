@@ -175,13 +175,21 @@ def weight_diffs(got: dict, expected: dict, initial: dict) -> tuple[float, float
 
 # ---------------------------------------------------------------------------------------------- fp32
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_learner_steps_match_plain_pytorch(zero_stage, in_process, tiny_model_dir):
+@pytest.mark.parametrize("zero_stage,offload_ratio", [(0, None), (2, None), (3, 0.5)])
+def test_learner_steps_match_plain_pytorch(zero_stage, offload_ratio, in_process, tiny_model_dir):
+    """(3, 0.5): ZeRO-3 with half the optimizer states offloaded (DeepSpeed's CPU Adam steps that half,
+    torch's AdamW the other) makes the same steps."""
     cfg = make_cfg(zero_stage)
+    if offload_ratio is not None:
+        cfg.trainer.offload_optimizer, cfg.trainer.offload_ratio = True, offload_ratio
     batch = make_batch(tiny_model_dir)
     initial = {name: p.detach().clone() for name, p in load_hf(tiny_model_dir).named_parameters()}
     expected = reference_run(cfg, tiny_model_dir, batch)
-    got = learner_run_steps(make_learner(cfg, tiny_model_dir), batch)
+    learner = make_learner(cfg, tiny_model_dir)
+    if offload_ratio is not None:  # ~20 sub-groups, half of them stepped by the CPU Adam
+        split = list(learner.optimizer.subgroup_to_device)
+        assert len(split) > 10 and len(learner.optimizer.fp16_partitioned_groups_flat) == len(split)
+    got = learner_run_steps(learner, batch)
 
     # The comparison exercises clipping (the first step's norm is above max_grad_norm) ...
     assert expected[0]["grad_norm"] > MAX_GRAD_NORM

@@ -22,8 +22,12 @@ def make_ds_config(
     world_size: int,
     *,
     train: bool = True,
+    num_params: int | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict. `train=False` (reference model) leaves out optimizer-only settings."""
+    """The DeepSpeed config dict. `train=False` (reference model) leaves out optimizer-only settings.
+
+    Partial offload (`trainer.offload_ratio` < 1) assigns whole ZeRO-3 sub-groups to the host or the
+    GPU, so the parameters (`num_params`) are cut into ~20 sub-groups: the ratio holds to ~5 %."""
     stage = int(trainer_cfg.zero_stage)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {trainer_cfg.zero_stage!r}")
@@ -46,6 +50,13 @@ def make_ds_config(
         if stage == 0:
             raise ValueError("trainer.offload_optimizer needs trainer.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+        ratio = float(trainer_cfg.offload_ratio)
+        if ratio < 1:
+            if stage != 3:
+                raise ValueError("trainer.offload_ratio below 1 needs trainer.zero_stage=3")
+            zero["offload_optimizer"]["ratio"] = ratio
+            if num_params:
+                zero["sub_group_size"] = max(int(num_params) // 20, 1)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,

@@ -108,7 +108,16 @@ class Learner:
         self.compile_logprobs = device == "cuda" and cfg.trainer.compile_logprobs
         self.packing = cfg.trainer.packing
         self.trainable = role != "reference"
-        ds_config = make_ds_config(cfg.trainer, device, self.dtype, world_size, train=self.trainable)
+        from rlhf.placement.inventory import estimate_params
+
+        ds_config = make_ds_config(
+            cfg.trainer,
+            device,
+            self.dtype,
+            world_size,
+            train=self.trainable,
+            num_params=estimate_params(self.model_path),
+        )
         if self.zero_stage == 3:
             # Makes from_pretrained build the model already partitioned (deepspeed.zero.Init); keep it alive.
             from transformers.integrations import HfDeepSpeedConfig

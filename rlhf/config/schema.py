@@ -172,6 +172,12 @@ class RolloutConfig:
         None,
         help="Release vLLM's weights and KV cache while learners train; null: when colocated on GPU.",
     )
+    sleep_level: Literal[1, 2] = doc(
+        1,
+        help="What a sleeping engine does with its weights: 1 keeps a copy in host memory; 2 discards "
+        "them, since the weight sync after every training step rewrites them all (saves host memory "
+        "of the bf16 weights and their copy back at wake-up).",
+    )
     load_format: str = doc("auto", help="vLLM load format; `dummy` for throughput benchmarks.")
     vllm_kwargs: dict[str, Any] = doc(
         default_factory=dict,
@@ -343,7 +349,17 @@ class TrainerConfig:
         "tokens; false: right-padded rows, a micro-batch costs rows x its longest row.",
     )
     gradient_checkpointing: bool = doc(False, help="Activation checkpointing in the learners.")
-    offload_optimizer: bool = doc(False, help="ZeRO optimizer offload to CPU.")
+    offload_optimizer: bool = doc(
+        False,
+        help="ZeRO-Offload: the fp32 master weights, Adam moments and the optimizer step in host memory "
+        "(pinned, DeepSpeed's CPU Adam); needs `zero_stage` >= 1.",
+    )
+    offload_ratio: float = doc(
+        1.0,
+        help="With `offload_optimizer`: the fraction of the optimizer states kept in host memory, in "
+        "(0, 1]; the rest stays on the GPU and steps there. Below 1 needs `zero_stage` 3 (DeepSpeed's "
+        "partial offload): for a model whose states fit neither the GPU nor the host alone.",
+    )
     offload_during_generation: bool = doc(
         False,
         help="Colocated on GPUs: move the policy's weights, gradients and optimizer states to host "

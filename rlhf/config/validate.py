@@ -155,6 +155,25 @@ def validate(
         check(0 <= beta < 1, f"trainer.adam_betas[{i}]", "must be in [0, 1)", beta)
     at_least("trainer.max_grad_norm", tr.max_grad_norm, 0)
     at_least("trainer.micro_batch_tokens", tr.micro_batch_tokens, 1)
+    check(0 < tr.offload_ratio <= 1, "trainer.offload_ratio", "must be in (0, 1]", tr.offload_ratio)
+    check(
+        tr.offload_optimizer or tr.offload_ratio == 1,
+        "trainer.offload_ratio",
+        "only applies with trainer.offload_optimizer=true",
+        tr.offload_ratio,
+    )
+    check(
+        tr.offload_ratio == 1 or tr.zero_stage == 3,
+        "trainer.offload_ratio",
+        f"below 1 (partial offload) needs trainer.zero_stage=3, got zero_stage {tr.zero_stage}",
+        tr.offload_ratio,
+    )
+    check(
+        tr.zero_stage >= 1 or not tr.offload_optimizer,
+        "trainer.offload_optimizer",
+        "needs trainer.zero_stage >= 1",
+        tr.offload_optimizer,
+    )
     if tr.critic.enabled:
         positive("trainer.critic.lr", tr.critic.lr)
         at_least("trainer.critic.warmup_steps", tr.critic.warmup_steps, 0)

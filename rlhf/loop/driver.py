@@ -236,7 +236,7 @@ class Trainer(StepBody):
     def gpus_to_learners(self, timer: Timer) -> None:
         if self.engine_sleeps():
             with timer.phase("sleep"):
-                self.roles.rollout.sleep()
+                self.roles.rollout.sleep(self.cfg.rollout.sleep_level)
         if self.learner_offloads():
             with timer.phase("reload"):
                 self.roles.policy.reload()

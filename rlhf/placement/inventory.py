@@ -149,7 +149,7 @@ def local_inventory() -> Inventory:
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    node = Node(name="local", cpus=float(cpus), memory_gb=psutil.virtual_memory().total / 2**30)
+    node = Node(name="local", cpus=float(cpus), memory_gb=psutil.virtual_memory().total / 1e9)
     if torch.cuda.is_available() and torch.cuda.device_count():
         props = torch.cuda.get_device_properties(0)
         node.gpus = torch.cuda.device_count()
@@ -182,7 +182,9 @@ def inventory_from_ray() -> Inventory:
             Node(
                 name=info.get("NodeName") or info.get("NodeManagerAddress") or info.get("NodeID", "?")[:8],
                 cpus=float(res.get("CPU", 0)),
-                memory_gb=float(res.get("memory", 0)) / 2**30,
+                # Ray splits the node's memory into task memory and its object store (shared
+                # memory): the processes the planner counts can use both.
+                memory_gb=(float(res.get("memory", 0)) + float(res.get("object_store_memory", 0))) / 1e9,
                 gpus=int(res.get("GPU", 0)),
                 gpu_type=gpu_type if res.get("GPU") else None,
                 gpu_memory_gb=memory,

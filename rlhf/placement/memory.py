@@ -5,7 +5,8 @@ R ranks, ZeRO stage s:
 
 * states: 2P weights (/R at s=3), 2P gradients (/R at s>=2), 12P fp32 master weights and Adam
   moments (/R at s>=1) on the GPU, or pinned in host memory with `trainer.offload_optimizer`
-  (DeepSpeed's CPU Adam; the fp32 gradient partition goes with them);
+  (DeepSpeed's CPU Adam; the fp32 gradient partition goes with them), `trainer.offload_ratio` of
+  them with partial offload;
 * the optimizer step adds the fp32 gradient partition (4P, /R at s>=1), after the activations are
   freed;
 * one micro-batch of `trainer.micro_batch_tokens` tokens keeps its activations for the backward:
@@ -17,7 +18,8 @@ R ranks, ZeRO stage s:
   These are counts, not fits: the benchmark prints the measured peaks beside them.
 
 A colocated vLLM engine takes `rollout.gpu_memory_utilization` of the GPU while it generates and
-about `ENGINE_ASLEEP_GB` while it sleeps (level 1: its weights wait in host memory). While the engine
+about `ENGINE_ASLEEP_GB` while it sleeps (`rollout.sleep_level` 1: its weights wait in host memory;
+2: they are discarded). While the engine
 generates, a learner keeps what PyTorch's caching allocator reserved at its training peak; with
 `trainer.release_cache_before_wake` only its weights and GPU-resident optimizer states, and with
 `trainer.offload_during_generation` nothing (they wait in host memory).
@@ -89,7 +91,8 @@ def learner_memory(
 ) -> RoleMemory:
     """Peak GPU, GPU kept during generation, and host GB of one learner rank (`trainable` False: the
     frozen reference, weights only)."""
-    stage, offload = trainer.zero_stage, trainer.offload_optimizer
+    stage = trainer.zero_stage
+    offloaded = trainer.offload_ratio if trainer.offload_optimizer else 0.0  # share on the host
     weights = 2.0 * params / (ranks if stage >= 3 else 1)
     tokens = trainer.micro_batch_tokens
     if not trainable:
@@ -100,14 +103,14 @@ def learner_memory(
     optim_share = ranks if stage >= 1 else 1
     states = 12.0 * params / optim_share
     step_grads = 4.0 * params / optim_share  # the fp32 gradient partition of the optimizer step
-    gpu_states = 0.0 if offload else states
+    gpu_states = states * (1.0 - offloaded)
     work = 0.0
     if shape:
         work = tokens * activation_bytes_per_token(shape, trainer.gradient_checkpointing)
         work += logits_bytes(shape, tokens)
-    step = 0.0 if offload else step_grads
+    step = step_grads * (1.0 - offloaded)
     peak = (weights + grads + gpu_states + max(work, step)) / GB + GPU_OVERHEAD_GB
-    host = HOST_BASE_GB + ((states + step_grads) / GB if offload else 0.0)
+    host = HOST_BASE_GB + offloaded * (states + step_grads) / GB
     resident = peak  # the allocator keeps the blocks of the training peak for the next step
     if trainer.release_cache_before_wake or trainer.offload_during_generation:
         resident = (weights + gpu_states) / GB
@@ -118,10 +121,11 @@ def learner_memory(
 
 
 def engine_memory(
-    params: float | None, utilization: float, gpu_gb: float, tp: int, sleeps: bool
+    params: float | None, utilization: float, gpu_gb: float, tp: int, sleeps: bool, sleep_level: int = 1
 ) -> RoleMemory:
-    """A vLLM engine per GPU: its share of the GPU awake; asleep, its weights wait on the host."""
-    weights_host = (2.0 * params / tp / GB) if (sleeps and params) else 0.0
+    """A vLLM engine per GPU: its share of the GPU awake; asleep, its weights wait on the host (level 1)
+    or are gone (level 2)."""
+    weights_host = (2.0 * params / tp / GB) if (sleeps and params and sleep_level == 1) else 0.0
     asleep = ENGINE_ASLEEP_GB if sleeps else utilization * gpu_gb
     return RoleMemory(utilization * gpu_gb, asleep, HOST_BASE_GB + weights_host)
 
@@ -171,7 +175,9 @@ def estimate_memory(cfg: RunConfig, plan: Plan) -> None:
             if role in ENGINE_ROLES:
                 util = cfg.rollout.gpu_memory_utilization or (0.45 if colocated_rollout else 0.85)
                 sleeps = plan.rollout_sleeps and role == "rollout"
-                m = engine_memory(params, util, gpu_mem or 0.0, cfg.rollout.tensor_parallel, sleeps)
+                m = engine_memory(
+                    params, util, gpu_mem or 0.0, cfg.rollout.tensor_parallel, sleeps, cfg.rollout.sleep_level
+                )
                 if not gpu_mem:
                     m = RoleMemory(None, None, m.host_gb)
             elif params is None:
@@ -262,32 +268,57 @@ def check_gpu_memory(cfg: RunConfig, plan: Plan) -> None:
         )
 
 
-# Trainer settings tried, in order, when the roles do not fit: the first that fits is named.
+# Settings tried, in order, when the roles do not fit: the first that fits is named. Partial offload
+# keeps as much of the optimizer on the GPU as fits (the smallest host share first: the fastest step).
+_FULL_OFFLOAD = {"trainer.offload_optimizer": True, "trainer.gradient_checkpointing": True}
+_PARTIAL_OFFLOAD = [
+    {
+        "trainer.zero_stage": 3,
+        "trainer.offload_optimizer": True,
+        "trainer.offload_ratio": ratio,
+        "trainer.gradient_checkpointing": True,
+        "trainer.release_cache_before_wake": True,
+        **extra,
+    }
+    for extra in ({}, {"rollout.sleep_level": 2})
+    for ratio in (0.25, 0.5, 0.75, 1.0)
+]
 _MEMORY_FIXES = (
-    {"gradient_checkpointing": True},
-    {"offload_optimizer": True},
-    {"offload_optimizer": True, "gradient_checkpointing": True},
+    {"trainer.gradient_checkpointing": True},
+    {"trainer.offload_optimizer": True},
+    _FULL_OFFLOAD,
+    *_PARTIAL_OFFLOAD,
 )
 
 
+def _set(cfg: RunConfig, dotted: str, value: Any) -> bool:
+    """Set `dotted` on `cfg`; whether it changed."""
+    section, key = dotted.split(".")
+    target = getattr(cfg, section)
+    changed = getattr(target, key) != value
+    setattr(target, key, value)
+    return changed
+
+
 def _memory_hint(cfg: RunConfig, plan: Plan) -> str:
-    """The first trainer setting that makes the plan fit (GPU and host), as `key=value`; otherwise
-    what else can help."""
+    """The first settings that make the plan fit (GPU and host), as `key=value`s; otherwise what else
+    can help."""
     for fix in _MEMORY_FIXES:
-        if all(getattr(cfg.trainer, k) == v for k, v in fix.items()):
-            continue
         trial_cfg, trial = copy.deepcopy(cfg), copy.deepcopy(plan)
-        for key, value in fix.items():
-            setattr(trial_cfg.trainer, key, value)
+        changed = [key for key, value in fix.items() if _set(trial_cfg, key, value)]
+        if not changed:
+            continue
         estimate_memory(trial_cfg, trial)
         gpu = memory_by_gpu(trial)
         host = memory_by_host(trial)
         if all(not t or u <= t for u, t in gpu.values()) and all(not t or u <= t for u, t in host.values()):
-            keys = " and ".join(f"trainer.{k}=true" for k in fix)
+            keys = [f"{k}={str(fix[k]).lower()}" for k in changed]
+            keys = ", ".join(keys[:-1]) + " and " + keys[-1] if len(keys) > 1 else keys[0]
             peak = max((u for u, _ in gpu.values()), default=0.0)
-            return f"set {keys} (then ~{peak:.0f} GB per GPU)"
+            host_peak = max((u for u, _ in host.values()), default=0.0)
+            return f"set {keys} (then ~{peak:.0f} GB per GPU, ~{host_peak:.0f} GB host)"
     return (
-        "add learner replicas, use trainer.zero_stage=3, trainer.offload_optimizer=true or "
-        "trainer.gradient_checkpointing=true, lower trainer.micro_batch_tokens or rollout.gpu_memory_utilization, "
-        "or use GPUs or hosts with more memory"
+        "add learner replicas, use trainer.zero_stage=3, trainer.offload_optimizer=true (trainer.offload_ratio) "
+        "or trainer.gradient_checkpointing=true, lower trainer.micro_batch_tokens or "
+        "rollout.gpu_memory_utilization, or use GPUs or hosts with more memory"
     )
