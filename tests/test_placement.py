@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-import re
 import textwrap
 from pathlib import Path
 
@@ -554,7 +554,9 @@ def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded():
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("placement.learner: needs ~") and "but a H200 has 141 GB" in message
-    assert message.endswith("set trainer.offload_optimizer=true (then ~114 GB per GPU, ~145 GB host)"), message
+    assert message.endswith("set trainer.offload_optimizer=true (then ~114 GB per GPU, ~145 GB host)"), (
+        message
+    )
 
     cfg.trainer.offload_optimizer = True
     plan = make_plan(cfg, inventory("h200x1"))
@@ -591,7 +593,9 @@ def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded():
     # vLLM sleep level 2 drops the engine's host copy of its bf16 weights.
     engine_host = plan.assignments["rollout"][0].host_gb
     cfg.rollout.sleep_level = 2
-    assert make_plan(cfg, small).assignments["rollout"][0].host_gb == pytest.approx(engine_host - 2 * params / 1e9)
+    assert make_plan(cfg, small).assignments["rollout"][0].host_gb == pytest.approx(
+        engine_host - 2 * params / 1e9
+    )
     # The same line from `rlhf validate`, exit code 3 (a placement error).
     shipped = str(INVENTORIES / "h200x1.yaml")
     assert main(["validate", str(REPO / "configs/quickstart.yaml"), "--inventory", shipped, *overrides]) == 3
