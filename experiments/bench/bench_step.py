@@ -103,7 +103,7 @@ def workload_model_dir(args) -> Path:
     return build_model_dir(
         args.shape,
         cache / name,
-        max_positions=max(4096, longest_prompt(args) + args.new_tokens + 16),
+        max_positions=max(32768, longest_prompt(args) + args.new_tokens + 16),
         eos_rate=eos_rate(args),
     )
 
@@ -198,8 +198,9 @@ def _without_logprobs(sp):
 
 # ----------------------------------------------------------------------------------------- (b) DeepSpeed alone
 def deepspeed_alone(model_dir: str, args) -> dict:
-    """A plain DeepSpeed ZeRO-2 loop on the step's sequences: fixed-length rows, or (long-tailed) the
-    lengths (a) generated, in right-padded micro-batches of `--micro-batch-tokens` (rows x longest)."""
+    """A plain DeepSpeed loop (ZeRO `--zero`, `--offload-ratio` as (c)) on the step's sequences:
+    fixed-length rows, or (long-tailed) the lengths (a) generated, in right-padded micro-batches of
+    `--micro-batch-tokens` (rows x longest)."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
@@ -227,16 +228,23 @@ def deepspeed_alone(model_dir: str, args) -> dict:
     totals = [p + r for p, r in rows]
     micro = pack_micro_batches(totals, args.micro_batch_tokens)
     per_micro = max(len(m) for m in micro)
+    zero = {"stage": args.zero}
+    if args.offload_ratio is not None:  # the same (partial) offload as (c): DeepSpeed's CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "ratio": args.offload_ratio}
+        zero["sub_group_size"] = sum(p.numel() for p in model.parameters()) // 20
+        optim = DeepSpeedCPUAdam(model.parameters(), lr=1e-6, adamw_mode=True)
+    else:  # torch's fused AdamW: no JIT-compiled DeepSpeed op needed on the host.
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     ds_cfg = {
         "train_micro_batch_size_per_gpu": per_micro,
         "gradient_accumulation_steps": len(micro),
         "bf16": {"enabled": True},
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": zero,
         "gradient_clipping": 1.0,
         "zero_allow_untested_optimizer": True,
     }
-    # torch's fused AdamW: no JIT-compiled DeepSpeed op needed on the host.
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optim, config=ds_cfg)
     batches = []
     for m in micro:
@@ -421,6 +429,8 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         f"sync.transport={args.transport}",
         f"sync.bucket_mb={args.bucket_mb}",
         f"rollout.max_staleness={args.staleness}",
+        f"rollout.sleep_level={args.sleep_level}",
+        *offload_overrides(args),
     ] + args.override
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
@@ -492,6 +502,18 @@ def memory_beside_plan(plan, measured: dict, host: dict) -> dict:
     }
     print("memory (plan vs measured): " + json.dumps(out), flush=True)
     return out
+
+
+def offload_overrides(args) -> list[str]:
+    """(c)'s keys for `--offload-ratio`: the optimizer states partly in host memory (ZeRO-3), the
+    learner's cached blocks returned before the engine wakes."""
+    if args.offload_ratio is None:
+        return []
+    return [
+        "trainer.offload_optimizer=true",
+        f"trainer.offload_ratio={args.offload_ratio}",
+        "trainer.release_cache_before_wake=true",
+    ]
 
 
 def gpu_layout(args) -> list[str]:
@@ -605,6 +627,12 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help="rollout.tensor_parallel for (c)")
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="trainer.zero_stage for (c)")
     ap.add_argument("--staleness", type=int, default=0, help="rollout.max_staleness for (c): 1 = async")
+    ap.add_argument(
+        "--offload-ratio",
+        type=float,
+        help="optimizer states in host memory for (b) and (c), ZeRO-3 partial offload when < 1 (with --zero 3)",
+    )
+    ap.add_argument("--sleep-level", type=int, default=1, choices=[1, 2], help="rollout.sleep_level for (c)")
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--util", type=float, default=0.5)

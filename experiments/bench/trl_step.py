@@ -87,6 +87,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    import os
+
+    # TRL's colocated vLLM runs as an external launcher of this process: a torch.distributed world of one.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29541")
     import datasets
     import trl
     from transformers import TrainerCallback
