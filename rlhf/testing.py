@@ -210,6 +210,21 @@ def random_token_rows(rows: int, width: int, prompt: int, generator):
     return input_ids, attention, loss_mask
 
 
+def whole_batch_step(batch, micro_batch_tokens: int, padded: bool = False) -> dict:
+    """The step dict `Learner.train` takes for one optimizer step on all of `batch`'s rows, packed into
+    micro-batches of `micro_batch_tokens` (padded: rows x longest), normalised over the whole batch."""
+    from rlhf.algorithms.losses import loss_normalizers
+    from rlhf.trainer.packing import pack_micro_batches, row_lengths
+
+    num_tokens, num_sequences = loss_normalizers(batch.loss_mask)
+    return {
+        "micro_batches": pack_micro_batches(row_lengths(batch), micro_batch_tokens, padded=padded),
+        "num_micro": None,
+        "global_num_tokens": num_tokens,
+        "global_num_sequences": num_sequences,
+    }
+
+
 def vllm_model_on_cpu(model_dir: str, dtype: str = "float32"):
     """vLLM's own model class for `model_dir`, built in this process on CPU with its weight loaders.
 

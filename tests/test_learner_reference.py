@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from rlhf.algorithms.losses import loss_normalizers, policy_loss
 from rlhf.config.schema import RunConfig
-from rlhf.testing import random_token_rows
+from rlhf.testing import random_token_rows, whole_batch_step
 from rlhf.types import TrainBatch
 
 pytestmark = pytest.mark.skipif(
@@ -144,17 +144,8 @@ def reference_run(cfg: RunConfig, model_dir: str, batch: TrainBatch) -> list[dic
 def learner_run_steps(learner, batch: TrainBatch, steps: int = STEPS) -> list[dict]:
     """`steps` optimizer steps of the learner on the whole batch (packed into micro-batches); each
     step's stats with the full weights after it in `state`."""
-    from rlhf.trainer.packing import pack_micro_batches, row_lengths
-
-    micro = pack_micro_batches(row_lengths(batch), learner.cfg.trainer.micro_batch_tokens)
-    assert len(micro) > 1
-    num_tokens, num_sequences = loss_normalizers(batch.loss_mask)
-    step = {
-        "micro_batches": micro,
-        "num_micro": None,
-        "global_num_tokens": num_tokens,
-        "global_num_sequences": num_sequences,
-    }
+    step = whole_batch_step(batch, learner.cfg.trainer.micro_batch_tokens)
+    assert len(step["micro_batches"]) > 1
     out = []
     for _ in range(steps):
         (stats,) = learner.train(batch, [step])

@@ -15,9 +15,8 @@ import pytest
 import torch
 from rlhf.trainer.packing import pack_micro_batches, pack_rows, row_lengths, unpack_rows
 
-from rlhf.algorithms.losses import loss_normalizers
 from rlhf.config.schema import RunConfig
-from rlhf.testing import random_token_rows
+from rlhf.testing import random_token_rows, whole_batch_step
 from rlhf.types import TrainBatch
 
 in_process_learners = pytest.mark.skipif(
@@ -96,15 +95,7 @@ def learner(role: str, packing: bool, model_dir: str):
 
 
 def one_step(lrn, batch: TrainBatch) -> tuple[dict, dict]:
-    micro = pack_micro_batches(row_lengths(batch), 64, padded=not lrn.packing)
-    num_tokens, num_sequences = loss_normalizers(batch.loss_mask)
-    step = {
-        "micro_batches": micro,
-        "num_micro": None,
-        "global_num_tokens": num_tokens,
-        "global_num_sequences": num_sequences,
-    }
-    (stats,) = lrn.train(batch, [step])
+    (stats,) = lrn.train(batch, [whole_batch_step(batch, 64, padded=not lrn.packing)])
     return stats, lrn.full_state_dict()
 
 
