@@ -408,6 +408,8 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         f"rollout.sampling.n={args.n}",
         f"rollout.sampling.max_new_tokens={args.new_tokens}",
         f"rollout.sampling.ignore_eos={str(args.workload == 'fixed').lower()}",
+        # Temperature 1 as (a) and TRL: the long-tailed model's EOS rate holds at temperature 1 only.
+        "rollout.sampling.temperature=1.0",
         f"rollout.max_num_seqs={args.prompts * args.n}",
         f"rollout.max_model_len={longest_prompt(args) + args.new_tokens + 16}",
         f"rollout.enforce_eager={str(args.eager).lower()}",
