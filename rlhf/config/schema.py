@@ -319,6 +319,24 @@ class AlgorithmConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = doc(0, help="LoRA rank of the policy's adapters (0: off, full fine-tuning).")
+    alpha: float | None = doc(None, help="LoRA alpha (the update is scaled by alpha / rank); null: 2 x rank.")
+    dropout: float = doc(0.0, help="Dropout on the adapters' input, in [0, 1).")
+    target_modules: list[str] = doc(
+        default_factory=lambda: ["all-linear"],
+        help="Modules that get adapters: names or name suffixes (`q_proj`, `v_proj`), or `all-linear` "
+        "(every linear layer but the output head).",
+    )
+    sync: Literal["auto", "adapter", "merged"] = doc(
+        "auto",
+        help="What a weight push sends: `adapter` (only the adapter's tensors, loaded by vLLM's LoRA "
+        "support), `merged` (the adapter merged into the full weights); auto: adapter where the "
+        "engines can serve LoRA, else merged (logged once).",
+    )
+
+
+@dataclass
 class CriticConfig:
     enabled: bool = doc(False, help="Starts the critic role (needed for `gae`).")
     path: str | None = doc(
@@ -387,6 +405,11 @@ class TrainerConfig:
         help="When a step is skipped for inf/NaN gradients, name the parameters that got them (small cost).",
     )
     critic: CriticConfig = doc(default_factory=CriticConfig, help="The critic of `gae`.")
+    lora: LoraConfig = doc(
+        default_factory=LoraConfig,
+        help="LoRA: train adapters on frozen bf16 base weights (PEFT); the reference is the same "
+        "learner with its adapters switched off (docs/lora.md).",
+    )
 
 
 @dataclass
