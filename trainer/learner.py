@@ -108,6 +108,8 @@ class Learner:
         self.compile_logprobs = device == "cuda" and cfg.trainer.compile_logprobs
         self.packing = cfg.trainer.packing
         self.trainable = role != "reference"
+        # LoRA: the policy trains adapters on frozen base weights (trainer/lora.py).
+        self.lora = cfg.trainer.lora if role == "policy" and cfg.trainer.lora.rank > 0 else None
         from rlhf.placement.inventory import estimate_params
 
         ds_config = make_ds_config(
@@ -188,7 +190,11 @@ class Learner:
         if self.role != "critic":
             model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
             model.config.use_cache = False
-            self.hf_model = model
+            self.hf_model = model  # with LoRA: the same model, its linear layers wrapped in place
+            if self.lora is not None:
+                from rlhf.trainer.lora import add_adapters
+
+                return add_adapters(model, self.lora)
             return model
         critic_path = self.cfg.trainer.critic.path
         seq_model = AutoModelForSequenceClassification.from_pretrained(
@@ -284,11 +290,19 @@ class Learner:
         micro_batches: list[list[int]] | None = None,
         num_micro: int | None = None,
         temperature: float | None = None,
+        base: bool = False,
     ) -> torch.Tensor:
-        """log p(token_t | tokens < t) at the sampling temperature (or `temperature`), [B, T] float32 on CPU."""
+        """log p(token_t | tokens < t) at the sampling temperature (or `temperature`), [B, T] float32 on CPU.
+
+        `base`: with the LoRA adapters switched off, i.e. the base model (the reference of a LoRA run)."""
         if self.role == "critic":
             raise ValueError("logprobs: the critic has no LM head; use values()")
-        return self._per_token(shard, micro_batches, num_micro, temperature)
+        if not base:
+            return self._per_token(shard, micro_batches, num_micro, temperature)
+        if self.lora is None:
+            raise ValueError("logprobs(base=True): this learner has no LoRA adapters to switch off")
+        with self.engine.module.disable_adapter():
+            return self._per_token(shard, micro_batches, num_micro, temperature)
 
     @torch.no_grad()
     def values(
@@ -429,31 +443,62 @@ class Learner:
         )
 
     # ------------------------------------------------------------------ weights out
-    def named_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def named_weight_buckets(
+        self, bucket_bytes: int, adapter_only: bool = False
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full HF-named tensors in buckets of ~bucket_bytes, in the training dtype, on the device.
 
+        With LoRA the full weights are the base weights with the adapters merged in; `adapter_only`:
+        the adapters' tensors alone, named as PEFT saves them (trainer/lora.py).
         Every rank must iterate it to the end together: under ZeRO-3 each bucket is all-gathered.
         """
-        import deepspeed
+        from rlhf.trainer.lora import adapter_tensors, merged_tensors
 
-        bucket: list[tuple[str, nn.Parameter]] = []
+        if adapter_only and self.lora is None:
+            raise ValueError("named_weight_buckets(adapter_only=True): this learner has no LoRA adapters")
+        if adapter_only:
+            entries = adapter_tensors(self.hf_model)
+        elif self.lora is not None:
+            entries = merged_tensors(self.hf_model)
+        else:
+            entries = ((name, [param], None) for name, param in self.hf_model.named_parameters())
+        bucket: list = []
         size = 0
-        for name, param in self.hf_model.named_parameters():
-            nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
+        for name, params, merge in entries:
+            nbytes = getattr(params[0], "ds_numel", params[0].numel()) * params[0].element_size()
             if bucket and size + nbytes > bucket_bytes:
-                yield self._gather(bucket, deepspeed)
+                yield self._gather(bucket)
                 bucket, size = [], 0
-            bucket.append((name, param))
+            bucket.append((name, params, merge))
             size += nbytes
         if bucket:
-            yield self._gather(bucket, deepspeed)
+            yield self._gather(bucket)
 
-    def _gather(self, bucket: list[tuple[str, nn.Parameter]], deepspeed) -> list[tuple[str, torch.Tensor]]:
+    def _gather(self, bucket: list) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of each (name, params, merge) entry: params[0] itself, or `merge(*params)`
+        (a LoRA layer's merged weight); under ZeRO-3 gathered first (and copied: the gathered storage
+        is released when the context exits)."""
+
+        def value(params, merge, copy):
+            if merge is not None:
+                return merge(*params)
+            return params[0].detach().clone() if copy else params[0].detach()
+
         if self.zero_stage != 3:
-            return [(name, p.detach()) for name, p in bucket]
-        with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-            # Copies: the gathered storage is released when the context exits.
-            return [(name, p.detach().clone()) for name, p in bucket]
+            return [(name, value(params, merge, False)) for name, params, merge in bucket]
+        import deepspeed
+
+        every = [p for _, params, _ in bucket for p in params]
+        with deepspeed.zero.GatheredParameters(every, modifier_rank=None):
+            return [(name, value(params, merge, True)) for name, params, merge in bucket]
+
+    def adapter_config(self) -> dict | None:
+        """The PEFT adapter config (what adapter_config.json holds), None without LoRA."""
+        if self.lora is None:
+            return None
+        from rlhf.trainer.lora import adapter_config
+
+        return adapter_config(self.engine.module)
 
     def send_weights(
         self, specs: list, bucket_bytes: int | None = None, background: bool = False
@@ -505,17 +550,29 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler, step) + an HF model in `directory/hf`."""
+        """DeepSpeed checkpoint (weights, optimizer, scheduler, step) + an HF model in `directory/hf`
+        (with LoRA: the adapters merged in, and the adapters alone in PEFT's format in
+        `directory/adapter`)."""
         if not self.trainable:
             raise ValueError("save: the reference model is never trained, there is nothing to save")
         import torch.distributed as dist
 
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"role": self.role})
         state = self.full_state_dict()
+        adapter = None
+        if self.lora is not None:
+            adapter = {}
+            for bucket in self.named_weight_buckets(256 * 2**20, adapter_only=True):
+                adapter.update({name: t.detach().to("cpu", copy=True) for name, t in bucket})
         if self.rank == 0:
             hf_dir = Path(directory) / "hf"
             self.hf_model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
             self._save_tokenizer(hf_dir)
+            if adapter is not None:
+                from rlhf.trainer.lora import write_adapter
+
+                config = dict(self.adapter_config(), base_model_name_or_path=str(self.model_path))
+                write_adapter(Path(directory) / "adapter", adapter, config)
         dist.barrier()
 
     def _save_tokenizer(self, hf_dir: Path) -> None:
