@@ -216,13 +216,15 @@ class LearnerGroup:
         return stats
 
     # ------------------------------------------------------------------ inference
-    def logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
+    def logprobs(self, batch: TrainBatch, temperature: float | None = None, base: bool = False) -> torch.Tensor:
         """Per-token log-probs [B, T] (aligned with input_ids, 0 off real tokens), CPU float32.
 
         At the sampling temperature unless `temperature` is given (the audit compares at 1.0, which is
-        what the engine's scoring pass returns)."""
+        what the engine's scoring pass returns). `base`: a LoRA policy with its adapters off."""
         if self.role == "critic":
             raise ValueError("logprobs: the critic has no LM head; use values()")
+        if base:
+            return self._per_token(batch, "logprobs", temperature=temperature, base=True)
         return self._per_token(batch, "logprobs", temperature=temperature)
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
@@ -286,6 +288,19 @@ class LearnerGroup:
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
+
+
+class AdapterOffReference:
+    """The reference model of a LoRA run: the policy's own learners with their adapters switched off
+    (the frozen base weights), so no reference actors and no second copy of the weights."""
+
+    role = "reference"
+
+    def __init__(self, policy: LearnerGroup):
+        self.policy = policy
+
+    def logprobs(self, batch: TrainBatch, temperature: float | None = None) -> torch.Tensor:
+        return self.policy.logprobs(batch, temperature, base=True)
 
 
 def padding_fraction(shards: list[TrainBatch], steps: list[list[dict[str, Any]]], packed: bool) -> float:

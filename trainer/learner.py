@@ -501,7 +501,7 @@ class Learner:
         return adapter_config(self.engine.module)
 
     def send_weights(
-        self, specs: list, bucket_bytes: int | None = None, background: bool = False
+        self, specs: list, bucket_bytes: int | None = None, background: bool = False, adapter_only: bool = False
     ) -> list | None:
         """Weight-sync sender: ship the weights over each channel this rank feeds (`specs`, planned
         by rlhf.sync.routes; may be empty), one payload per spec. Every rank calls it together: under
@@ -510,18 +510,20 @@ class Learner:
         `background`: copy the weights (a staging copy on the same device), return None at once and
         send the copy from a thread on its own CUDA stream while this rank trains on; `finish_send`
         returns the payloads. The asynchronous loop uses it so that training never waits for an
-        engine to finish the generate call it is in."""
+        engine to finish the generate call it is in. `adapter_only`: a LoRA policy's adapters alone
+        (engines that serve LoRA load them as their active adapter)."""
         from rlhf.sync.learner_side import BackgroundSend, send_to_channels
 
         specs = list(specs)
         if bucket_bytes is None:
             bucket_bytes = specs[0].bucket_bytes if specs else int(self.cfg.sync.bucket_mb * 2**20)
+        buckets = self.named_weight_buckets(bucket_bytes, adapter_only=adapter_only)
         if not background:
-            return send_to_channels(specs, self.named_weight_buckets(bucket_bytes))
+            return send_to_channels(specs, buckets)
         self.finish_send()
         staged = [
             [(name, tensor.detach().clone()) for name, tensor in bucket]
-            for bucket in self.named_weight_buckets(bucket_bytes)  # every rank: ZeRO-3 gathers
+            for bucket in buckets  # every rank: ZeRO-3 gathers
             if specs
         ]
         self._sending = BackgroundSend(specs, staged, self.device)

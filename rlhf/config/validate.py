@@ -179,6 +179,7 @@ def validate(
         at_least("trainer.critic.warmup_steps", tr.critic.warmup_steps, 0)
 
     _validate_reward(cfg, fail)
+    _validate_lora(cfg, fail)
     _validate_environment(cfg, fail)
     _validate_placement(cfg, fail)
     _validate_evaluation(cfg, fail)
@@ -230,6 +231,44 @@ def _validate_algorithm_names(cfg: RunConfig, fail) -> None:
     known("algorithm.kl_estimator", al.kl_estimator, KL_ESTIMATORS)
     # `auto` is no correction of its own: it picks one (rlhf.algorithms.losses.off_policy_correction).
     known("algorithm.off_policy_correction", al.off_policy_correction, OFF_POLICY_CORRECTIONS, ("auto",))
+
+
+def _validate_lora(cfg: RunConfig, fail) -> None:
+    lora = cfg.trainer.lora
+    if lora.rank < 0:
+        raise fail("trainer.lora.rank", "must be > 0 (or 0: no LoRA)", lora.rank)
+    if lora.rank == 0:
+        return
+    if lora.alpha is not None and not lora.alpha > 0:
+        raise fail("trainer.lora.alpha", "must be > 0 (or null: 2 x rank)", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        raise fail("trainer.lora.dropout", "must be in [0, 1)", lora.dropout)
+    if not lora.target_modules:
+        raise fail("trainer.lora.target_modules", "must name at least one module (or `all-linear`)", [])
+    names = linear_layer_names(cfg.model.path, cfg.model.trust_remote_code)
+    if names is None:
+        return  # the model is not a local directory: checked when the learner builds it
+    for target in lora.target_modules:
+        if target != "all-linear" and target.rsplit(".", 1)[-1] not in names:
+            close = difflib.get_close_matches(target, sorted(names), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"its linear layers: {', '.join(sorted(names))}"
+            raise fail(
+                "trainer.lora.target_modules", f"{cfg.model.path} has no linear layer named so; {hint}", target
+            )
+
+
+def linear_layer_names(model_path: str, trust_remote_code: bool = False) -> set[str] | None:
+    """Short names (`q_proj`) of the linear layers of a local HF model, built on the meta device (no
+    weights read); None when `model_path` is no local HF directory."""
+    if not (Path(model_path).expanduser() / "config.json").is_file():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def _validate_data(cfg: RunConfig, fail) -> None:

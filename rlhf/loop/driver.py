@@ -123,6 +123,7 @@ class Trainer(StepBody):
         from rlhf.rollout import RolloutGroup
         from rlhf.sync.driver_side import WeightSync
         from rlhf.trainer import LearnerGroup
+        from rlhf.trainer.group import AdapterOffReference
 
         cfg = self.cfg
         self.started_ray = init_ray(self.device)
@@ -135,7 +136,9 @@ class Trainer(StepBody):
         rollout = RolloutGroup(cfg, self.model_path, self.device, rollout_options)
         policy = LearnerGroup(cfg, self.model_path, "policy", self.device, placement.actor_options("learner"))
         reference = None
-        if cfg.algorithm.kl_coef > 0:
+        if cfg.algorithm.kl_coef > 0 and cfg.trainer.lora.rank > 0:
+            reference = AdapterOffReference(policy)
+        elif cfg.algorithm.kl_coef > 0:
             reference = LearnerGroup(
                 cfg, self.model_path, "reference", self.device, placement.actor_options("reference")
             )

@@ -86,11 +86,47 @@ def logits_bytes(shape: dict[str, Any], tokens: int, backward: bool = True) -> f
     return tokens * vocab * (4.0 if backward else 2.0) + 2 * LOGPROB_CHUNK_TOKENS * vocab * 4.0
 
 
+# LoRA adapter parameters per unit of rank of each projection a Llama-style block has (h hidden,
+# kv key/value width, i intermediate size): rank x (inputs + outputs).
+_LORA_SHAPES = {
+    "q_proj": ("h", "h"),
+    "k_proj": ("h", "kv"),
+    "v_proj": ("h", "kv"),
+    "o_proj": ("h", "h"),
+    "gate_proj": ("h", "i"),
+    "up_proj": ("h", "i"),
+    "down_proj": ("i", "h"),
+}
+
+
+def adapter_params(params: float, shape: dict[str, Any] | None, lora) -> float:
+    """Parameters of the LoRA adapters (`trainer.lora`) on a model of that shape; without a shape 1 %
+    of the model."""
+    if not shape:
+        return 0.01 * params
+    hidden = shape["hidden_size"]
+    heads = shape.get("num_attention_heads", 1)
+    sizes = {
+        "h": hidden,
+        "kv": (shape.get("num_key_value_heads") or heads) * (shape.get("head_dim") or hidden // heads),
+        "i": shape.get("intermediate_size", 4 * hidden),
+    }
+    targets = set(_LORA_SHAPES) if "all-linear" in lora.target_modules else set(lora.target_modules)
+    per_layer = sum(sizes[a] + sizes[b] for name, (a, b) in _LORA_SHAPES.items() if name in targets)
+    return float(lora.rank * per_layer * shape["num_hidden_layers"])
+
+
 def learner_memory(
-    params: float, shape: dict[str, Any] | None, trainer: TrainerConfig, ranks: int, trainable: bool = True
+    params: float,
+    shape: dict[str, Any] | None,
+    trainer: TrainerConfig,
+    ranks: int,
+    trainable: bool = True,
+    lora: bool = False,
 ) -> RoleMemory:
     """Peak GPU, GPU kept during generation, and host GB of one learner rank (`trainable` False: the
-    frozen reference, weights only)."""
+    frozen reference, weights only; `lora`: frozen weights, gradients and optimizer states for the
+    adapters of `trainer.lora` only)."""
     stage = trainer.zero_stage
     offloaded = trainer.offload_ratio if trainer.offload_optimizer else 0.0  # share on the host
     weights = 2.0 * params / (ranks if stage >= 3 else 1)
@@ -99,10 +135,14 @@ def learner_memory(
         work = logits_bytes(shape, tokens, backward=False) if shape else 0.0
         peak = (weights + work) / GB + GPU_OVERHEAD_GB / 2
         return RoleMemory(peak, weights / GB, HOST_BASE_GB)
-    grads = 2.0 * params / (ranks if stage >= 2 else 1)
+    trained = params
+    if lora:
+        trained = adapter_params(params, shape, trainer.lora)
+        weights += 2.0 * trained / (ranks if stage >= 3 else 1)
+    grads = 2.0 * trained / (ranks if stage >= 2 else 1)
     optim_share = ranks if stage >= 1 else 1
-    states = 12.0 * params / optim_share
-    step_grads = 4.0 * params / optim_share  # the fp32 gradient partition of the optimizer step
+    states = 12.0 * trained / optim_share
+    step_grads = 4.0 * trained / optim_share  # the fp32 gradient partition of the optimizer step
     gpu_states = states * (1.0 - offloaded)
     work = 0.0
     if shape:
@@ -185,7 +225,8 @@ def estimate_memory(cfg: RunConfig, plan: Plan) -> None:
             elif params is None:
                 m = RoleMemory(None, None, None)
             elif role in ("learner", "critic"):
-                m = learner_memory(params, shape, cfg.trainer, ranks)
+                lora = role == "learner" and cfg.trainer.lora.rank > 0
+                m = learner_memory(params, shape, cfg.trainer, ranks, lora=lora)
             elif role == "reference":
                 m = learner_memory(params, shape, cfg.trainer, ranks, trainable=False)
             else:  # reward_model
@@ -193,6 +234,20 @@ def estimate_memory(cfg: RunConfig, plan: Plan) -> None:
                 rm_gb = (estimate_params(rm_path) or params) * 2 / 1e9 + GPU_OVERHEAD_GB / 2
                 m = RoleMemory(rm_gb, rm_gb, HOST_BASE_GB)
             a.memory_gb, a.resident_gb, a.host_gb = m.peak_gpu_gb, m.resident_gpu_gb, m.host_gb
+
+
+def note_lora_reference(cfg: RunConfig, plan: Plan) -> None:
+    """With LoRA and a KL term the reference is the policy with its adapters off: say what that saves."""
+    if cfg.trainer.lora.rank <= 0 or cfg.algorithm.kl_coef <= 0 or not plan.params:
+        return
+    ranks = cfg.placement.reference.replicas
+    shape = model_shape(cfg.model.path)
+    ref = learner_memory(plan.params, shape, cfg.trainer, ranks, trainable=False)
+    saved = f"~{ref.peak_gpu_gb:.1f} GB of GPU memory per replica" if plan.device == "cuda" else "its weights"
+    plan.notes.append(
+        f"LoRA: the reference is the policy with its adapters switched off: no reference replicas "
+        f"({saved} saved)"
+    )
 
 
 def rollout_sleeps(cfg: RunConfig, plan: Plan) -> bool:

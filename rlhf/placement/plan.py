@@ -7,7 +7,7 @@ a cluster in `rlhf.placement.propose`, the Ray placement groups that realise a p
 `rlhf.placement.ray_groups`.
 
 Model of a plan:
-* Roles: rollout, learner, reference (kl_coef > 0), critic (critic.enabled), reward_model
+* Roles: rollout, learner, reference (kl_coef > 0, not with LoRA: the policy with its adapters off), critic (critic.enabled), reward_model
   (a `kind: model` reward source), evaluation (evaluation.separate_engines; engines like rollout's).
   Each role has `replicas` (engines or DeepSpeed ranks).
 * Each colocation group (or lone role) becomes one Ray placement group. On GPU, a colocated group
@@ -37,6 +37,7 @@ from rlhf.placement.memory import (
     check_gpu_memory,
     check_host_memory_on_cpu,
     estimate_memory,
+    note_lora_reference,
     memory_by_gpu,
     memory_by_host,
     rollout_sleeps,
@@ -181,7 +182,7 @@ def _bundle_text(group: GroupSpec) -> str:
 
 def active_roles(cfg: RunConfig) -> list[str]:
     roles = ["rollout", "learner"]
-    if cfg.algorithm.kl_coef > 0:
+    if cfg.algorithm.kl_coef > 0 and cfg.trainer.lora.rank <= 0:  # LoRA: the policy with adapters off
         roles.append("reference")
     if cfg.trainer.critic.enabled:
         roles.append("critic")
@@ -321,6 +322,7 @@ def make_plan(cfg: RunConfig, inventory: Inventory | None = None, param_count: f
         check_gpu_memory(cfg, plan)
     elif params is not None:
         check_host_memory_on_cpu(cfg, plan, params)
+    note_lora_reference(cfg, plan)
     return plan
 
 
