@@ -298,6 +298,7 @@ class Trainer(StepBody):
             if roles.critic is not None:
                 roles.critic.save(str(tmp / "critic"))
             manifest = lineage.build_manifest(self, self.step, self.last_metrics, self.lineage_parent, data)
+            manifest["adapter"] = lineage.adapter_entry(tmp / "policy" / "adapter")
             lineage.write_manifest(tmp, manifest)  # inside the checkpoint: as atomic as the rest
 
         state = {"data": data, "rng": ckpt.rng_state(), "run_name": self.run_name}

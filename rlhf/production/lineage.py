@@ -159,6 +159,22 @@ def build_manifest(
     }
 
 
+def adapter_entry(adapter_dir: Path) -> dict[str, Any] | None:
+    """A LoRA checkpoint's adapter (PEFT format, trained on `base_model`): where, its settings and the
+    hash of its weights; None without one."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return {
+        "path": "policy/adapter",
+        "rank": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "content_hash": hash_path(adapter_dir),
+    }
+
+
 def parent_of(trainer) -> str | None:
     """The checkpoint this run continues (resume) or starts from (a model path inside a checkpoint)."""
     from rlhf.production import checkpoint as ckpt
@@ -209,6 +225,12 @@ def describe(entries: list[dict[str, Any]]) -> str:
             f"{e['_path']}: step {e['step']}, config {e['config_hash'][:12]}, code {str(code)[:12]}{dirty}, "
             f"data {e['data']['source']} @ {e['data']['state'].get('position')}"
         )
+        if e.get("adapter"):
+            a = e["adapter"]
+            lines.append(
+                f"  LoRA adapter {a['path']}: rank {a['rank']}, alpha {a['alpha']}, "
+                f"{', '.join(a['target_modules'] or [])} ({a['content_hash'][:12]})"
+            )
     base = entries[-1]["base_model"]
     lines.append(f"base model: {base['path']} ({base['resolved']}, {base['content_hash'][:12]})")
     return "\n".join(lines)
