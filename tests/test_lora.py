@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ import torch
 from rlhf.config.schema import RunConfig
 from rlhf.testing import random_token_rows, whole_batch_step
 from rlhf.types import TrainBatch
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("DS_ACCELERATOR") != "cpu",
@@ -118,3 +121,61 @@ def test_lora_learner_trains_adapters_only_and_its_base_is_the_reference(
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt/hf"), dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(hf_logprobs(exported, b, temperature), after, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- config, plan
+def test_bad_lora_keys_are_one_line_errors(tiny_model_dir):
+    from rlhf.config.loader import ConfigError, load_config
+
+    recipe = REPO / "configs/lora.yaml"
+    cases = {
+        "trainer.lora.rank=-1": "trainer.lora.rank: must be > 0 (or 0: no LoRA)",
+        "trainer.lora.dropout=1.0": "trainer.lora.dropout: must be in [0, 1)",
+        "trainer.lora.alpha=0": "trainer.lora.alpha: must be > 0",
+        "trainer.lora.target_modules=[q_prj]": "has no linear layer named so; did you mean 'q_proj'?",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(recipe, [f"model.path={tiny_model_dir}", override])
+        message = str(info.value)
+        assert expected in message and "\n" not in message, message
+    cfg = load_config(recipe, [f"model.path={tiny_model_dir}", "trainer.lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.trainer.lora.rank == 16
+
+
+def test_lora_plan_has_no_reference_and_fits_a_7b_model_without_offload():
+    from rlhf.config.loader import load_config
+    from rlhf.data.shapes import MODEL_SHAPES
+    from rlhf.placement import Inventory, Node, estimate_params, make_plan
+    from rlhf.placement.memory import adapter_params
+
+    overrides = [
+        "model.path=qwen2.5-7b",
+        "placement.device=cuda",
+        "placement.colocate=[[rollout,learner]]",
+        "trainer.micro_batch_tokens=16384",
+        "trainer.gradient_checkpointing=true",
+        "algorithm.kl_coef=0.01",
+    ]
+    h200 = Inventory([Node("h200", cpus=16, memory_gb=125, gpus=1, gpu_type="H200", gpu_memory_gb=141)], "x")
+    cfg = load_config(REPO / "configs/lora.yaml", overrides + ["trainer.lora.rank=64"])
+    plan = make_plan(cfg, h200)
+    assert "reference" not in plan.roles
+    assert any(
+        n.startswith("LoRA: the reference is the policy with its adapters switched off") for n in plan.notes
+    )
+    # Rank 64 on every projection of 28 layers (h 3584, kv 512, i 18944):
+    # 64 x 28 x (2h + (h+kv) x 2 + 2h + (h+i) x 2 + (i+h)) = 161.5M adapter parameters.
+    shape_params = 64 * 28 * (4 * 3584 + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    assert adapter_params(7.6e9, MODEL_SHAPES["qwen2.5-7b"], cfg.trainer.lora) == shape_params
+    learner = plan.assignments["learner"][0]
+    params = estimate_params("qwen2.5-7b")
+    assert learner.host_gb == pytest.approx(3.0)  # nothing offloaded
+    assert (
+        learner.memory_gb < 2 * params / 1e9 + 16 * shape_params / 1e9 + 25
+    )  # frozen bf16 + adapter states + work
+    # Full fine-tuning of the same model does not fit this GPU and host without partial offload.
+    from rlhf.placement import PlacementError
+
+    with pytest.raises(PlacementError):
+        make_plan(load_config(REPO / "configs/lora.yaml", overrides + ["trainer.lora.rank=0"]), h200)
