@@ -122,6 +122,26 @@ def test_lora_learner_trains_adapters_only_and_its_base_is_the_reference(
     with torch.no_grad():
         torch.testing.assert_close(hf_logprobs(exported, b, temperature), after, rtol=1e-4, atol=1e-4)
 
+    # Without the merged export: the adapter alone, which `rlhf eval` merges on the fly; the DeepSpeed
+    # checkpoint holds the adapters (not the frozen base) and a fresh learner resumes from it.
+    from rlhf.cli.eval import resolve_model_dir
+
+    lrn.cfg.checkpoint.export_merged = False
+    lrn.save(str(tmp_path / "lean/policy"))
+    assert not (tmp_path / "lean/policy/hf").exists()
+    module_file = next((tmp_path / "lean/policy/deepspeed").rglob("*model_states.pt"))
+    assert module_file.stat().st_size < 0.5 * sum(t.numel() * 4 for t in merged.values())
+    os.environ["RLHF_CACHE"] = str(tmp_path / "cache")
+    evaluated = AutoModelForCausalLM.from_pretrained(
+        str(resolve_model_dir(tmp_path / "lean")), dtype=torch.float32
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logprobs(evaluated, b, temperature), after, rtol=1e-4, atol=1e-4)
+    resumed = lora_learner(tiny_model_dir)
+    assert resumed.load(str(tmp_path / "lean/policy")) == 1
+    torch.testing.assert_close(resumed.logprobs(b), after, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(resumed.logprobs(b, base=True), expected_base, rtol=1e-5, atol=1e-5)
+
 
 # ---------------------------------------------------------------------------------------------- config, plan
 def test_bad_lora_keys_are_one_line_errors(tiny_model_dir):

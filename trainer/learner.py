@@ -501,7 +501,11 @@ class Learner:
         return adapter_config(self.engine.module)
 
     def send_weights(
-        self, specs: list, bucket_bytes: int | None = None, background: bool = False, adapter_only: bool = False
+        self,
+        specs: list,
+        bucket_bytes: int | None = None,
+        background: bool = False,
+        adapter_only: bool = False,
     ) -> list | None:
         """Weight-sync sender: ship the weights over each channel this rank feeds (`specs`, planned
         by rlhf.sync.routes; may be empty), one payload per spec. Every rank calls it together: under
@@ -559,17 +563,26 @@ class Learner:
             raise ValueError("save: the reference model is never trained, there is nothing to save")
         import torch.distributed as dist
 
-        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"role": self.role})
-        state = self.full_state_dict()
+        # LoRA: the frozen base weights are the model at model.path (the manifest hashes it); the
+        # DeepSpeed checkpoint keeps the adapters and their optimizer state only.
+        self.engine.save_checkpoint(
+            directory,
+            tag=CHECKPOINT_TAG,
+            client_state={"role": self.role},
+            exclude_frozen_parameters=self.lora is not None,
+        )
+        merged = self.lora is None or self.cfg.checkpoint.export_merged
+        state = self.full_state_dict() if merged else None
         adapter = None
         if self.lora is not None:
             adapter = {}
             for bucket in self.named_weight_buckets(256 * 2**20, adapter_only=True):
                 adapter.update({name: t.detach().to("cpu", copy=True) for name, t in bucket})
         if self.rank == 0:
-            hf_dir = Path(directory) / "hf"
-            self.hf_model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
-            self._save_tokenizer(hf_dir)
+            if merged:
+                hf_dir = Path(directory) / "hf"
+                self.hf_model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
+                self._save_tokenizer(hf_dir)
             if adapter is not None:
                 from rlhf.trainer.lora import write_adapter
 
@@ -599,6 +612,7 @@ class Learner:
             tag=CHECKPOINT_TAG,
             load_optimizer_states=self.trainable,
             load_lr_scheduler_states=self.trainable,
+            load_module_strict=self.lora is None,  # LoRA checkpoints hold the adapters only
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) in {directory}")

@@ -130,3 +130,30 @@ def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], confi
     )
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return directory
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """The full HF model of a PEFT adapter (`adapter_config.json`'s base model + the adapter, merged),
+    with the base model's tokenizer files; written once to `out_dir`."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    merged.save_pretrained(tmp, safe_serialization=True)
+    for name in Path(base_path).glob("*"):
+        if (
+            name.is_file()
+            and not (tmp / name.name).exists()
+            and not name.name.endswith((".safetensors", ".bin"))
+        ):
+            shutil.copy2(name, tmp / name.name)
+    tmp.rename(out_dir)
+    return out_dir

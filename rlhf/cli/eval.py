@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,19 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "policy" / "hf" / "config.json").is_file():
         return path / "policy" / "hf"
+    adapter = path / "policy" / "adapter"
+    if (adapter / "adapter_config.json").is_file():  # a LoRA checkpoint without its merged export
+        from rlhf.production.lineage import hash_path
+        from rlhf.trainer.lora import merge_adapter
+
+        cache = Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf")) / "merged"
+        return merge_adapter(adapter, cache / hash_path(adapter)[:16])
     if (path / "config.json").is_file():
         return path
     if (path / "checkpoints").is_dir() and (latest := ckpt.latest_checkpoint(path)) is not None:
         return resolve_model_dir(latest)
     raise FileNotFoundError(
-        f"rlhf eval: {path} is not a checkpoint (with policy/hf), an HF model directory (with "
+        f"rlhf eval: {path} is not a checkpoint (with policy/hf or policy/adapter), an HF model directory (with "
         "config.json) or a run directory with checkpoints"
     )
 

@@ -519,6 +519,11 @@ class CheckpointConfig:
     every: int = doc(0, help="Steps between checkpoints (0: only at the end).")
     keep_last: int = doc(2, help="Checkpoints kept (>= 1).")
     save_optimizer: bool = doc(True, help="Save the optimizer states with each checkpoint.")
+    export_merged: bool = doc(
+        True,
+        help="LoRA runs: also write the merged full model to `policy/hf` (what a new run's `model.path` "
+        "reads); false: the adapter alone (`policy/adapter`; `rlhf eval` merges it on the fly).",
+    )
 
 
 @dataclass
