@@ -210,6 +210,24 @@ def random_token_rows(rows: int, width: int, prompt: int, generator):
     return input_ids, attention, loss_mask
 
 
+def random_train_batch(rows: int, width: int, prompt: int, generator):
+    """A right-padded TrainBatch of random rows (`random_token_rows`) for learner tests: pi_old and the
+    engine's logprobs around -2 (so ratios start near 1), one random advantage per row."""
+    from rlhf.types import TrainBatch
+
+    input_ids, attention, loss_mask = random_token_rows(rows, width, prompt, generator)
+    old = (-2.0 + 0.3 * torch.randn(rows, width, generator=generator)) * loss_mask
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        loss_mask=loss_mask,
+        rollout_logprobs=old.clone(),
+        advantages=(torch.randn(rows, 1, generator=generator) * loss_mask).contiguous(),
+        rewards=torch.zeros(rows),
+        old_logprobs=old,
+    )
+
+
 def whole_batch_step(batch, micro_batch_tokens: int, padded: bool = False) -> dict:
     """The step dict `Learner.train` takes for one optimizer step on all of `batch`'s rows, packed into
     micro-batches of `micro_batch_tokens` (padded: rows x longest), normalised over the whole batch."""

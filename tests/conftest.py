@@ -62,3 +62,15 @@ def in_process():
         deepspeed.comm.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def seven_b_on_one_gpu() -> list[str]:
+    """Overrides for the Qwen2.5-7B shape colocated on one GPU (16k-token micro-batches, checkpointed)."""
+    return [
+        "model.path=qwen2.5-7b",
+        "placement.device=cuda",
+        "placement.colocate=[[rollout,learner]]",
+        "trainer.micro_batch_tokens=16384",
+        "trainer.gradient_checkpointing=true",
+    ]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlhf.config.schema import RunConfig
-from rlhf.testing import random_token_rows, whole_batch_step
+from rlhf.testing import random_train_batch, whole_batch_step
 from rlhf.types import TrainBatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,19 +43,8 @@ def lora_learner(model_dir: str, rank: int = 4, zero_stage: int = 2, targets=("a
     return Learner(cfg, model_dir, "policy", "cpu", 0, 1, "127.0.0.1", port)
 
 
-def batch(seed: int = 0, rows: int = 6, width: int = 24) -> TrainBatch:
-    g = torch.Generator().manual_seed(seed)
-    input_ids, attention, loss_mask = random_token_rows(rows, width, 4, g)
-    old = (-2.0 + 0.3 * torch.randn(rows, width, generator=g)) * loss_mask
-    return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        loss_mask=loss_mask,
-        rollout_logprobs=old.clone(),
-        advantages=(torch.randn(rows, 1, generator=g) * loss_mask).contiguous(),
-        rewards=torch.zeros(rows),
-        old_logprobs=old,
-    )
+def batch(seed: int = 0) -> TrainBatch:
+    return random_train_batch(6, 24, 4, torch.Generator().manual_seed(seed))
 
 
 def hf_logprobs(model, b: TrainBatch, temperature: float) -> torch.Tensor:
@@ -163,20 +152,13 @@ def test_bad_lora_keys_are_one_line_errors(tiny_model_dir):
     assert cfg.trainer.lora.rank == 16
 
 
-def test_lora_plan_has_no_reference_and_fits_a_7b_model_without_offload():
+def test_lora_plan_has_no_reference_and_fits_a_7b_model_without_offload(seven_b_on_one_gpu):
     from rlhf.config.loader import load_config
     from rlhf.data.shapes import MODEL_SHAPES
     from rlhf.placement import Inventory, Node, estimate_params, make_plan
     from rlhf.placement.memory import adapter_params
 
-    overrides = [
-        "model.path=qwen2.5-7b",
-        "placement.device=cuda",
-        "placement.colocate=[[rollout,learner]]",
-        "trainer.micro_batch_tokens=16384",
-        "trainer.gradient_checkpointing=true",
-        "algorithm.kl_coef=0.01",
-    ]
+    overrides = [*seven_b_on_one_gpu, "algorithm.kl_coef=0.01"]
     h200 = Inventory([Node("h200", cpus=16, memory_gb=125, gpus=1, gpu_type="H200", gpu_memory_gb=141)], "x")
     cfg = load_config(REPO / "configs/lora.yaml", overrides + ["trainer.lora.rank=64"])
     plan = make_plan(cfg, h200)

@@ -16,7 +16,7 @@ import torch
 from rlhf.trainer.packing import pack_micro_batches, pack_rows, row_lengths, unpack_rows
 
 from rlhf.config.schema import RunConfig
-from rlhf.testing import random_token_rows, whole_batch_step
+from rlhf.testing import random_train_batch, whole_batch_step
 from rlhf.types import TrainBatch
 
 in_process_learners = pytest.mark.skipif(
@@ -53,22 +53,13 @@ def test_packed_micro_batches_count_real_tokens():
 
 # ---------------------------------------------------------------------------------------------- learners
 def uneven_batch(seed: int = 0, rows: int = 7, width: int = 30) -> TrainBatch:
+    """Random rows with a reference, critic values and returns too (every pass has its inputs)."""
     g = torch.Generator().manual_seed(seed)
-    input_ids, attention, loss_mask = random_token_rows(rows, width, 4, g)
-    noise = torch.randn(rows, width, generator=g)
-    old = (-2.0 + 0.3 * noise) * loss_mask
-    return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        loss_mask=loss_mask,
-        rollout_logprobs=old.clone(),
-        advantages=(torch.randn(rows, 1, generator=g) * loss_mask).contiguous(),
-        rewards=torch.zeros(rows),
-        ref_logprobs=(old - 0.1) * loss_mask,
-        old_logprobs=old,
-        values=0.1 * noise * attention,
-        returns=torch.randn(rows, width, generator=g) * loss_mask,
-    )
+    b = random_train_batch(rows, width, 4, g)
+    b.ref_logprobs = (b.old_logprobs - 0.1) * b.loss_mask
+    b.values = 0.1 * torch.randn(rows, width, generator=g) * b.attention_mask
+    b.returns = torch.randn(rows, width, generator=g) * b.loss_mask
+    return b
 
 
 def learner(role: str, packing: bool, model_dir: str):

@@ -538,16 +538,10 @@ def test_learner_memory_by_hand():
     assert parked.host_gb == pytest.approx(3.0 + (2 + 6) * p / 1e9)  # weights and this rank's Adam share
 
 
-def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded():
+def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded(seven_b_on_one_gpu):
     """Qwen2.5-7B colocated on one H200: without offload the fp32 Adam states do not fit, and validation
     says which key to set; with it the plan shows the GPU and the host memory."""
-    overrides = [
-        "model.path=qwen2.5-7b",
-        "placement.device=cuda",
-        "placement.colocate=[[rollout,learner]]",
-        "trainer.micro_batch_tokens=16384",
-        "trainer.gradient_checkpointing=true",
-    ]
+    overrides = seven_b_on_one_gpu
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     with pytest.raises(PlacementError) as info:
         make_plan(cfg, inventory("h200x1"))
