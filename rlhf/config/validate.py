@@ -251,9 +251,13 @@ def _validate_lora(cfg: RunConfig, fail) -> None:
     for target in lora.target_modules:
         if target != "all-linear" and target.rsplit(".", 1)[-1] not in names:
             close = difflib.get_close_matches(target, sorted(names), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"its linear layers: {', '.join(sorted(names))}"
+            hint = (
+                f"did you mean {close[0]!r}?" if close else f"its linear layers: {', '.join(sorted(names))}"
+            )
             raise fail(
-                "trainer.lora.target_modules", f"{cfg.model.path} has no linear layer named so; {hint}", target
+                "trainer.lora.target_modules",
+                f"{cfg.model.path} has no linear layer named so; {hint}",
+                target,
             )
 
 

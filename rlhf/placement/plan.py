@@ -37,9 +37,9 @@ from rlhf.placement.memory import (
     check_gpu_memory,
     check_host_memory_on_cpu,
     estimate_memory,
-    note_lora_reference,
     memory_by_gpu,
     memory_by_host,
+    note_lora_reference,
     rollout_sleeps,
 )
 
