@@ -183,6 +183,8 @@ def run_args(args: argparse.Namespace, rm_dir: str) -> argparse.Namespace:
         tp=2 if args.rollout == "tp2" else 1,
         zero=3,
         staleness=args.staleness,
+        offload_ratio=None,
+        sleep_level=1,
         transport="auto",
         bucket_mb=args.bucket_mb,
         util=args.util,
