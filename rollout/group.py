@@ -13,7 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from rlhf.rollout.engine import GenerateRequest, RolloutEngine, resolve_dtype
+from rlhf.rollout.engine import (
+    GenerateRequest,
+    RolloutEngine,
+    adapter_sync,
+    lora_target_modules,
+    resolve_dtype,
+)
 
 from rlhf.actor_group import ActorGroup, GroupCallError, balance
 from rlhf.algorithms.old_logprobs import engines_return_logprobs
@@ -74,6 +80,15 @@ class RolloutGroup:
         self.colocated = is_colocated(cfg, device)
         self.dtype = resolve_dtype(cfg.model.dtype, device)
         self.workers_per_engine = 1 if device == "cpu" else cfg.rollout.tensor_parallel
+        # LoRA runs: adapter-only pushes (engines built with LoRA) or merged full weights, decided once
+        # here (trainer.lora.sync); `rlhf.sync.driver_side.WeightSync` reads it.
+        self.adapter_sync = adapter_sync(cfg, device, model_path)
+        self.lora_rank = cfg.trainer.lora.rank if self.adapter_sync else 0
+        self.lora_targets = (
+            lora_target_modules(cfg.trainer.lora.target_modules, model_path, cfg.model.trust_remote_code)
+            if self.adapter_sync
+            else None
+        )
         self._remote = ray.remote(RolloutEngine)
         self._model_path = model_path
         self._options = [
@@ -101,6 +116,8 @@ class RolloutGroup:
             engine_index=i,
             trust_remote_code=cfg.model.trust_remote_code,
             sampled_logprobs=engines_return_logprobs(cfg),
+            lora_rank=self.lora_rank,
+            lora_targets=self.lora_targets,
         )
 
     def restart(self, rank: int, cause: BaseException, resync: bool = True) -> None:
@@ -254,6 +271,10 @@ class RolloutGroup:
     def logprobs(self, seqs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Raw engine logprobs of each response token (see RolloutEngine.logprobs)."""
         return self.group.split_call("logprobs", seqs)
+
+    def active_adapters(self) -> list[dict[str, Any] | None]:
+        """Each engine's active LoRA adapter (None: the base model), see RolloutEngine.active_adapter."""
+        return self.group.call("active_adapter")
 
     def sleep(self, level: int = 1) -> bool:
         return all(self.group.call("sleep", level))

@@ -49,13 +49,21 @@ class WeightSync:
     `receive_weights(routes, payload)` and, on GPU, `device_uuids()`). `rollout.dtype` (optional) is
     the engines' weight dtype. The channels come from `rlhf.sync.routes.plan_routes` on the GPUs the
     actors report.
+
+    LoRA: where `rollout.adapter_sync` is true (the engines were built to serve LoRA adapters,
+    `rlhf.rollout.engine.adapter_sync`; `adapter` overrides it) every push carries only the policy's
+    adapter: the learners are asked for `send_weights(..., adapter_only=True)` and the specs carry the
+    adapter config of learner rank 0 (`adapter_config()`). Otherwise the learners send full weights
+    (merged with their adapters, for a LoRA run), as without LoRA.
     """
 
-    def __init__(self, cfg, learners, rollout, device: str):
+    def __init__(self, cfg, learners, rollout, device: str, adapter: bool | None = None):
         self.cfg = cfg
         self.learners = learners
         self.rollout = rollout
         self.device = device
+        self.adapter = bool(getattr(rollout, "adapter_sync", False)) if adapter is None else adapter
+        self.adapter_config: dict | None = None
         self.channels: list[Channel] = []
         self.specs: list[SyncSpec] = []
         self.routes: list[list[Route]] = []
@@ -82,6 +90,13 @@ class WeightSync:
         import ray
 
         learner_gpus, worker_gpus = self._gpus()
+        if self.adapter and self.adapter_config is None:
+            self.adapter_config = ray.get(self.learners.actors[0].adapter_config.remote())
+            if not self.adapter_config:
+                raise RuntimeError(
+                    "weight sync: adapter pushes need a LoRA policy, but learner rank 0 has no adapter "
+                    "(adapter_config() returned None)"
+                )
         self.channels, self.routes = plan_routes(self.cfg.transport, self.device, learner_gpus, worker_gpus)
         host = port = None
         if any(ch.transport != "object_store" for ch in self.channels):
@@ -103,10 +118,11 @@ class WeightSync:
                 backend="nccl" if self.device == "cuda" else "gloo",
                 group=f"{base}-c{c}",
                 engine_reload=self.cfg.engine_reload,
+                adapter=self.adapter_config if self.adapter else None,
             )
             for c, ch in enumerate(self.channels)
         ]
-        logger.info("weight sync: %s", self.describe())
+        logger.info("weight sync: %s%s", "LoRA adapter only; " if self.adapter else "", self.describe())
         return self.specs
 
     @property
@@ -185,16 +201,18 @@ class WeightSync:
         routes = [([(specs[r.channel], r.rank) for r in workers],) for workers in self.routes]
         bucket_bytes = specs[0].bucket_bytes  # every rank cuts the same buckets (ZeRO-3 gathers them)
         timeout = specs[0].timeout_s
+        # adapter pushes: every rank (senders or not: ZeRO-3 gathers) iterates the adapter's tensors only
+        what = {"adapter_only": True} if self.adapter else {}
         start = time.perf_counter()
         if specs[0].transport == "object_store":  # the engines need the refs first
-            senders, ranks = learners.submit("send_weights", bucket_bytes, per_rank=per_rank)
+            senders, ranks = learners.submit("send_weights", bucket_bytes, per_rank=per_rank, **what)
             sent = gather(senders, learners.who(ranks), "send_weights", timeout)
             receivers, engine_ranks = engines.submit("receive_weights", sent[0][0], per_rank=routes)
             inflight = _InFlight(start, [], [], receivers, engines.who(engine_ranks), sent=sent)
         else:  # both sides join the same collectives: start them together
             background = not wait
             senders, ranks = learners.submit(
-                "send_weights", bucket_bytes, per_rank=per_rank, background=background
+                "send_weights", bucket_bytes, per_rank=per_rank, background=background, **what
             )
             receivers, engine_ranks = engines.submit("receive_weights", None, per_rank=routes)
             inflight = _InFlight(
@@ -240,6 +258,7 @@ class WeightSync:
             "sync/gbps": num_bytes * 8 / 1e9 / max(elapsed, 1e-9),
             "sync/buckets": float(payloads[0].num_buckets if payloads else 0),
             "sync/channels": float(len(self.channels)),
+            "sync/adapter": float(self.adapter),
         }
 
     def shutdown(self) -> None:

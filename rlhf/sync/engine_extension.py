@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rlhf.sync.engine_replay import WeightReplay, bucket_layout
-from rlhf.sync.engine_side import receive_buckets
+from rlhf.sync.engine_side import receive_adapter, receive_buckets
 from rlhf.sync.wire import ENGINE_RELOADS, as_spec
 
 
@@ -131,6 +131,21 @@ class WeightUpdateExtension:
         stats["params_loaded"] = len(loaded)
         stats["params_total"] = sum(1 for _ in model.named_parameters())
         return stats
+
+    def receive_adapter(self, routes: list, payload: Any = None, directory: str | None = None) -> dict:
+        """Receive one LoRA adapter push (`spec.adapter` set): the base weights stay as they are.
+
+        Every worker takes part in the transport; tensor-parallel worker 0 writes the adapter to
+        `directory` (PEFT format), from which the engine then registers it as a vLLM LoRA adapter
+        (each worker loads its own shard of it). The directory must therefore be visible to every
+        worker of the engine: they run on one node."""
+        worker = int(getattr(self, "rank", 0))
+        spec, rank = routes[worker]
+        spec = as_spec(spec)
+        device = next(self.rlhf_model().parameters()).device
+        return receive_adapter(
+            spec, payload, directory if worker == 0 else None, device=device, rank=int(rank)
+        )
 
     def rlhf_replay(self) -> WeightReplay:
         """This worker's recorded bucket loads (`sync.engine_reload=replay`), kept across pushes."""

@@ -103,3 +103,76 @@ def receive_buckets(
             load(PackedBucket(metas, buffer))
         index += 1
     return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: adapter-only pushes
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_directory(prefix: str = "rlhf-lora-") -> str:
+    """A fresh directory for one pushed adapter: in /dev/shm (memory) where there is one."""
+    import os
+    import tempfile
+
+    shm = "/dev/shm"
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
+
+
+def write_adapter(directory: str, tensors: NamedTensors, config: dict) -> int:
+    """Save an adapter the way PEFT's `save_pretrained` does (adapter_config.json +
+    adapter_model.safetensors, tensors under their PEFT state-dict names), which vLLM's LoRA loader
+    reads. Returns the bytes of the tensors written."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    if not tensors:
+        raise ValueError("adapter push: no tensors received")
+    names = [name for name, _ in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("adapter push: a tensor name came twice")
+    not_lora = [name for name in names if ".lora_" not in name]
+    if not_lora:
+        raise ValueError(
+            f"adapter push: {len(not_lora)} tensor(s) are not LoRA weights (e.g. {not_lora[0]!r}); "
+            "only lora_A / lora_B tensors can be served as an adapter"
+        )
+    state = {name: t.detach().to("cpu").contiguous() for name, t in tensors}
+    os.makedirs(directory, exist_ok=True)
+    save_file(state, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f)
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def receive_adapter(
+    spec: SyncSpec,
+    payload: SyncPayload | list | None,
+    directory: str | None,
+    device: torch.device | str | None = None,
+    rank: int = 1,
+) -> dict[str, Any]:
+    """One receiver of an adapter push: every bucket of the push (`receive_buckets`), kept as host
+    copies and, with `directory`, written there in PEFT format with the spec's adapter config. A
+    tensor-parallel engine's other workers pass `directory=None`: they take part in the transport
+    (a broadcast needs every member) and drop what they received."""
+    if spec.adapter is None:
+        raise ValueError("receive_adapter: the push is not an adapter push (spec.adapter is None)")
+    received: NamedTensors = []
+
+    def keep(tensors: NamedTensors) -> None:
+        if directory is not None:  # the views die with their bucket: copy out
+            received.extend((name, t.detach().to("cpu", copy=True)) for name, t in tensors)
+
+    stats: dict[str, Any] = dict(receive_buckets(spec, payload, keep, device=device, rank=rank))
+    if directory is not None:
+        start = time.perf_counter()
+        stats["adapter_bytes"] = write_adapter(directory, received, spec.adapter)
+        stats["adapter_tensors"] = len(received)
+        stats["write_s"] = time.perf_counter() - start
+    return stats

@@ -1,7 +1,8 @@
 """Weight sync, the sending side (learner ranks): pack each bucket and ship it over every channel.
 
 `send_to_channels` is what a learner rank runs for one push (`trainer/learner.py`), `BackgroundSend`
-the same on a thread while the rank trains on. The wire format and the transports are in
+the same on a thread while the rank trains on. An adapter push (LoRA, `spec.adapter` set) goes the
+same way; its buckets hold only the adapter's tensors (`weight_buckets(..., adapter_only=True)`). The wire format and the transports are in
 `rlhf.sync.wire`; the receiving side is `rlhf.sync.engine_side`.
 """
 
@@ -39,6 +40,8 @@ class BucketSender:
 
     def send(self, bucket: NamedTensors) -> None:
         spec, group, payload = self.spec, self.group, self.payload
+        if spec.adapter is not None:
+            check_adapter_bucket(bucket)
         start = time.perf_counter()
         packed = pack_bucket(bucket, spec.dtype, self.device)
         sent = time.perf_counter()
@@ -69,6 +72,29 @@ class BucketSender:
         if self.group is not None:
             self.group.publish(store_key(self.spec, self.payload.num_buckets), None)  # end of this push
         return self.payload
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """A LoRA adapter tensor as PEFT names it (`...q_proj.lora_A.weight`, `...lora_embedding_B`)."""
+    return ".lora_" in name
+
+
+def check_adapter_bucket(bucket: NamedTensors) -> None:
+    """An adapter push carries only adapter tensors: anything else means the learner sent full weights."""
+    others = [name for name, _ in bucket if not is_adapter_tensor(name)]
+    if others:
+        raise ValueError(
+            f"adapter push: {len(others)} tensor(s) are not LoRA adapter weights (e.g. {others[0]!r}); the "
+            "learner must send named_weight_buckets(bucket_bytes, adapter_only=True) for adapter pushes"
+        )
+
+
+def weight_buckets(learner, bucket_bytes: int, adapter_only: bool = False):
+    """What a learner rank sends in one push: its full weights (`named_weight_buckets(bucket_bytes)`,
+    merged with its adapters in a LoRA run) or, `adapter_only`, the LoRA adapter's tensors alone."""
+    if adapter_only:
+        return learner.named_weight_buckets(bucket_bytes, adapter_only=True)
+    return learner.named_weight_buckets(bucket_bytes)
 
 
 def send_buckets(spec: SyncSpec, buckets: Iterable[NamedTensors]) -> SyncPayload:

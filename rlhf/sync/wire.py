@@ -69,6 +69,14 @@ class SyncSpec:
     # layer-wise reload, which redoes post-load processing), "auto" (replay where nothing is
     # post-processed).
     engine_reload: str = "auto"
+    # LoRA: None for a push of full weights (what `model.load_weights` takes); for an adapter push
+    # the PEFT adapter config (adapter_config.json as a dict) and the push carries only the adapter's
+    # tensors, named as PEFT saves them. The engine serves them as a vLLM LoRA adapter.
+    adapter: dict | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ def make_spec(
     group: str = "rlhf-weight-sync",
     timeout_s: float = 600.0,
     engine_reload: str = "auto",
+    adapter: dict | None = None,
 ) -> SyncSpec:
     """Validated `SyncSpec`; `backend` defaults to gloo (use "nccl" for GPU broadcast)."""
     if transport not in TRANSPORTS:
@@ -144,6 +153,10 @@ def make_spec(
         raise ValueError(f"sync.engine_reload: expected one of {ENGINE_RELOADS}, got {engine_reload!r}")
     if transport in ("broadcast", "cuda_ipc") and (host is None or port is None):
         raise ValueError(f"sync transport {transport!r} needs the store host and port")
+    if adapter is not None and not isinstance(adapter, dict):
+        raise ValueError(
+            f"weight sync adapter config must be a dict (adapter_config.json), got {type(adapter)}"
+        )
     world_size = 1 + num_engines * workers_per_engine
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
@@ -161,6 +174,7 @@ def make_spec(
         group=group,
         timeout_s=timeout_s,
         engine_reload=engine_reload,
+        adapter=adapter,
     )
 
 
