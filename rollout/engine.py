@@ -61,8 +61,8 @@ def lora_target_modules(targets: list[str], model_path: str, trust_remote_code: 
     Telling vLLM keeps it from wrapping the output head, which an `all-linear` adapter never touches:
     vLLM's LoRA logits layer breaks prompt logprobs (what `logprobs` and the sync audit read) on CPU
     for more than one sequence per batch, and drops an lm_head adapter's delta there on GPU."""
-    if list(targets) != ["all-linear"]:
-        return sorted(set(targets))
+    if list(targets) != ["all-linear"]:  # names or name suffixes: vLLM matches the last part
+        return sorted({target.rsplit(".", 1)[-1] for target in targets})
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

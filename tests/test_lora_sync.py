@@ -61,7 +61,10 @@ def test_all_linear_resolves_like_peft(tiny_model_dir):
 
     linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert lora_target_modules(["all-linear"], tiny_model_dir) == linear
-    assert lora_target_modules(["v_proj", "q_proj"], tiny_model_dir) == ["q_proj", "v_proj"]
+    assert lora_target_modules(["v_proj", "model.layers.0.self_attn.q_proj"], tiny_model_dir) == [
+        "q_proj",
+        "v_proj",
+    ]
 
 
 def _unsupported(tmp_path, tiny_model_dir) -> list[tuple[str, RunConfig, str, str]]:
