@@ -89,6 +89,8 @@ def run(path: str | Path, cfg: RunConfig, out: str | Path | None = None) -> dict
         model=dataclasses.replace(cfg.model, path=str(model_dir)),
         # the engines are sized like the evaluation role's (one engine unless placement.evaluation says more)
         placement=dataclasses.replace(cfg.placement, rollout=cfg.placement.evaluation),
+        # the model is evaluated as it is (a LoRA checkpoint's adapter is merged in): no LoRA engines
+        trainer=dataclasses.replace(cfg.trainer, lora=dataclasses.replace(cfg.trainer.lora, rank=0)),
     )
     device = resolve_device(cfg)
     check_engine_can_run(str(model_dir), device)

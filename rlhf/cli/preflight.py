@@ -28,7 +28,27 @@ def check_run_inputs(cfg: RunConfig, device: str) -> list[str]:
     else:
         lines.append(check_model(model_dir, cfg.model.dtype, device, cfg.model.trust_remote_code))
     lines.append(check_data_columns(cfg.data))
+    if cfg.trainer.lora.rank > 0:
+        lines.append(check_lora_serving(cfg, device, model_dir))
     return lines
+
+
+def check_lora_serving(cfg: RunConfig, device: str, model_dir: str | None) -> str:
+    """What a LoRA run's weight pushes will send: the adapters, or merged weights where the engines
+    cannot serve LoRA (`trainer.lora.sync: adapter` there is an error)."""
+    from rlhf.rollout.engine import lora_supported
+
+    lora = cfg.trainer.lora
+    if lora.sync == "merged":
+        return "trainer.lora: weight pushes send merged weights (trainer.lora.sync=merged)"
+    ok, reason = lora_supported(cfg, device, model_dir)
+    if ok:
+        return f"trainer.lora: weight pushes send the rank-{lora.rank} adapters alone"
+    if lora.sync == "adapter":
+        raise PreflightError(
+            f"trainer.lora.sync=adapter: the rollout engines cannot serve LoRA adapters: {reason}"
+        )
+    return f"trainer.lora: weight pushes send merged weights, the engines cannot serve LoRA: {reason}"
 
 
 def local_model_dir(path: str) -> str | None:
