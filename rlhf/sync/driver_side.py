@@ -51,7 +51,7 @@ class WeightSync:
     actors report.
 
     LoRA: where `rollout.adapter_sync` is true (the engines were built to serve LoRA adapters,
-    `rlhf.rollout.engine.adapter_sync`; `adapter` overrides it) every push carries only the policy's
+    `rlhf.rollout.lora.adapter_sync`; `adapter` overrides it) every push carries only the policy's
     adapter: the learners are asked for `send_weights(..., adapter_only=True)` and the specs carry the
     adapter config of learner rank 0 (`adapter_config()`). Otherwise the learners send full weights
     (merged with their adapters, for a LoRA run), as without LoRA.
