@@ -4,7 +4,8 @@ The recipes that differ from `grpo.yaml` only in the advantage estimator or the 
 (`dr_grpo`, `rloo`, `reinforce_pp`, `gspo`) and `calculator_tool_one_example` (the environment of
 `calculator_tool` with another prompt file) validate here and are not run again: their estimators
 and losses have hand-computed unit tests (tests/test_advantages.py, tests/test_losses.py), and
-tests/test_registries.py trains a step with an estimator plugged in by name.
+tests/test_registries.py trains a step with an estimator plugged in by name. `lora` (the quickstart
+with LoRA adapters) runs in tests/test_loop.py, which trains it with adapter pushes and resumes it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from rlhf.production.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml"))
-SAME_LOOP_AS_RUN = {"quickstart", "dr_grpo", "rloo", "reinforce_pp", "gspo", "calculator_tool_one_example"}
+SAME_LOOP_AS_RUN = {
+    "quickstart",
+    "dr_grpo",
+    "rloo",
+    "reinforce_pp",
+    "gspo",
+    "calculator_tool_one_example",
+    "lora",
+}
 ALGORITHM_RECIPES = [p for p in RECIPES if p.stem not in SAME_LOOP_AS_RUN]
 
 
