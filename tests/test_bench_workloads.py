@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from experiments.bench.workloads import geometric_quantile, set_eos_rate, varied_prompt_lengths
+from experiments.bench.workloads import geometric_quantile, learning_rate, set_eos_rate, varied_prompt_lengths
 
 
 def tiny_random_llama(tie: bool):
@@ -66,3 +66,9 @@ def test_sampled_answers_end_at_the_set_rate(tie):
     # Geometric with p = 0.05: mean length min(...) ~ 20 * (1 - 0.95^120) = 19.6; 64 answers.
     assert 0.85 < float(ended.float().mean()) <= 1.0
     assert 12 < float(lengths.float().mean()) < 30
+
+
+def test_every_system_trains_at_one_learning_rate_and_longtail_keeps_its_weights():
+    assert learning_rate("fixed") == 1e-6
+    assert learning_rate("longtail") == 1e-10  # lengths come from the weights: updates must not move them
+    assert learning_rate("longtail", 3e-6) == 3e-6

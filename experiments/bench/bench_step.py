@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from experiments.bench.workloads import learning_rate  # noqa: E402
 from rlhf.data.shapes import MODEL_SHAPES as SHAPES  # noqa: E402
 
 
@@ -234,9 +235,11 @@ def deepspeed_alone(model_dir: str, args) -> dict:
 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True, "ratio": args.offload_ratio}
         zero["sub_group_size"] = sum(p.numel() for p in model.parameters()) // 20
-        optim = DeepSpeedCPUAdam(model.parameters(), lr=1e-6, adamw_mode=True)
+        optim = DeepSpeedCPUAdam(
+            model.parameters(), lr=learning_rate(args.workload, args.lr), adamw_mode=True
+        )
     else:  # torch's fused AdamW: no JIT-compiled DeepSpeed op needed on the host.
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+        optim = torch.optim.AdamW(model.parameters(), lr=learning_rate(args.workload, args.lr), fused=True)
     ds_cfg = {
         "train_micro_batch_size_per_gpu": per_micro,
         "gradient_accumulation_steps": len(micro),
@@ -309,6 +312,7 @@ def learner_alone(model_dir: str, args) -> dict:
             "trainer.zero_stage=2",
             "trainer.gradient_checkpointing=true",
             f"trainer.micro_batch_tokens={args.micro_batch_tokens}",
+            f"trainer.lr={learning_rate(args.workload, args.lr)}",
             "algorithm.advantage=grpo",
             "algorithm.kl_coef=0",
             "rollout.sampling.temperature=1.0",
@@ -417,6 +421,7 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         f"rollout.sleep_between_steps={str(args.sleep).lower()}",
         "reward.sources=[{kind: rule, name: 'experiments.bench.bench_reward:token_parity'}]",
         f"trainer.micro_batch_tokens={args.micro_batch_tokens}",
+        f"trainer.lr={learning_rate(args.workload, args.lr)}",
         f"trainer.zero_stage={args.zero}",
         "trainer.gradient_checkpointing=true",
         "algorithm.advantage=grpo",
@@ -624,6 +629,11 @@ def main() -> None:
         help="longtail: prompt lengths, uniform over LOW,HIGH",
     )
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate of (b) and (c) (default 1e-6; 1e-10 on longtail: workloads.py)",
+    )
     ap.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated"])
     ap.add_argument("--gpus", type=int, default=1, help="GPUs the rlhf step (c) uses (see gpu_layout)")
     ap.add_argument("--tp", type=int, default=1, help="rollout.tensor_parallel for (c)")

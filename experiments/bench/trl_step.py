@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from experiments.bench.workloads import learning_rate  # noqa: E402
+
 
 def grpo_kwargs(args: argparse.Namespace, out_dir: str) -> dict:
     """GRPOConfig arguments for the benchmark's step: one generation of P x N answers per optimizer
@@ -41,7 +43,7 @@ def grpo_kwargs(args: argparse.Namespace, out_dir: str) -> dict:
         num_generations=args.n,
         max_completion_length=args.new_tokens,
         temperature=1.0,
-        learning_rate=1e-6,
+        learning_rate=learning_rate(args.workload, args.lr),
         lr_scheduler_type="constant",
         beta=0.0,
         shuffle_dataset=False,
@@ -79,6 +81,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--lr", type=float, help="default: bench_step's (1e-6; 1e-10 on longtail)")
     ap.add_argument("--micro-batch", type=int, default=16, help="answers per forward/backward")
     ap.add_argument("--util", type=float, default=0.5)
     ap.add_argument("--sleep", action="store_true", help="vLLM sleep mode between generations")
