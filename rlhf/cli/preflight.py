@@ -36,19 +36,15 @@ def check_run_inputs(cfg: RunConfig, device: str) -> list[str]:
 def check_lora_serving(cfg: RunConfig, device: str, model_dir: str | None) -> str:
     """What a LoRA run's weight pushes will send: the adapters, or merged weights where the engines
     cannot serve LoRA (`trainer.lora.sync: adapter` there is an error)."""
-    from rlhf.rollout.lora import lora_supported
+    from rlhf.rollout.lora import push_choice
 
     lora = cfg.trainer.lora
-    if lora.sync == "merged":
-        return "trainer.lora: weight pushes send merged weights (trainer.lora.sync=merged)"
-    ok, reason = lora_supported(cfg, device, model_dir)
-    if ok:
+    adapter, reason = push_choice(cfg, device, model_dir)
+    if adapter:
         return f"trainer.lora: weight pushes send the rank-{lora.rank} adapters alone"
     if lora.sync == "adapter":
-        raise PreflightError(
-            f"trainer.lora.sync=adapter: the rollout engines cannot serve LoRA adapters: {reason}"
-        )
-    return f"trainer.lora: weight pushes send merged weights, the engines cannot serve LoRA: {reason}"
+        raise PreflightError(f"trainer.lora.sync=adapter: {reason}")
+    return f"trainer.lora: weight pushes send merged weights: {reason}"
 
 
 def local_model_dir(path: str) -> str | None:
