@@ -153,29 +153,102 @@ def adapter_sync(cfg, device: str, model_path: str | None = None) -> bool:
     return False
 
 
+def swap_adapter(worker, lora_id: int, tensors, config: dict) -> None:
+    """Replace, in one vLLM worker, the weights of the LoRA adapter it serves as `lora_id` with
+    `tensors` (PEFT names, on the worker's device), without a file: the worker's LoRA manager builds
+    the adapter from the tensors as its file loader would (`LoRAModel.from_lora_tensors`: names
+    mapped, q/k/v and gate/up packed, this worker's tensor-parallel shard taken) and activates it in
+    the same slot under the same id."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager  # vLLM's WorkerLoRAManager
+    adapters = manager._adapter_manager
+    if lora_id not in adapters.list_adapters():
+        raise RuntimeError(f"adapter {lora_id} is not registered in this worker")
+    peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": manager.max_position_embeddings})
+    peft.validate_legal(manager.lora_config)
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    device = tensors[0][1].device if tensors else "cpu"
+    lora = manager._lora_model_cls.from_lora_tensors(
+        lora_model_id=lora_id,
+        tensors=dict(tensors),
+        peft_helper=peft,
+        device=str(device),
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+    adapters.remove_adapter(lora_id)
+    adapters.add_adapter(lora)
+    adapters.activate_adapter(lora_id)
+
+
 class AdapterSlot:
-    """The LoRA adapter an engine serves: each adapter push is written in PEFT format to a fresh
-    directory (/dev/shm where there is one) and registered as a new vLLM LoRA adapter, which every
-    later call uses; the previous one is removed. The base weights are not touched."""
+    """The LoRA adapter an engine serves. The first push is written in PEFT format to a directory
+    (/dev/shm where there is one) and registered as a vLLM LoRA adapter, which every later call
+    uses. Later pushes over broadcast or CUDA IPC are swapped into the workers' LoRA layers in
+    place (`swap_adapter`): the same adapter id, no file (on one H200 writing and re-registering a
+    rank-64 adapter of the 0.5B shape took ~100 ms). The first push's directory is then removed,
+    so that nothing could reload the stale file. Object-store pushes (CPU engines) register a new
+    adapter from a new directory each time. The base weights are never touched."""
 
     def __init__(self) -> None:
         self.request = None  # vLLM LoRARequest; None: the base model (the policy before its first step)
         self.directory: str | None = None
+        self.in_place = True  # False once a swap failed: every later push goes through a file
         self._ids = 0
 
     def receive(self, llm, routes: list, payload: SyncPayload | list | None) -> dict[str, Any]:
-        from vllm.lora.request import LoRARequest
+        spec = as_spec(routes[0][0])
+        if self.request is not None and self.in_place and spec.transport != "object_store":
+            return self._swap(llm, routes)
+        return self._register(llm, routes, payload)
 
+    def _swap(self, llm, routes: list) -> dict[str, Any]:
+        from rlhf.sync.engine_side import adapter_directory
+
+        fallback = adapter_directory()  # written only if a worker cannot swap
+        results = llm.collective_rpc(
+            "receive_adapter", args=(routes, None, fallback, self.request.lora_int_id)
+        )
+        errors = [r.pop("in_place_error") for r in results if "in_place_error" in r]
+        if errors:
+            self.in_place = False
+            logger.warning(
+                "LoRA: pushing adapters through files from now on: in-place swap failed: %s", errors[0]
+            )
+            return self._register_directory(llm, fallback, results[0])
+        shutil.rmtree(fallback, ignore_errors=True)
+        if self.directory:  # the registered files hold the first push: make a reload fail, not go stale
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+        stats = results[0]
+        stats["in_place"] = 1
+        return stats
+
+    def _register(self, llm, routes: list, payload: SyncPayload | list | None) -> dict[str, Any]:
         from rlhf.sync.engine_side import adapter_directory, receive_adapter
 
         spec = as_spec(routes[0][0])
         directory = adapter_directory()
         try:
             if spec.transport == "object_store":  # the refs are fetched here, in the engine's process
-                stats = receive_adapter(spec, payload, directory)
+                stats, _ = receive_adapter(spec, payload, directory)
             else:  # broadcast / cuda_ipc: the workers are the channel's members
                 stats = llm.collective_rpc("receive_adapter", args=(routes, None, directory))[0]
-            start = time.perf_counter()
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return self._register_directory(llm, directory, stats)
+
+    def _register_directory(self, llm, directory: str, stats: dict[str, Any]) -> dict[str, Any]:
+        """Serve the adapter written to `directory` as a new vLLM adapter; drop the previous one."""
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        try:
             self._ids += 1
             request = LoRARequest(f"rlhf-policy-{self._ids}", self._ids, directory)
             llm.llm_engine.add_lora(request)  # loads it in every worker now: errors surface here
@@ -187,20 +260,18 @@ class AdapterSlot:
         if previous is not None:
             if previous.lora_int_id in llm.llm_engine.list_loras():
                 llm.llm_engine.remove_lora(previous.lora_int_id)
-            shutil.rmtree(previous_dir, ignore_errors=True)
+            if previous_dir:
+                shutil.rmtree(previous_dir, ignore_errors=True)
         stats["register_s"] = time.perf_counter() - start
         stats["load_s"] = stats.get("load_s", 0.0) + stats.get("write_s", 0.0) + stats["register_s"]
         return stats
 
     def describe(self) -> dict[str, Any] | None:
-        """(name, id, directory) of the adapter served now, None for the base model."""
+        """(name, id, directory) of the adapter served now, None for the base model; the directory
+        is None once pushes are swapped in place (the adapter then lives only in the engine)."""
         if self.request is None:
             return None
-        return {
-            "name": self.request.lora_name,
-            "id": self.request.lora_int_id,
-            "path": self.request.lora_path,
-        }
+        return {"name": self.request.lora_name, "id": self.request.lora_int_id, "path": self.directory}
 
     def close(self) -> None:
         if self.directory:

@@ -325,8 +325,10 @@ def test_engine_serves_the_base_model_before_the_first_push(lora_cluster):
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])
 def test_adapter_push_matches_the_peft_model(lora_cluster, transport):
-    """object_store: the engine actor fetches and writes the adapter; broadcast (gloo): the vLLM worker
-    is the channel's member and writes it (`WeightUpdateExtension.receive_adapter`)."""
+    """object_store: the engine actor fetches and writes the adapter, served as a new vLLM adapter;
+    broadcast (gloo): the vLLM worker is the channel's member and, the engine serving an adapter
+    already, swaps the tensors into its LoRA layers in place (`WeightUpdateExtension.receive_adapter`,
+    `swap_adapter`): same adapter id, no file."""
     ray, learner, rollout = lora_cluster.ray, lora_cluster.learner, lora_cluster.rollout
     seed = {"object_store": 1, "broadcast": 2}[transport]
     ray.get(learner.randomize.remote(seed))
@@ -344,10 +346,17 @@ def test_adapter_push_matches_the_peft_model(lora_cluster, transport):
     adapter_bytes, full_bytes = ray.get([learner.adapter_bytes.remote(), learner.full_bytes.remote()])
     assert metrics["sync/bytes"] == adapter_bytes < full_bytes / 5
     assert metrics["sync/adapter"] == 1.0 and metrics["sync/time_s"] > 0 and metrics["sync/buckets"] > 1
-    # a new adapter id per push; the previous adapter's files are gone, the active one's are PEFT's
     active = rollout.active_adapters()[0]
-    assert active is not None and (before is None or active["id"] > before["id"])
-    assert before is None or not os.path.exists(before["path"])
+    assert active is not None
+    if before is not None and transport == "broadcast":  # swapped in place: the same adapter, no file
+        assert metrics["sync/engine_in_place"] == 1.0
+        assert active["id"] == before["id"] and active["path"] is None
+        assert before["path"] is None or not os.path.exists(before["path"])  # no stale file to reload
+        return
+    # a new adapter id per push; the previous adapter's files are gone, the active one's are PEFT's
+    assert "sync/engine_in_place" not in metrics
+    assert before is None or active["id"] > before["id"]
+    assert before is None or before["path"] is None or not os.path.exists(before["path"])
     assert sorted(os.listdir(active["path"])) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     from safetensors import safe_open
 

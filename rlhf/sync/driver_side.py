@@ -280,6 +280,8 @@ def _sync_phases(payloads: list[SyncPayload], loaded: list) -> dict[str, float]:
             out["sync/engine_params_without_loader"] = float(stats["params_without_loader"])
         if isinstance(stats, dict) and "reload_direct" in stats:  # 1 only if every engine wrote directly
             out["sync/engine_direct"] = min(out.get("sync/engine_direct", 1.0), float(stats["reload_direct"]))
+        if isinstance(stats, dict) and "in_place" in stats:  # LoRA: 1 only if every engine swapped in place
+            out["sync/engine_in_place"] = min(out.get("sync/engine_in_place", 1.0), float(stats["in_place"]))
         if isinstance(stats, dict) and "buckets_replayed" in stats:  # replay: the fewest of any worker
             replayed = float(stats["buckets_replayed"])
             out["sync/engine_buckets_replayed"] = min(

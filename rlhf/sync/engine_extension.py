@@ -8,12 +8,13 @@ own methods (vLLM asserts that), hence the `rlhf_` prefix on helpers.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import torch
 
 from rlhf.sync.engine_replay import WeightReplay, bucket_layout
-from rlhf.sync.engine_side import receive_adapter, receive_buckets
+from rlhf.sync.engine_side import receive_adapter, receive_buckets, write_adapter
 from rlhf.sync.wire import ENGINE_RELOADS, as_spec
 
 
@@ -132,20 +133,46 @@ class WeightUpdateExtension:
         stats["params_total"] = sum(1 for _ in model.named_parameters())
         return stats
 
-    def receive_adapter(self, routes: list, payload: Any = None, directory: str | None = None) -> dict:
+    def receive_adapter(
+        self,
+        routes: list,
+        payload: Any = None,
+        directory: str | None = None,
+        lora_id: int | None = None,
+    ) -> dict:
         """Receive one LoRA adapter push (`spec.adapter` set): the base weights stay as they are.
 
-        Every worker takes part in the transport; tensor-parallel worker 0 writes the adapter to
-        `directory` (PEFT format), from which the engine then registers it as a vLLM LoRA adapter
-        (each worker loads its own shard of it). The directory must therefore be visible to every
-        worker of the engine: they run on one node."""
+        With `lora_id` (an adapter the engine already serves) every worker swaps the pushed tensors
+        into its LoRA layers in place (`rlhf.rollout.lora.swap_adapter`: no file, no new adapter
+        id); if that fails, worker 0 writes `directory` as below and the stats carry the error.
+        Without it, tensor-parallel worker 0 writes the adapter to `directory` (PEFT format), from
+        which the engine then registers it as a new vLLM LoRA adapter (each worker loads its own
+        shard of it): the directory must be visible to every worker of the engine (one node)."""
+        from rlhf.rollout.lora import swap_adapter
+
         worker = int(getattr(self, "rank", 0))
         spec, rank = routes[worker]
         spec = as_spec(spec)
         device = next(self.rlhf_model().parameters()).device
-        return receive_adapter(
-            spec, payload, directory if worker == 0 else None, device=device, rank=int(rank)
-        )
+        if lora_id is None:
+            stats, _ = receive_adapter(
+                spec, payload, directory if worker == 0 else None, device=device, rank=int(rank)
+            )
+            return stats
+        stats, tensors = receive_adapter(spec, payload, None, device=device, rank=int(rank), keep=True)
+        start = time.perf_counter()
+        try:
+            swap_adapter(self, int(lora_id), tensors, spec.adapter)
+        except Exception as exc:  # an engine whose LoRA internals differ: fall back to the file path
+            stats["in_place_error"] = f"{type(exc).__name__}: {exc}"
+            if worker == 0 and directory is not None:
+                write_start = time.perf_counter()
+                stats["adapter_bytes"] = write_adapter(directory, tensors, spec.adapter)
+                stats["write_s"] = time.perf_counter() - write_start
+            return stats
+        stats["swap_s"] = time.perf_counter() - start
+        stats["load_s"] += stats["swap_s"]
+        return stats
 
     def rlhf_replay(self) -> WeightReplay:
         """This worker's recorded bucket loads (`sync.engine_reload=replay`), kept across pushes."""

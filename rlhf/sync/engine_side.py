@@ -156,23 +156,27 @@ def receive_adapter(
     directory: str | None,
     device: torch.device | str | None = None,
     rank: int = 1,
-) -> dict[str, Any]:
-    """One receiver of an adapter push: every bucket of the push (`receive_buckets`), kept as host
-    copies and, with `directory`, written there in PEFT format with the spec's adapter config. A
-    tensor-parallel engine's other workers pass `directory=None`: they take part in the transport
-    (a broadcast needs every member) and drop what they received."""
+    keep: bool = False,
+) -> tuple[dict[str, Any], NamedTensors]:
+    """One receiver of an adapter push: every bucket of the push (`receive_buckets`). With
+    `directory` the tensors are written there in PEFT format with the spec's adapter config; with
+    `keep` they are returned as copies on `device` (for an in-place swap into the engine's LoRA
+    layers). A tensor-parallel engine's workers that do neither take part in the transport (a
+    broadcast needs every member) and drop what they received. Returns (stats, tensors kept)."""
     if spec.adapter is None:
         raise ValueError("receive_adapter: the push is not an adapter push (spec.adapter is None)")
     received: NamedTensors = []
 
-    def keep(tensors: NamedTensors) -> None:
-        if directory is not None:  # the views die with their bucket: copy out
+    def collect(tensors: NamedTensors) -> None:
+        if keep:  # the views die with their bucket: copy out
+            received.extend((name, t.detach().clone()) for name, t in tensors)
+        elif directory is not None:
             received.extend((name, t.detach().to("cpu", copy=True)) for name, t in tensors)
 
-    stats: dict[str, Any] = dict(receive_buckets(spec, payload, keep, device=device, rank=rank))
+    stats: dict[str, Any] = dict(receive_buckets(spec, payload, collect, device=device, rank=rank))
     if directory is not None:
         start = time.perf_counter()
         stats["adapter_bytes"] = write_adapter(directory, received, spec.adapter)
         stats["adapter_tensors"] = len(received)
         stats["write_s"] = time.perf_counter() - start
-    return stats
+    return stats, received
