@@ -1,8 +1,13 @@
-"""Self-healing: a rollout engine killed mid-step is restarted, reloaded and its prompts re-sent."""
+"""Self-healing: a rollout engine killed mid-step is restarted, reloaded and its prompts re-sent; a
+learner rank killed mid-run restarts the learners from the last checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -70,9 +75,10 @@ def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_d
         with pytest.raises(RuntimeError, match=r"rollout engine 1 died 2 times .* last error: out of memory"):
             rollout.restart(1, RuntimeError("out of memory"))
 
-        # A dead learner rank cannot be replaced mid-run (its optimizer state is gone): one line names
-        # it and the command that resumes from the last checkpoint.
+        # Past trainer.max_restarts a dead learner rank stops the run: one line names it and the
+        # command that resumes from the last checkpoint.
         trainer.step += 1
+        trainer.cfg.trainer.max_restarts = 0
         ray.kill(trainer.roles.policy.actors[0], no_restart=True)
         with pytest.raises(RunStopped) as stopped:
             trainer.run_step()
@@ -107,3 +113,48 @@ def test_reward_model_killed_mid_step_is_restarted_and_the_run_finishes(tiny_mod
         assert trainer.step_once()["fault/reward_restarts"] == 1
     finally:
         trainer.shutdown()
+
+
+def test_learner_rank_killed_mid_run_restarts_from_the_checkpoint(tiny_model_dir, tmp_path):
+    """`kill -9` of the policy rank's process during step 2, after the step-1 checkpoint: the learners
+    restart from that checkpoint inside the job, steps 2 and 3 run from there, and the run ends with
+    every planned step trained on its whole batch."""
+    steps = 3
+    overrides = run_overrides(
+        tiny_model_dir,
+        tmp_path,
+        **{"steps": str(steps), "checkpoint.every": "1", "logging.run_name": "chaos"},
+    )
+    trainer = Trainer(load_config(REPO / "configs/quickstart.yaml", overrides))
+    metrics_file = trainer.run_dir / "metrics.jsonl"
+    killed: list[int] = []
+
+    def logged_steps() -> set[int]:
+        if not metrics_file.exists():
+            return set()
+        return {json.loads(line)["step"] for line in metrics_file.read_text().splitlines() if line.strip()}
+
+    def kill_during_step_2() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if 1 in logged_steps() and (trainer.run_dir / "checkpoints/step_000001").is_dir():
+                policy = trainer.roles.policy.actors[0]
+                pid = ray.get(policy.__ray_call__.remote(lambda self: os.getpid()))
+                time.sleep(0.3)  # step 2 is generating: the learner's next call finds it dead
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_during_step_2, daemon=True)
+    killer.start()
+    run_dir = trainer.run()
+    killer.join(timeout=5)
+    assert killed, "the learner was never killed"
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    trained = {r["step"]: r for r in rows if "train/num_tokens" in r}  # a redone step: its last row
+    assert sorted(trained) == list(range(1, steps + 1))
+    assert all(r["train/num_tokens"] == PROMPTS * N * TOKENS for r in trained.values())
+    assert trained[steps]["fault/learner_restarts"] == 1 and trained[1]["fault/learner_restarts"] == 0
+    assert (run_dir / f"checkpoints/step_{steps:06d}").is_dir()

@@ -351,6 +351,12 @@ class CriticConfig:
 class TrainerConfig:
     zero_stage: Literal[0, 1, 2, 3] = doc(2, help="DeepSpeed ZeRO stage.")
     lr: float = doc(1e-6, help="Learning rate (> 0).")
+    max_restarts: int = doc(
+        2,
+        help="Learner restarts a run may make (>= 0): when a policy, reference or critic rank dies, "
+        "every learner role restarts from the last checkpoint and the steps after it run again "
+        "(docs/reliability.md); past that the run stops with the command that resumes it.",
+    )
     min_lr_ratio: float = doc(1.0, help="Final learning rate as a fraction of `lr`, in [0, 1] (1: constant).")
     warmup_steps: int = doc(0, help="Learning-rate warmup steps (>= 0).")
     weight_decay: float = doc(0.0, help="AdamW weight decay (>= 0).")

@@ -149,6 +149,7 @@ def validate(
     tr = cfg.trainer
     check(math.isfinite(tr.lr) and tr.lr > 0, "trainer.lr", "must be > 0", tr.lr)
     check(0 <= tr.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]", tr.min_lr_ratio)
+    check(tr.max_restarts >= 0, "trainer.max_restarts", "must be >= 0", tr.max_restarts)
     at_least("trainer.warmup_steps", tr.warmup_steps, 0)
     at_least("trainer.weight_decay", tr.weight_decay, 0)
     for i, beta in enumerate(tr.adam_betas):

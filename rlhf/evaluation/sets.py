@@ -222,6 +222,20 @@ class Evaluator:
         engines.on_restart = sync.resync
         return cls(sets, rollout, reward, engines, sync)
 
+    def reconnect(self, policy, sync_cfg) -> None:
+        """New learners (a learner restart): the own engines' sync is planned anew from them, and
+        the next evaluation pushes their weights whatever step it is."""
+        if self.own_engines is None:
+            return
+        from rlhf.sync.driver_side import WeightSync
+
+        for _, future in self._pending:  # an evaluation in flight finishes on the weights it had
+            future.result()
+        self.own_sync = WeightSync(sync_cfg, policy, self.own_engines, self.own_sync.device)
+        self.own_sync.setup()
+        self.own_engines.on_restart = self.own_sync.resync
+        self._engine_step = -1
+
     def start(self, step: int) -> Evaluation | None:
         if not self.sets:
             return None

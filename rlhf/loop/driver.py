@@ -25,6 +25,7 @@ from rlhf.data.models import check_engine_can_run, resolve_model_path
 from rlhf.data.prompts import PromptData
 from rlhf.evaluation import sets as evaluation
 from rlhf.evaluation import summary as run_summary
+from rlhf.loop import recovery
 from rlhf.loop.step import StepBody, log
 from rlhf.placement import RayPlacement, make_plan
 from rlhf.production import checkpoint as ckpt
@@ -103,7 +104,11 @@ class Trainer(StepBody):
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.data = PromptData(cfg.data, self.tokenizer)
+        self.data_at_start = (
+            self.data.state_dict()
+        )  # where a learner restart without a checkpoint goes back to
         self.step = 0
+        self.learner_restarts = 0  # learner roles restarted after a rank died (recovery.py)
         self.engine_logprobs = old_logprobs.engine_logprobs_needed(cfg.algorithm, cfg.rollout.max_staleness)
         self.started_ray = False
         self.roles: Roles | None = None
@@ -121,9 +126,6 @@ class Trainer(StepBody):
     def start_roles(self) -> Roles:
         from rlhf.reward import RewardPipeline
         from rlhf.rollout import RolloutGroup
-        from rlhf.sync.driver_side import WeightSync
-        from rlhf.trainer import LearnerGroup
-        from rlhf.trainer.group import AdapterOffReference
 
         cfg = self.cfg
         self.started_ray = init_ray(self.device)
@@ -134,26 +136,12 @@ class Trainer(StepBody):
         # Start the slow engines first; learners initialise while vLLM loads.
         rollout_options = engine_actor_options(placement.actor_options("rollout"), self.run_name, "rollout")
         rollout = RolloutGroup(cfg, self.model_path, self.device, rollout_options)
-        policy = LearnerGroup(cfg, self.model_path, "policy", self.device, placement.actor_options("learner"))
-        reference = None
-        if cfg.algorithm.kl_coef > 0 and cfg.trainer.lora.rank > 0:
-            reference = AdapterOffReference(policy)
-        elif cfg.algorithm.kl_coef > 0:
-            reference = LearnerGroup(
-                cfg, self.model_path, "reference", self.device, placement.actor_options("reference")
-            )
-        critic = None
-        if cfg.trainer.critic.enabled:
-            critic = LearnerGroup(
-                cfg, self.model_path, "critic", self.device, placement.actor_options("critic")
-            )
+        policy, reference, critic = self.start_learners(placement)
         reward_opts = placement.actor_options("reward_model") if plan.has_role("reward_model") else None
         reward = RewardPipeline(
             cfg.reward, task=self.data.task, device=self.device, actor_options=reward_opts
         )
-        sync = WeightSync(cfg.sync, policy, rollout, self.device)
-        sync.setup()
-        rollout.on_restart = sync.resync  # a restarted engine gets the learner's current weights
+        sync = self.connect(policy, rollout)
         eval_options = None
         if plan.has_role("evaluation"):
             eval_options = engine_actor_options(
@@ -171,6 +159,38 @@ class Trainer(StepBody):
         )
         log(f"roles ready in {time.perf_counter() - t0:.0f}s")
         return Roles(rollout, policy, reference, critic, reward, sync, placement, evaluator)
+
+    def start_learners(self, placement) -> tuple:
+        """The learner roles: policy, reference (None without a KL term; with LoRA, the policy with
+        its adapters off), critic (None unless enabled). Also used to restart them (recovery.py)."""
+        from rlhf.trainer import LearnerGroup
+        from rlhf.trainer.group import AdapterOffReference
+
+        cfg = self.cfg
+        policy = LearnerGroup(cfg, self.model_path, "policy", self.device, placement.actor_options("learner"))
+        reference = None
+        if cfg.algorithm.kl_coef > 0 and cfg.trainer.lora.rank > 0:
+            reference = AdapterOffReference(policy)
+        elif cfg.algorithm.kl_coef > 0:
+            reference = LearnerGroup(
+                cfg, self.model_path, "reference", self.device, placement.actor_options("reference")
+            )
+        critic = None
+        if cfg.trainer.critic.enabled:
+            critic = LearnerGroup(
+                cfg, self.model_path, "critic", self.device, placement.actor_options("critic")
+            )
+        return policy, reference, critic
+
+    def connect(self, policy, rollout):
+        """The weight sync from `policy` into `rollout`'s engines; a restarted engine gets the
+        learner's current weights through it."""
+        from rlhf.sync.driver_side import WeightSync
+
+        sync = WeightSync(self.cfg.sync, policy, rollout, self.device)
+        sync.setup()
+        rollout.on_restart = sync.resync
+        return sync
 
     def maybe_resume(self) -> None:
         self.lineage_parent = lineage.parent_of(self)  # the resumed checkpoint, or the model's own
@@ -193,8 +213,10 @@ class Trainer(StepBody):
 
     # ------------------------------------------------------------------ one step
     def run_step(self) -> dict[str, float]:
-        """One step of the synchronous or asynchronous loop; a dead learner rank stops the run with
-        one line naming it and the command that resumes from the last checkpoint."""
+        """One step of the synchronous or asynchronous loop. A dead learner rank restarts the learner
+        roles from the last checkpoint (`trainer.max_restarts` times a run, recovery.py), and the
+        step runs again from there; past that, the run stops with one line naming the rank and the
+        command that resumes from the last checkpoint."""
         from rlhf.actor_group import GroupCallError, RunStopped
 
         try:
@@ -202,12 +224,17 @@ class Trainer(StepBody):
         except GroupCallError as exc:
             if not (exc.actor_died and exc.role in ("policy", "reference", "critic")):
                 raise
+            if self.learner_restarts < self.cfg.trainer.max_restarts:
+                recovery.restart_learners(self, exc)
+                return self.run_step()
             latest = ckpt.latest_checkpoint(self.run_dir)
             since = f"its last checkpoint ({latest.name})" if latest else "step 0 (no checkpoint yet)"
             config = self.cfg.source_file or "CONFIG"
+            restarts = f" after {self.learner_restarts} restart(s)" if self.learner_restarts else ""
             raise RunStopped(
                 f"{exc.role} rank {exc.rank} died during {exc.method} in step {self.step + 1} "
-                f"({type(exc.cause).__name__}); the run stopped. Resume from {since}: "
+                f"({type(exc.cause).__name__}); the run stopped{restarts} (trainer.max_restarts="
+                f"{self.cfg.trainer.max_restarts}). Resume from {since}: "
                 f"rlhf train {config} resume={self.run_dir}"
             ) from exc
 

@@ -221,6 +221,7 @@ class StepBody:
         metrics.update({k: v for k, v in stats.items() if k.startswith("critic/")})
         metrics.update(timer.as_metrics())
         metrics["fault/engine_restarts"] = float(self.roles.rollout.restarts)
+        metrics["fault/learner_restarts"] = float(getattr(self, "learner_restarts", 0))
         gen_tokens = sum(len(s.response_ids) for s in samples)
         metrics["time/step_s"] = elapsed
         metrics["perf/generated_tokens"] = gen_tokens

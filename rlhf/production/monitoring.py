@@ -68,6 +68,7 @@ STEP_FIGURES = (
         "sync/audit_logprob_diff",
     ),
     Figure("rlhf_engine_restarts", "gauge", "rollout engines restarted so far", "fault/engine_restarts"),
+    Figure("rlhf_learner_restarts", "gauge", "learner roles restarted so far", "fault/learner_restarts"),
     Figure(
         "rlhf_reward_restarts", "gauge", "reward-model replicas restarted so far", "fault/reward_restarts"
     ),
