@@ -233,7 +233,11 @@ class MlflowTracker(Tracker):
         self.log_line = log
         self.run_id: str | None = None
         previous = read_state(run_dir).get("mlflow")
-        if previous and previous.get("tracking_uri") == tracking_uri:
+        if previous and previous.get("tracking_uri") != tracking_uri:
+            log(
+                f"tracker mlflow: this run logged to {previous.get('tracking_uri')} before; a new run in {tracking_uri}"
+            )
+        elif previous:
             try:
                 self.client.get_run(previous["run_id"])
                 self.run_id = previous["run_id"]
