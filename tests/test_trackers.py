@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,7 +198,13 @@ def test_wandb_goes_through_the_same_interface(tmp_path):
     group.log({"reward/mean": 0.5}, 2)
     group.log({"eval/reward_mean": 0.75}, 1)  # an evaluation on its own engines, arriving late
     group.finish()
+    # W&B's service can still be writing the offline file when `finish` returns: wait for its end.
+    deadline = time.monotonic() + 60
     records = wandb_records(tmp_path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, "the offline W&B file never got its exit record"
+        time.sleep(0.2)
+        records = wandb_records(tmp_path)
     rows = [
         {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
         for r in records
