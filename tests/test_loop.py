@@ -36,7 +36,13 @@ def tiny_overrides(model_dir: str, out_dir: Path, **extra: str) -> list[str]:
 
 def test_loop_writes_metrics_checkpoints_and_resumes(tiny_model_dir, tmp_path):
     overrides = tiny_overrides(
-        tiny_model_dir, tmp_path, **{"checkpoint.every": "1", "logging.run_name": "loop"}
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "checkpoint.every": "1",
+            "logging.run_name": "loop",
+            "logging.trackers": "[tensorboard,mlflow]",
+        },
     )
     run_dir = train(load_config(REPO / "configs/quickstart.yaml", overrides))
 
@@ -76,7 +82,23 @@ def test_loop_writes_metrics_checkpoints_and_resumes(tiny_model_dir, tmp_path):
     assert state["step"] == 3
     assert state["data"]["position"] == position_after_2 + 2
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["dir"] == "step_000003"
+    check_trackers(run_dir, tmp_path / "mlruns")
     check_lineage(run_dir, tmp_path)
+
+
+def check_trackers(run_dir: Path, store: Path) -> None:
+    """TensorBoard and MLflow hold the same figures as metrics.jsonl, the resumed step in the same
+    TensorBoard directory and MLflow run as the first two."""
+    from test_trackers import mlflow_history, tensorboard_scalars
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    expected = [(r["step"], pytest.approx(r["reward/mean"])) for r in rows if "reward/mean" in r]
+    assert [s for s, _ in expected] == [1, 2, 3]
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    assert scalars["reward/mean"] == expected
+    assert [s for s, _ in scalars["eval/reward_mean"]] == [0, 2, 3]
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert mlflow_history(store, run_id, "reward/mean") == expected
 
 
 def check_lineage(run_dir: Path, tmp_path: Path) -> None:

@@ -501,12 +501,23 @@ class SyncConfig:
 
 @dataclass
 class LoggingConfig:
-    project: str = doc("rlhf", help="W&B project.")
+    project: str = doc("rlhf", help="W&B project and MLflow experiment.")
     run_name: str | None = doc(None, help="Run name; null: `<recipe stem>-<timestamp>`.")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = doc(
         "auto", help="W&B mode; `auto`: online iff `WANDB_API_KEY` is set, else offline."
     )
     output_dir: str = doc("runs", help="Run directories go here.")
+    trackers: list[Literal["wandb", "tensorboard", "mlflow"]] = doc(
+        default_factory=lambda: ["wandb"],
+        help="Where each step's metrics and the config go besides `metrics.jsonl` (always written): "
+        "`wandb` (off when `wandb_mode` is `disabled`), `tensorboard` (event files in "
+        "`<run dir>/tensorboard`), `mlflow` (to `mlflow_tracking_uri`; needs `pip install 'rlhf[mlflow]'`).",
+    )
+    mlflow_tracking_uri: str | None = doc(
+        None,
+        help="MLflow store (`file:` path, `sqlite:///...`, `http://server:5000`); null: the local file "
+        "store `<output_dir>/mlruns`, shared by every run there.",
+    )
     log_every: int = doc(1, help="Steps between metric logs (>= 1).")
     plot: bool = doc(
         True,

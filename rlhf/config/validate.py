@@ -192,9 +192,25 @@ def validate(
         positive("sync.audit_tolerance", cfg.sync.audit_tolerance)
     at_least("logging.log_every", cfg.logging.log_every, 1)
     check(bool(cfg.logging.output_dir), "logging.output_dir", "must not be empty", cfg.logging.output_dir)
+    _validate_trackers(cfg, fail)
     at_least("checkpoint.every", cfg.checkpoint.every, 0)
     at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
     return cfg
+
+
+def _validate_trackers(cfg: RunConfig, fail) -> None:
+    """Each tracker named once, and its package installed (`mlflow` is an optional extra)."""
+    from rlhf.production.trackers import missing_package
+
+    trackers = cfg.logging.trackers
+    for name in trackers:
+        if trackers.count(name) > 1:
+            raise fail("logging.trackers", f"{name!r} is listed twice", trackers)
+        if name == "wandb" and cfg.logging.wandb_mode == "disabled":
+            continue
+        missing = missing_package(name)
+        if missing:
+            raise fail("logging.trackers", f"{name} {missing}", trackers)
 
 
 def _validate_algorithm_names(cfg: RunConfig, fail) -> None:

@@ -116,9 +116,7 @@ class Trainer(StepBody):
         self.last_metrics: dict[str, float] = {}  # recorded in each checkpoint's lineage manifest
         self.watchdog: StallWatchdog | None = None
         self.lineage_parent: str | None = None
-        self.metrics = MetricsLogger(
-            self.run_dir, cfg.logging.project, self.run_name, cfg.logging.wandb_mode, to_dict(cfg)
-        )
+        self.metrics = MetricsLogger(self.run_dir, self.run_name, cfg.logging, to_dict(cfg), log)
         self.metrics.log_dataset(cfg.data)
         self.monitor: RunMonitor | None = None  # Ray metrics (rlhf/production/monitoring.py), once Ray is up
 

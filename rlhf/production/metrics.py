@@ -1,15 +1,17 @@
-"""Where every number a user sees goes: `metrics.jsonl`, W&B, the console line and the reward plot."""
+"""Where every number a user sees goes: `metrics.jsonl`, the trackers (W&B, TensorBoard, MLflow), the
+console line and the reward plot."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rlhf.production.trackers import TrackerGroup, default_log, open_trackers
 from rlhf.types import Sample
 
 # The per-step console line: (metric key, label, format).
@@ -32,13 +34,6 @@ STEP_LINE = [
     ("time/sync_s", "sync", "{:.2f}s"),
     ("perf/tokens_per_s", "tok/s", "{:.0f}"),
 ]
-
-
-def wandb_mode(mode: str) -> str:
-    """auto: online when an API key is configured, otherwise offline (sync later with `wandb sync`)."""
-    if mode != "auto":
-        return mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 _PHASE: dict[str, object] = {"name": None, "since": 0.0}  # the phase in progress (stall warnings)
@@ -70,38 +65,33 @@ class Timer:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, project: str, run_name: str, mode: str, config: dict[str, Any]):
+    """`metrics.jsonl` (always: the closing summary and the plot read it) and the trackers of
+    `logging.trackers` (rlhf/production/trackers.py), each step with the same figures."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        run_name: str,
+        logging_cfg,
+        config: dict[str, Any],
+        log: Callable[[str], None] = default_log,
+    ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.wandb = None
+        self.trackers = TrackerGroup(open_trackers(logging_cfg, self.run_dir, run_name, log), log)
+        self.trackers.log_config(config)
+        self.wandb = self.trackers.get("wandb")
         self.artifacts = None
-        mode = wandb_mode(mode)
-        if mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(
-                project=project,
-                name=run_name,
-                dir=str(self.run_dir),
-                mode=mode,
-                config=config,
-                resume="allow",
-                id=run_name.replace("/", "-"),
-            )
-            # Every row carries the step its figures belong to, and W&B plots against it: evaluations on
-            # their own engines arrive steps later, which W&B's own (only growing) step could not take.
-            self.wandb.define_metric("step")
-            self.wandb.define_metric("*", step_metric="step")
+        if self.wandb is not None:
             from rlhf.production.artifacts import ArtifactLog
 
-            self.artifacts = ArtifactLog(self.wandb)
+            self.artifacts = ArtifactLog(self.wandb.run)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({**clean, "step": step})
+        self.trackers.log(clean, step)
 
     def log_dataset(self, data_cfg) -> None:
         """The training data as a W&B artifact (rlhf/production/artifacts.py); nothing without W&B."""
@@ -116,13 +106,10 @@ class MetricsLogger:
     def log_image(self, key: str, path: Path | None) -> None:
         """The same figure in W&B (offline runs keep it in their local files)."""
         if self.wandb is not None and path is not None:
-            import wandb
-
-            self.wandb.log({key: wandb.Image(str(path))})
+            self.wandb.log_image(key, path)
 
     def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.trackers.finish()
 
 
 def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
