@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 ATTEMPTS = 3
 BACKOFF_S = 0.5
-_PERMANENT = ("NO_SUCH_BUCKET", "NoSuchBucket", "ACCESS_DENIED", "AccessDenied", "Forbidden", "403")
+_PERMANENT = ("NO_SUCH_BUCKET", "NoSuchBucket", "ACCESS_DENIED", "AccessDenied", "Forbidden")
 _endpoint: str | None = None
 _filesystems: dict[tuple, Any] = {}
 
@@ -152,10 +152,13 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     uri = str(uri)
     if not is_remote(uri):
         path = local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk or no permission: one line too
+            raise StorageError("write", uri, exc) from exc
         return
     filesystem, path = resolve(uri)
 
