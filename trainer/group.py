@@ -216,7 +216,9 @@ class LearnerGroup:
         return stats
 
     # ------------------------------------------------------------------ inference
-    def logprobs(self, batch: TrainBatch, temperature: float | None = None, base: bool = False) -> torch.Tensor:
+    def logprobs(
+        self, batch: TrainBatch, temperature: float | None = None, base: bool = False
+    ) -> torch.Tensor:
         """Per-token log-probs [B, T] (aligned with input_ids, 0 off real tokens), CPU float32.
 
         At the sampling temperature unless `temperature` is given (the audit compares at 1.0, which is
@@ -253,9 +255,12 @@ class LearnerGroup:
         return self.group.call("full_state_dict")[0]
 
     def save(self, directory: str) -> None:
-        """DeepSpeed checkpoint + `directory/hf` (HF model). Every rank writes: `directory` must be on a
-        file system all learner nodes share."""
-        os.makedirs(directory, exist_ok=True)
+        """DeepSpeed checkpoint + `directory/hf` (HF model). Every rank writes: `directory` is on a file
+        system all learner nodes share, or an object-store URI each rank uploads its own files to."""
+        from rlhf.production import storage
+
+        if not storage.is_remote(directory):
+            os.makedirs(directory, exist_ok=True)
         self.group.call("save", directory)
 
     def load(self, directory: str) -> int:

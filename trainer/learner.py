@@ -61,6 +61,9 @@ class Learner:
                 "CPU learners need DS_ACCELERATOR=cpu in the actor env"
             )
         self.cfg, self.model_path, self.role = cfg, model_path, role
+        from rlhf.production import storage
+
+        storage.set_endpoint(cfg.logging.storage_endpoint)  # checkpoints on an s3:// run directory
         self.device_name, self.rank, self.world_size = device, rank, world_size
         if master_addr is not None and master_port is not None:
             self.setup(master_addr, master_port)
@@ -558,9 +561,16 @@ class Learner:
     def save(self, directory: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, scheduler, step) + an HF model in `directory/hf`
         (with LoRA: the adapters merged in, and the adapters alone in PEFT's format in
-        `directory/adapter`)."""
+        `directory/adapter`). `directory` may be an object-store URI: this rank then writes to a
+        local staging directory and uploads its own files from its own node."""
         if not self.trainable:
             raise ValueError("save: the reference model is never trained, there is nothing to save")
+        from rlhf.production import storage
+
+        with storage.staged(directory, f"{self.role}-rank{self.rank}") as local:
+            self._save_local(str(local))
+
+    def _save_local(self, directory: str) -> None:
         import torch.distributed as dist
 
         # LoRA: the frozen base weights are the model at model.path (the manifest hashes it); the
@@ -606,7 +616,14 @@ class Learner:
                 shutil.copy2(source / name, hf_dir / name)
 
     def load(self, directory: str) -> int:
-        """Restore a `save` checkpoint (weights, optimizer, scheduler); returns the optimizer step count."""
+        """Restore a `save` checkpoint (weights, optimizer, scheduler); returns the optimizer step count.
+        From an object-store URI this rank downloads the DeepSpeed files (not the HF export) first."""
+        from rlhf.production import storage
+
+        with storage.local_copy(directory, keep=lambda rel: not rel.startswith("hf/"), label="load") as local:
+            return self._load_local(str(local), directory)
+
+    def _load_local(self, directory: str, shown: str) -> int:
         path, _ = self.engine.load_checkpoint(
             directory,
             tag=CHECKPOINT_TAG,
@@ -615,7 +632,7 @@ class Learner:
             load_module_strict=self.lora is None,  # LoRA checkpoints hold the adapters only
         )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) in {directory}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) in {shown}")
         return int(self.engine.global_steps)
 
     def global_steps(self) -> int:

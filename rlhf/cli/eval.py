@@ -4,6 +4,9 @@ recipe's eval sets (`evaluation.sets`, else its held-out prompts) with vLLM engi
 The report names exactly what was evaluated: the model directory, the recipe and its hash, and, when
 the path carries a lineage manifest (a checkpoint or its HF export), the manifest's own hash and the
 config hash, step and run it records, so a number in a table can be traced to its checkpoint.
+
+A checkpoint, model or run directory on a storage URI (s3://..., gs://...) is downloaded first into
+`$RLHF_CACHE/checkpoints/` (its HF export, adapter and manifest; not the optimizer states).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 from rlhf.config.schema import RunConfig
 from rlhf.evaluation import sets as evaluation
 from rlhf.production import checkpoint as ckpt
-from rlhf.production import lineage
+from rlhf.production import lineage, storage
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -42,6 +46,29 @@ def resolve_model_dir(path: str | Path) -> Path:
         f"rlhf eval: {path} is not a checkpoint (with policy/hf or policy/adapter), an HF model directory (with "
         "config.json) or a run directory with checkpoints"
     )
+
+
+def fetch(path: str | Path) -> Path:
+    """A local copy of a checkpoint, HF model or run directory (its latest checkpoint) on a storage
+    URI; a local path as it is."""
+    if not storage.is_remote(path):
+        return storage.local_path(path)
+    from rlhf.data.models import cache_root
+
+    uri = str(path).rstrip("/")
+    if not storage.is_file(storage.join(uri, "config.json")) and storage.exists(
+        storage.join(uri, "checkpoints")
+    ):
+        uri = ckpt.latest_checkpoint(uri) or uri  # a run directory: its latest checkpoint
+    local = Path(cache_root()) / "checkpoints" / lineage.sha256_text(uri)[:16]
+
+    def wanted(rel: str) -> bool:  # the models and the manifest, not the DeepSpeed states
+        return "/" not in rel or rel.startswith(("policy/hf/", "policy/adapter/"))
+
+    shutil.rmtree(local, ignore_errors=True)
+    if not storage.download(uri, local, keep=wanted):
+        raise FileNotFoundError(f"rlhf eval: nothing at {path}")
+    return local
 
 
 def lineage_of(path: str | Path, model_dir: Path) -> dict[str, Any] | None:
@@ -83,7 +110,9 @@ def run(path: str | Path, cfg: RunConfig, out: str | Path | None = None) -> dict
     from rlhf.production.monitoring import engine_actor_options
     from rlhf.rollout import RolloutGroup
 
-    model_dir = resolve_model_dir(path)
+    storage.set_endpoint(cfg.logging.storage_endpoint)
+    local = fetch(path)
+    model_dir = resolve_model_dir(local)
     cfg = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, path=str(model_dir)),
@@ -97,7 +126,7 @@ def run(path: str | Path, cfg: RunConfig, out: str | Path | None = None) -> dict
     sets = evaluation.build_sets(cfg, AutoTokenizer.from_pretrained(str(model_dir)))
     if not sets:
         raise ValueError("rlhf eval: the config has no eval sets (set evaluation.sets, or data.num_eval > 0)")
-    found = lineage_of(path, model_dir)
+    found = lineage_of(local, model_dir)
     started = init_ray(device)
     engines = reward = None
     start = time.perf_counter()

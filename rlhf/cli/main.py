@@ -1,7 +1,9 @@
 """The `rlhf` command: validate a recipe, plan its placement, train, evaluate a checkpoint, or write a
 KubeRay RayJob.
 
-Exit codes: 0 ok, 2 bad config or command line, 3 the roles do not fit the cluster.
+Exit codes: 0 ok, 2 bad config or command line, 3 the roles do not fit the cluster, 4 the run stopped
+(a learner rank died, the final checkpoint could not be written), 5 the run directory's storage is
+unreachable (a missing bucket, no access, the server down).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from collections.abc import Sequence
 from rlhf.actor_group import RunStopped
 from rlhf.config.loader import ConfigError, load_config, to_yaml
 from rlhf.placement import PlacementError
+from rlhf.production.storage import StorageError
 
 EXIT_CONFIG = 2
 EXIT_PLACEMENT = 3
 EXIT_RUN_STOPPED = 4
+EXIT_STORAGE = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         description="show what produced a checkpoint (config, code, data, rewards, parent), back to its base model",
     )
     lin.add_argument(
-        "path", help="a checkpoint directory (RUN_DIR/checkpoints/step_N) or its policy/hf export"
+        "path",
+        help="a checkpoint directory (RUN_DIR/checkpoints/step_N) or its policy/hf export; a storage URI "
+        "(s3://bucket/run/checkpoints/step_N) too",
     )
     lin.add_argument("--verify", action="store_true", help="recompute the hashes and say what changed")
     ev = sub.add_parser(
@@ -65,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         description="evaluate a checkpoint, its policy/hf export, an HF model directory or a run directory "
         "(its latest checkpoint) on the config's eval sets (evaluation.sets, else its held-out prompts)",
     )
-    ev.add_argument("path", help="CHECKPOINT_OR_MODEL directory")
+    ev.add_argument("path", help="CHECKPOINT_OR_MODEL directory, or its storage URI (s3://..., gs://...)")
     ev.add_argument("--config", required=True, help="recipe YAML whose eval sets to use")
     ev.add_argument("--out", help="write the JSON report here")
     ev.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
@@ -94,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RUN_STOPPED
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
 
 
 def _validate(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -87,7 +87,7 @@ Every command takes `key.sub=value` arguments after the recipe. The value is par
 | `placement.learner={replicas: 8, accelerator_type: H100}` | a section (merged like a file) |
 | `rollout.gpu_memory_utilization=null` | back to the default `None` |
 | `logging.run_name=2024-01-01` | string fields keep the text verbatim (no YAML dates/numbers) |
-| `resume=runs/grpo-20250101-120000` | continue that run (kept verbatim; must be a directory) |
+| `resume=runs/grpo-20250101-120000` | continue that run (kept verbatim; a directory or a storage URI such as `s3://bucket/runs/grpo-...`) |
 
 Passing a run directory instead of a recipe (`rlhf train runs/grpo-...`) loads the
 `config.yaml` saved in it and sets `resume` to that directory.

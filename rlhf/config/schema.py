@@ -506,7 +506,16 @@ class LoggingConfig:
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = doc(
         "auto", help="W&B mode; `auto`: online iff `WANDB_API_KEY` is set, else offline."
     )
-    output_dir: str = doc("runs", help="Run directories go here.")
+    output_dir: str = doc(
+        "runs",
+        help="Run directories go here: a local path, or a storage URI (`s3://bucket/prefix`, `gs://...`, "
+        "`file://...`) that every node reaches (docs/reliability.md, Storage URIs).",
+    )
+    storage_endpoint: str | None = doc(
+        None,
+        help="S3-compatible endpoint for `s3://` run directories (MinIO, Ceph: `http://host:9000`); "
+        "null: `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`, else AWS.",
+    )
     trackers: list[Literal["wandb", "tensorboard", "mlflow"]] = doc(
         default_factory=lambda: ["wandb"],
         help="Where each step's metrics and the config go besides `metrics.jsonl` (always written): "
@@ -628,7 +637,9 @@ class RunConfig:
         help="Seeds the run: data order, held-out split, sampling and initialisation, unless `data.seed` "
         "/ `rollout.seed` are set.",
     )
-    resume: str | None = doc(None, help="A run directory to continue (must exist).")
+    resume: str | None = doc(
+        None, help="A run directory to continue (must exist): a local path or a storage URI (`s3://...`)."
+    )
     source_file: str | None = doc(
         None,
         help="Filled by the loader: the recipe the config came from (for messages and run names); "

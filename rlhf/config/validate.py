@@ -22,6 +22,7 @@ from rlhf.config.loader import (
     resolve_device,
 )
 from rlhf.config.schema import RunConfig
+from rlhf.production.storage import is_remote, local_path
 
 BUILTIN_RULES = ("task", "format", "env")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
@@ -56,8 +57,8 @@ def validate(
 
     at_least("steps", cfg.steps, 1)
     at_least("eval_every", cfg.eval_every, 0)
-    if cfg.resume is not None:
-        check(Path(cfg.resume).is_dir(), "resume", "run directory not found", cfg.resume)
+    if cfg.resume is not None and not is_remote(cfg.resume):  # a URI is checked when the run starts
+        check(local_path(cfg.resume).is_dir(), "resume", "run directory not found", cfg.resume)
 
     # model / data
     check(bool(cfg.model.path), "model.path", "must not be empty", cfg.model.path)

@@ -29,9 +29,10 @@ from rlhf.loop import recovery
 from rlhf.loop.step import StepBody, log
 from rlhf.placement import RayPlacement, make_plan
 from rlhf.production import checkpoint as ckpt
-from rlhf.production import lineage
+from rlhf.production import lineage, storage
 from rlhf.production.metrics import MetricsLogger, Timer, plot_rewards, step_line
 from rlhf.production.monitoring import RunMonitor, engine_actor_options
+from rlhf.production.run_dir import open_run_dir, upload_run_files
 from rlhf.production.watchdog import StallWatchdog
 
 
@@ -65,19 +66,6 @@ def init_ray(device: str) -> bool:
     return True
 
 
-def new_run_dir(cfg: RunConfig) -> tuple[Path, str]:
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"resume: run directory {run_dir} does not exist")
-        return run_dir, run_dir.name
-    stem = Path(cfg.source_file).stem if cfg.source_file else "run"
-    name = cfg.logging.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.logging.output_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir, name
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -92,9 +80,22 @@ class Trainer(StepBody):
         self.cfg = cfg
         self.device = resolve_device(cfg)
         seed_everything(cfg.seed)
-        self.run_dir, self.run_name = new_run_dir(cfg)
+        storage.set_endpoint(cfg.logging.storage_endpoint)
+        # run_dir: the run's own files (metrics, samples); run_uri: its checkpoints, the same directory
+        # unless it is a storage URI (rlhf/production/run_dir.py)
+        self.run_store = open_run_dir(cfg)
+        self.run_dir, self.run_uri, self.run_name = (
+            self.run_store.local,
+            self.run_store.uri,
+            self.run_store.name,
+        )
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log(f"run directory: {self.run_dir}")
+        if self.run_store.remote:  # the first write: a missing bucket or no access fails here, in one line
+            storage.write_bytes(storage.join(self.run_uri, "config.yaml"), to_yaml(cfg).encode())
+        log(
+            f"run directory: {self.run_uri}"
+            + (f" (files kept in {self.run_dir})" if self.run_store.remote else "")
+        )
         self.model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
         check_engine_can_run(self.model_path, self.device)
         from transformers import AutoTokenizer
@@ -194,14 +195,14 @@ class Trainer(StepBody):
         self.lineage_parent = lineage.parent_of(self)  # the resumed checkpoint, or the model's own
         if not self.cfg.resume:
             return
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        latest = ckpt.latest_checkpoint(self.run_uri)
         if latest is None:
-            log(f"resume: no checkpoint in {self.run_dir}; starting from step 0")
+            log(f"resume: no checkpoint in {self.run_uri}; starting from step 0")
             return
         state = ckpt.load_driver_state(latest)
-        self.roles.policy.load(str(latest / "policy"))
+        self.roles.policy.load(storage.join(latest, "policy"))
         if self.roles.critic is not None:
-            self.roles.critic.load(str(latest / "critic"))
+            self.roles.critic.load(storage.join(latest, "critic"))
         self.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
@@ -225,15 +226,19 @@ class Trainer(StepBody):
             if self.learner_restarts < self.cfg.trainer.max_restarts:
                 recovery.restart_learners(self, exc)
                 return self.run_step()
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            since = f"its last checkpoint ({latest.name})" if latest else "step 0 (no checkpoint yet)"
+            latest = ckpt.latest_checkpoint(self.run_uri)
+            since = (
+                f"its last checkpoint ({storage.basename(latest)})"
+                if latest
+                else "step 0 (no checkpoint yet)"
+            )
             config = self.cfg.source_file or "CONFIG"
             restarts = f" after {self.learner_restarts} restart(s)" if self.learner_restarts else ""
             raise RunStopped(
                 f"{exc.role} rank {exc.rank} died during {exc.method} in step {self.step + 1} "
                 f"({type(exc.cause).__name__}); the run stopped{restarts} (trainer.max_restarts="
                 f"{self.cfg.trainer.max_restarts}). Resume from {since}: "
-                f"rlhf train {config} resume={self.run_dir}"
+                f"rlhf train {config} resume={self.run_uri}"
             ) from exc
 
     def step_once(self) -> dict[str, float]:
@@ -312,24 +317,30 @@ class Trainer(StepBody):
         for name, summary in result.summaries.items():
             self.monitor.record_eval(result.step, name, summary)
 
-    def save(self) -> Path:
+    def save(self, final: bool = False) -> Path | str | None:
+        """Write a checkpoint; on a storage URI a write that fails after its retries skips this one
+        with a warning (the final one stops the run), and the run's own files are uploaded beside it."""
         roles = self.roles
 
         # An asynchronous run saves the prompts in its buffer as not yet served: a resume regenerates them.
         data = self.loop.producer.data_state() if self.loop else self.data.state_dict()
 
-        def save_models(tmp: Path) -> None:
-            roles.policy.save(str(tmp / "policy"))
+        def save_models(target: Path | str) -> None:  # a local temporary directory, or the checkpoint's URI
+            roles.policy.save(storage.join(target, "policy"))
             if roles.critic is not None:
-                roles.critic.save(str(tmp / "critic"))
+                roles.critic.save(storage.join(target, "critic"))
             manifest = lineage.build_manifest(self, self.step, self.last_metrics, self.lineage_parent, data)
-            manifest["adapter"] = lineage.adapter_entry(tmp / "policy" / "adapter")
-            lineage.write_manifest(tmp, manifest)  # inside the checkpoint: as atomic as the rest
+            manifest["adapter"] = lineage.adapter_entry(storage.join(target, "policy", "adapter"))
+            lineage.write_manifest(target, manifest)  # inside the checkpoint: as atomic as the rest
 
         state = {"data": data, "rng": ckpt.rng_state(), "run_name": self.run_name}
-        path = ckpt.save_checkpoint(
-            self.run_dir, self.step, save_models, state, self.cfg.checkpoint.keep_last
+        path = ckpt.save_or_skip(
+            self.run_uri, self.step, save_models, state, self.cfg.checkpoint.keep_last, final, warn=log
         )
+        for line in upload_run_files(self.run_store):
+            log(f"warning: {line}; the next checkpoint uploads it again")
+        if path is None:
+            return None
         self.metrics.log_checkpoint(path, self.lineage_parent)
         self.lineage_parent = str(path)  # the next checkpoint of this run descends from this one
         log(f"checkpoint written: {path}")
@@ -373,7 +384,7 @@ class Trainer(StepBody):
                     self.save()
             bar.close()
             self.log_finished_evaluations(wait=True)
-            self.save()
+            self.save(final=True)
             if evaluation.HEADLINE in metrics:
                 log(f"eval after training: reward {metrics[evaluation.HEADLINE]:.3f}")
             png = None
@@ -384,14 +395,16 @@ class Trainer(StepBody):
                     eval_temperature=cfg.rollout.eval_temperature,
                 )
                 self.metrics.log_image("reward_curve", png)
+            for line in upload_run_files(self.run_store):  # the reward curve, on a storage URI
+                log(f"warning: {line}")
             rows = run_summary.read_metrics(self.run_dir / "metrics.jsonl")
             for line in run_summary.closing_lines(
-                rows, self.run_dir, png or None, time.perf_counter() - started
+                rows, self.run_uri, png or None, time.perf_counter() - started
             ):
                 log(line)
         finally:
             self.shutdown()
-        return self.run_dir
+        return self.run_uri if self.run_store.remote else self.run_dir
 
     def shutdown(self) -> None:
         if self.watchdog is not None:
@@ -420,6 +433,6 @@ class Trainer(StepBody):
             ray.shutdown()
 
 
-def train(cfg: RunConfig) -> Path:
-    """Entry point of `rlhf train`; returns the run directory."""
+def train(cfg: RunConfig) -> Path | str:
+    """Entry point of `rlhf train`; returns the run directory (its URI for a run on a storage URI)."""
     return Trainer(cfg).run()

@@ -16,6 +16,7 @@ import time
 
 from rlhf.loop.step import log
 from rlhf.production import checkpoint as ckpt
+from rlhf.production import storage
 from rlhf.production.metrics import Timer
 
 
@@ -26,11 +27,11 @@ def restart_learners(trainer, exc) -> None:
 
     cfg, roles = trainer.cfg, trainer.roles
     trainer.learner_restarts += 1
-    latest = ckpt.latest_checkpoint(trainer.run_dir)
+    latest = ckpt.latest_checkpoint(trainer.run_uri)
     log(
         f"{exc.role} rank {exc.rank} died during {exc.method} in step {trainer.step + 1} "
         f"({type(exc.cause).__name__}); restarting the learners from "
-        f"{latest.name if latest else 'the base model (no checkpoint yet)'} "
+        f"{storage.basename(latest) if latest else 'the base model (no checkpoint yet)'} "
         f"(restart {trainer.learner_restarts} of trainer.max_restarts={cfg.trainer.max_restarts})"
     )
     start = time.perf_counter()
@@ -51,9 +52,9 @@ def restart_learners(trainer, exc) -> None:
     roles.evaluator.reconnect(roles.policy, cfg.sync)
     if latest is not None:
         state = ckpt.load_driver_state(latest)
-        roles.policy.load(str(latest / "policy"))
+        roles.policy.load(storage.join(latest, "policy"))
         if roles.critic is not None:
-            roles.critic.load(str(latest / "critic"))
+            roles.critic.load(storage.join(latest, "critic"))
         trainer.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         trainer.step = state["step"]

@@ -10,17 +10,20 @@
   checkpoint this run resumed from or started from), so W&B draws dataset -> run -> checkpoint and
   parent -> run -> checkpoint. W&B cannot record a use in offline mode (`use_artifact` raises there);
   offline runs keep the same edges in the checkpoint artifact's metadata (`dataset`, `parent`).
+* A checkpoint on a storage URI (s3://...) is recorded by its URI in the metadata (`uri`), with its
+  manifest as a file; no reference, so W&B needs no credentials for the bucket.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from rlhf.production import lineage
+from rlhf.production import lineage, storage
 
 
 def artifact_name(text: str) -> str:
@@ -56,11 +59,15 @@ def checkpoint_artifact(checkpoint_dir: str | os.PathLike):
     manifest_path = lineage.find_manifest(checkpoint_dir)
     if manifest_path is None:
         return None
-    manifest = json.loads(manifest_path.read_text())
-    run = Path(manifest["run_dir"]).name
+    remote = storage.is_remote(checkpoint_dir)
+    text = storage.read_bytes(manifest_path)
+    manifest = json.loads(text)
+    run = storage.basename(manifest["run_dir"])
+    # the same digest as lineage.hash_path of the local file: its name, then its bytes
+    digest = hashlib.sha256(lineage.MANIFEST.encode() + text).hexdigest()
     metadata: dict[str, Any] = {
         "step": manifest["step"],
-        "manifest_sha256": lineage.hash_path(manifest_path),
+        "manifest_sha256": digest if remote else lineage.hash_path(manifest_path),
         "config_hash": manifest["config_hash"],
         "code": manifest["code"],
         "base_model": manifest["base_model"],
@@ -69,6 +76,11 @@ def checkpoint_artifact(checkpoint_dir: str | os.PathLike):
         "metrics": manifest["metrics"],
     }
     art = wandb.Artifact(artifact_name(f"{run}-checkpoint"), type="model", metadata=metadata)
+    if remote:
+        art.metadata["uri"] = str(checkpoint_dir)
+        with art.new_file("manifest.json") as f:
+            f.write(text.decode())
+        return art
     art.add_file(str(manifest_path), name="manifest.json")
     art.add_reference(Path(checkpoint_dir).resolve().as_uri(), name="checkpoint", checksum=False)
     return art

