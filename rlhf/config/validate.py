@@ -23,7 +23,7 @@ from rlhf.config.loader import (
 )
 from rlhf.config.schema import RunConfig
 
-BUILTIN_RULES = ("task", "format", "env")
+BUILTIN_RULES = ("task", "format", "math", "env")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
