@@ -16,6 +16,7 @@ from rlhf.cli.preflight import PreflightError, check_data_columns
 from rlhf.config.schema import DataConfig
 from rlhf.data.formats import gsm8k_label, math_label, resolve_format
 from rlhf.data.prompts import PromptData
+from rlhf.types import Sample
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GSM8K = str(FIXTURES / "gsm8k_sample.jsonl")
@@ -182,3 +183,27 @@ def test_every_fixture_solution_scores_one_against_its_label(path, key):
     label_of = gsm8k_label if key == "answer" else math_label
     for i, row in enumerate(rows_of(path)):
         assert verify_answer(row[key], label_of(row[key])) == 1.0, f"row {i}"
+
+
+def test_an_eval_set_file_in_the_math_layout_is_checked_by_the_math_rule(tok):
+    from rlhf.config.loader import from_dict
+    from rlhf.evaluation.sets import build_sets, score, summarize
+
+    cfg = from_dict(
+        {
+            "data": {"source": GSM8K, "format": "auto", "num_eval": 4},
+            "evaluation": {
+                "sets": [{"name": "math_file", "source": MATH, "reward": "math", "num_prompts": 3}]
+            },
+        }
+    )
+    (es,) = build_sets(cfg, tok)
+    assert [p.label for p in es.prompts] == ["30", "5", r"\frac{11}{12}"]
+    responses = [r"\boxed{30}", "So y = 5.", r"\boxed{0.9}"]  # right, right (last number), wrong
+    samples = [
+        Sample(group=i, prompt=p, response_ids=[1], response_text=r, logprobs=None, finish_reason="stop")
+        for i, (p, r) in enumerate(zip(es.prompts, responses))
+    ]
+    score(es, samples)
+    assert [s.reward for s in samples] == [1.0, 1.0, 0.0]
+    assert summarize(es, samples, 1.0)["accuracy"] == pytest.approx(2 / 3)
