@@ -207,3 +207,20 @@ def test_an_eval_set_file_in_the_math_layout_is_checked_by_the_math_rule(tok):
     score(es, samples)
     assert [s.reward for s in samples] == [1.0, 1.0, 0.0]
     assert summarize(es, samples, 1.0)["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_a_format_with_a_built_in_task_is_a_config_error():
+    from rlhf.config.loader import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="data.format: applies to data files and hub datasets"):
+        from_dict({"data": {"source": "builtin:arithmetic", "format": "gsm8k"}})
+    with pytest.raises(ConfigError, match="data.format: must be one of 'columns', 'auto', 'gsm8k', 'math'"):
+        from_dict({"data": {"source": GSM8K, "format": "gsm"}})
+    # a built-in eval set beside GSM8K training data is fine: the format is the training data's
+    cfg = from_dict(
+        {
+            "data": {"source": GSM8K, "format": "gsm8k"},
+            "evaluation": {"sets": [{"source": "builtin:arithmetic"}]},
+        }
+    )
+    assert cfg.data.format == "gsm8k"

@@ -287,6 +287,12 @@ def _validate_data(cfg: RunConfig, fail) -> None:
     if not source:
         raise fail("data.source", "must not be empty", source)
     if source.startswith("builtin:"):
+        if cfg.data.format != "columns":
+            raise fail(
+                "data.format",
+                "applies to data files and hub datasets, not to a built-in task",
+                cfg.data.format,
+            )
         name = source.split(":", 1)[1]
         try:
             tasks = importlib.import_module("rlhf.tasks")
@@ -349,7 +355,10 @@ def _validate_evaluation(cfg: RunConfig, fail) -> None:
             raise fail(f"{key}.name", "is already the name of another set", es.name)
         names.add(es.name)
         if es.source is not None:
-            set_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=es.source))
+            # (a built-in set ignores data.format, which is the training data's)
+            set_data = dataclasses.replace(
+                cfg, data=dataclasses.replace(cfg.data, source=es.source, format="columns")
+            )
             _validate_data(
                 set_data, lambda _k, problem, value, key=key: fail(f"{key}.source", problem, value)
             )
