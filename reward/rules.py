@@ -35,6 +35,12 @@ class RewardError(RuntimeError):
     """A reward source failed or returned something that is not a finite number."""
 
 
+class NoAnswer(ValueError):
+    """The response holds no answer a rule can read (none at all, malformed, past the time limit): the
+    policy's fault, not the reward's. It scores 0 and is counted in `reward/errors`, whatever
+    `reward.on_error` says (a run must not stop, nor drop the group, because the model wrote garbage)."""
+
+
 def describe_sample(sample: Sample) -> str:
     """Enough to find the sample again: its group, its prompt's dataset index, the response start."""
     return (
@@ -59,10 +65,15 @@ def score_each(
 
     `source` names the config entry in messages, e.g. "reward.sources[0] (my_pkg.rewards:score)".
     """
-    scores, errors = [], 0
+    scores, errors, no_answers = [], 0, 0
     for i, sample in enumerate(samples):
         try:
             scores.append(check_reward(value_of(i, sample)))
+        except NoAnswer as exc:
+            if no_answers == 0:
+                log.info("%s: %s scored 0: %s", source, describe_sample(sample), exc)
+            scores.append(0.0)
+            no_answers += 1
         except Exception as exc:
             message = f"{source} failed on {describe_sample(sample)}: {type(exc).__name__}: {exc}"
             if on_error not in ("zero", "drop"):
@@ -71,7 +82,7 @@ def score_each(
                 log.warning("%s (%s; reward.on_error=%s)", message, UNSCORED[on_error], on_error)
             scores.append(0.0 if on_error == "zero" else math.nan)
             errors += 1
-    return scores, errors
+    return scores, errors + no_answers
 
 
 def load_reward_function(path: str) -> RewardFn:
@@ -122,8 +133,8 @@ class RuleReward:
     def from_config(
         cls, name: str, args: dict[str, Any] | None = None, task=None, timeout_s: float | None = None
     ) -> RuleReward:
-        """Built-in "task" / "format", or a user function "pkg.module:fn" (called with a time limit
-        of `timeout_s` seconds per sample)."""
+        """Built-in "task" / "format" / "math" / "env", or a user function "pkg.module:fn" (user
+        functions and "math" are called with a time limit of `timeout_s` seconds per sample)."""
         args = dict(args or {})
         if name == "task":
             if "task" in args:  # score against a named task instead of the data's
@@ -138,7 +149,7 @@ class RuleReward:
             if task is None:
                 raise RewardError(
                     "rule 'task' needs a task checker: use a built-in data source (data.source: "
-                    "builtin:<task>) or set args.task to a task name"
+                    "builtin:<task>) or set args.task to a task name (GSM8K/MATH answers: rule 'math')"
                 )
             return cls(name, _task_rule(task))
         if name == "format":
@@ -153,13 +164,18 @@ class RuleReward:
             except re.error as exc:
                 raise RewardError(f"rule 'format': pattern {pattern!r} is not a valid regex: {exc}") from exc
             return cls(name, _format_rule(pattern))
+        if name == "math":
+            from rlhf.reward.math import math_rule
+
+            return math_rule(args, timeout_s)
         if name == "env":
             if args:
                 raise RewardError(f"rule 'env' takes no args, got {sorted(args)}")
             return EpisodeReward(name, episode_reward)
         if ":" not in name:
             raise RewardError(
-                f"unknown rule {name!r}: use 'task', 'format', 'env' or a function path 'pkg.module:function'"
+                f"unknown rule {name!r}: use 'task', 'format', 'math', 'env' or a function path "
+                "'pkg.module:function'"
             )
         return cls(name, load_reward_function(name), args, timeout_s=timeout_s)
 

@@ -53,8 +53,9 @@ def _parse_number(text: str) -> Fraction | None:
         return None
 
 
-def _last_boxed(text: str) -> str | None:
-    r"""Content of the last \boxed{...}, with nested braces (e.g. \boxed{\frac{1}{2}}) balanced."""
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...}, with nested braces (e.g. \boxed{\frac{1}{2}}) balanced; None
+    when there is none or its braces never close."""
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -70,7 +71,7 @@ def extract_number(response: str) -> Fraction | None:
     r"""The model's numeric answer: inside the last \boxed{}, else after the last "Answer:", else the
     last number in the text. Handles 1,234 / -5 / 19.0 / unicode minus."""
     text = response.translate(_NORMALISE)
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         parsed = _parse_number(boxed)
         return parsed if parsed is not None else _last_number(boxed)

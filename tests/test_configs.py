@@ -6,6 +6,7 @@ The recipes that differ from `grpo.yaml` only in the advantage estimator or the 
 and losses have hand-computed unit tests (tests/test_advantages.py, tests/test_losses.py), and
 tests/test_registries.py trains a step with an estimator plugged in by name. `lora` (the quickstart
 with LoRA adapters) runs in tests/test_loop.py, which trains it with adapter pushes and resumes it.
+`gsm8k` and `math` (hub datasets) run in tests/test_math_recipes.py on a local GSM8K-layout file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SAME_LOOP_AS_RUN = {
     "gspo",
     "calculator_tool_one_example",
     "lora",
+    "gsm8k",
+    "math",
 }
 ALGORITHM_RECIPES = [p for p in RECIPES if p.stem not in SAME_LOOP_AS_RUN]
 

@@ -10,6 +10,7 @@ import os
 
 from rlhf.config.loader import ConfigError
 from rlhf.config.schema import DataConfig, RunConfig
+from rlhf.data.formats import LAYOUTS, resolve_format
 from rlhf.data.prompts import FILE_FORMATS, column_problems
 
 
@@ -117,6 +118,13 @@ def check_data_columns(data: DataConfig) -> str:
     error, label_warning = column_problems(data, columns, data.task_args.get("task"))
     if error:
         raise PreflightError(error)
+    fmt = resolve_format(data.format, columns)
+    if fmt in LAYOUTS:
+        layout = LAYOUTS[fmt]
+        return (
+            f"data.source {data.source}: format {fmt}, prompts from {layout.input_key!r}, labels "
+            f"extracted from {layout.solution_key!r}"
+        )
     label_note = (
         f"label_key {data.label_key!r}"
         if label_warning is None

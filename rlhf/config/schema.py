@@ -42,6 +42,18 @@ class DataConfig:
         "file or directory (must exist; relative to the working directory), or a hub dataset name.",
     )
     split: str = doc("train", help="Dataset split.")
+    subset: str | None = doc(
+        None,
+        help="A hub dataset's configuration name, e.g. `main` for `openai/gsm8k` (the second argument "
+        "of `datasets.load_dataset`); ignored for local files.",
+    )
+    format: Literal["columns", "auto", "gsm8k", "math"] = doc(
+        "columns",
+        help="`columns`: prompts from `input_key`, labels from `label_key`; `gsm8k`: prompts from "
+        "`question`, label = the number after `####` in `answer`; `math`: prompts from `problem`, label "
+        "= the last `\\boxed{}` of `solution`; `auto`: `gsm8k` or `math` when the data has their "
+        "columns, else `columns`. Rows whose label cannot be extracted are skipped with a warning.",
+    )
     task_args: dict[str, Any] = doc(
         default_factory=dict,
         help="Keyword arguments of the built-in task generator, e.g. `{difficulty: 2}`.",
@@ -227,8 +239,9 @@ class RewardSourceConfig:
     )
     name: str = doc(
         "task",
-        help="For rules: `task` (the data task's checker), `format`, `env` (a multi-turn episode's "
-        "environment reward), or `pkg.module:function` (must import and be callable).",
+        help="For rules: `task` (the data task's checker), `format`, `math` (the final answer checked "
+        "with math-verify, docs/rewards.md), `env` (a multi-turn episode's environment reward), or "
+        "`pkg.module:function` (must import and be callable).",
     )
     weight: float = doc(1.0, help="Weight of this source in the reward (a finite number).")
     path: str | None = doc(None, help="Reward model directory (required for `kind: model`).")
@@ -250,8 +263,8 @@ class RewardConfig:
     batch_size: int = doc(32, help="Reward-model batch size (>= 1).")
     timeout_s: float | None = doc(
         10.0,
-        help="Per-sample time limit of a user reward function (> 0); a call past it is abandoned and "
-        "the sample follows `on_error`. null: no limit.",
+        help="Per-sample time limit of a user reward function and of the `math` rule (> 0); a call past "
+        "it is abandoned and the sample follows `on_error` (`math`: scores 0, counted). null: no limit.",
     )
 
 
@@ -562,7 +575,8 @@ class EvalSetConfig:
     source: str | None = doc(
         None,
         help="null: the run's held-out prompts; `builtin:<task>` (prompts from its evaluation seeds, "
-        "minus training prompts when it is the training task); a local data file (every row, in order).",
+        "minus training prompts when it is the training task); a local data file (every row, in order, "
+        "read with `data.format`).",
     )
     task_args: dict[str, Any] = doc(
         default_factory=dict,
@@ -572,8 +586,8 @@ class EvalSetConfig:
     label_key: str = doc("answer", help="Label column of a file set.")
     reward: str = doc(
         "task",
-        help="`task` (the set's task checker), `format`, `pkg.module:function`, or `reward` (the run's "
-        "reward sources).",
+        help="`task` (the set's task checker), `format`, `math`, `pkg.module:function`, or `reward` (the "
+        "run's reward sources).",
     )
     num_prompts: int | None = doc(
         None,

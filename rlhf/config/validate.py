@@ -24,7 +24,7 @@ from rlhf.config.loader import (
 from rlhf.config.schema import RunConfig
 from rlhf.production.storage import is_remote, local_path
 
-BUILTIN_RULES = ("task", "format", "env")
+BUILTIN_RULES = ("task", "format", "math", "env")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
@@ -305,6 +305,12 @@ def _validate_data(cfg: RunConfig, fail) -> None:
     if not source:
         raise fail("data.source", "must not be empty", source)
     if source.startswith("builtin:"):
+        if cfg.data.format != "columns":
+            raise fail(
+                "data.format",
+                "applies to data files and hub datasets, not to a built-in task",
+                cfg.data.format,
+            )
         name = source.split(":", 1)[1]
         try:
             tasks = importlib.import_module("rlhf.tasks")
@@ -367,7 +373,10 @@ def _validate_evaluation(cfg: RunConfig, fail) -> None:
             raise fail(f"{key}.name", "is already the name of another set", es.name)
         names.add(es.name)
         if es.source is not None:
-            set_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=es.source))
+            # (a built-in set ignores data.format, which is the training data's)
+            set_data = dataclasses.replace(
+                cfg, data=dataclasses.replace(cfg.data, source=es.source, format="columns")
+            )
             _validate_data(
                 set_data, lambda _k, problem, value, key=key: fail(f"{key}.source", problem, value)
             )

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rlhf.config.schema import DataConfig
+from rlhf.data.formats import LAYOUTS, layout_problem, resolve_format
 from rlhf.tasks import Task, get_task
 from rlhf.types import Prompt
 
@@ -27,7 +28,11 @@ EVAL_SEED_OFFSET = 1_000_003  # eval prompts of built-in tasks come from another
 def column_problems(cfg: DataConfig, columns: list[str], task: str | None) -> tuple[str | None, str | None]:
     """(error, warning) for a data file's columns against input_key and label_key: a missing input
     column, or a missing label column where a task checker needs labels, is an error; a missing label
-    column otherwise a warning. Shared by loading (PromptData) and `rlhf validate` (rlhf/cli/preflight.py)."""
+    column otherwise a warning. With a GSM8K/MATH `data.format`, a missing column of that layout is an
+    error. Shared by loading (PromptData) and `rlhf validate` (rlhf/cli/preflight.py)."""
+    fmt = resolve_format(cfg.format, columns)
+    if fmt in LAYOUTS:
+        return layout_problem(fmt, cfg.source, columns), None
     shown = ", ".join(columns) or "none"
     if cfg.input_key not in columns:
         return f"data.input_key {cfg.input_key!r} is not a column of {cfg.source} (columns: {shown})", None
@@ -127,7 +132,7 @@ class PromptData:
         if path.startswith(("/", ".", "~")) or os.path.splitext(path)[1].lower() in FILE_FORMATS:
             raise FileNotFoundError(f"data.source {cfg.source!r}: no such file or directory")
         try:
-            return datasets.load_dataset(cfg.source, split=cfg.split)
+            return datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
         except Exception as e:
             raise ConnectionError(
                 f"data.source {cfg.source!r} is not a local file, directory or built-in task "
@@ -143,11 +148,16 @@ class PromptData:
         has_labels = label_warning is None
         if label_warning:
             logger.warning("%s; prompts get label=None", label_warning)
-        inputs = ds[cfg.input_key]
-        labels = ds[cfg.label_key] if has_labels else [None] * len(ds)
+        layout = LAYOUTS.get(resolve_format(cfg.format, ds.column_names))
+        if layout is not None:  # GSM8K / MATH: the label comes out of the worked solution, once
+            inputs = ds[layout.input_key]
+            labels = [layout.label_of(solution) for solution in ds[layout.solution_key]]
+        else:
+            inputs = ds[cfg.input_key]
+            labels = ds[cfg.label_key] if has_labels else [None] * len(ds)
         rows, skipped = [], {}
         for i, (p, a) in enumerate(zip(inputs, labels)):
-            problem = prompt_problem(p)
+            problem = prompt_problem(p) or (layout.missing if layout is not None and a is None else None)
             if problem:
                 skipped.setdefault(problem, []).append(i)
                 continue

@@ -154,8 +154,10 @@ def summarize(es: EvalSet, samples: list[Sample], seconds: float) -> dict[str, f
         "temperature": float(es.sampling.temperature),
         "seconds": seconds,
     }
-    if samples and all("task" in s.reward_parts for s in samples):
-        out["accuracy"] = sum(s.reward_parts["task"] for s in samples) / n
+    for checker in ("task", "math"):  # a verifiable checker's mean is the set's accuracy
+        if samples and all(checker in s.reward_parts for s in samples):
+            out["accuracy"] = sum(s.reward_parts[checker] for s in samples) / n
+            break
     if samples and any(s.episode is not None for s in samples):  # environments: turns, task success, tools
         from rlhf.production.metrics import episode_metrics
 
