@@ -228,7 +228,8 @@ class RewardSourceConfig:
     name: str = doc(
         "task",
         help="For rules: `task` (the data task's checker), `format`, `env` (a multi-turn episode's "
-        "environment reward), or `pkg.module:function` (must import and be callable).",
+        "environment reward), `code_tests` (runs the response's Python code against the label's tests "
+        "in a sandbox), or `pkg.module:function` (must import and be callable).",
     )
     weight: float = doc(1.0, help="Weight of this source in the reward (a finite number).")
     path: str | None = doc(None, help="Reward model directory (required for `kind: model`).")
@@ -535,7 +536,8 @@ class EvalSetConfig:
     source: str | None = doc(
         None,
         help="null: the run's held-out prompts; `builtin:<task>` (prompts from its evaluation seeds, "
-        "minus training prompts when it is the training task); a local data file (every row, in order).",
+        "minus training prompts when it is the training task); `builtin:humaneval` (the 164 HumanEval "
+        "problems, in order, scored by `code_tests`); a local data file (every row, in order).",
     )
     task_args: dict[str, Any] = doc(
         default_factory=dict,
@@ -545,8 +547,8 @@ class EvalSetConfig:
     label_key: str = doc("answer", help="Label column of a file set.")
     reward: str = doc(
         "task",
-        help="`task` (the set's task checker), `format`, `pkg.module:function`, or `reward` (the run's "
-        "reward sources).",
+        help="`task` (the set's task checker), `format`, `code_tests`, `pkg.module:function`, or "
+        "`reward` (the run's reward sources).",
     )
     num_prompts: int | None = doc(
         None,

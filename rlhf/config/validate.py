@@ -23,7 +23,7 @@ from rlhf.config.loader import (
 )
 from rlhf.config.schema import RunConfig
 
-BUILTIN_RULES = ("task", "format", "env")
+BUILTIN_RULES = ("task", "format", "env", "code_tests")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
@@ -294,7 +294,7 @@ def _validate_data(cfg: RunConfig, fail) -> None:
             if exc.name != "rlhf.tasks":
                 raise
             return  # the task registry is optional for validation
-        known = sorted(getattr(tasks, "TASKS", {}))
+        known = sorted({*getattr(tasks, "TASKS", {}), *getattr(tasks, "LAZY_TASKS", {})})
         try:
             tasks.get_task(name)
         except (KeyError, ValueError):
