@@ -1,6 +1,6 @@
 """The child side of the code sandbox (rlhf/reward/sandbox.py): confine this process, run the program.
 
-Run as `python -I sandbox_child.py` (standard library only; it is started by file path, not
+Run as `python -I -S sandbox_child.py` (standard library only; it is started by file path, not
 imported). It reads one JSON job from stdin: {"code", "tests", "workdir", "isolate", "uid",
 "limits"}, then
 1. with `isolate` (root, inside fresh mount/network/PID namespaces made by `unshare`): makes the
@@ -175,6 +175,7 @@ def main():
     job = json.loads(sys.stdin.read())
     sys.stdin.close()
     _RESULT_FD = job["result_fd"]
+    sys.path.extend(p for p in job.get("path", []) if p not in sys.path)
     workdir = job["workdir"]
     try:
         if job["isolate"]:
