@@ -133,11 +133,9 @@ def _guard(workdir):
             if writing and outside(path):
                 raise PermissionError(f"sandbox: writing outside the working directory ({path})")
         elif event in path_events:
-            paths = (
-                args[:2] if event in ("os.rename", "os.link", "os.symlink", "shutil.copyfile") else args[:1]
-            )
-            if event == "os.symlink":
-                paths = args[1:2]  # the link is made, the target may be anywhere
+            paths = args[:2] if event in ("os.rename", "os.link") else args[:1]
+            if event in ("os.symlink", "shutil.copyfile"):
+                paths = args[1:2]  # what is made; the source may be anywhere
             if event == "os.truncate" and isinstance(args[0], int):
                 return
             if any(outside(p) for p in paths):

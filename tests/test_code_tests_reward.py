@@ -4,8 +4,8 @@ reported with its error class, and the test process goes on."""
 
 from __future__ import annotations
 
-import glob
 import os
+import tempfile
 import time
 
 import pytest
@@ -75,18 +75,18 @@ def test_network_is_unreachable():
     assert out.status == "crash" and out.passed == 0
 
 
-def test_writes_outside_the_working_directory_do_not_land(tmp_path):
+def test_writes_outside_the_working_directory_do_not_land(tmp_path, monkeypatch):
     outside = f"/tmp/rlhf-sandbox-escape-{os.getpid()}"
     repo_file = os.path.join(os.path.dirname(__file__), f"escape-{os.getpid()}.txt")
     code = f"open({outside!r}, 'w').write('x')\nopen({repo_file!r}, 'w').write('x')\n"
     out = run(code, "assert True", LIMITS)
     assert out.status == "crash" and not os.path.exists(outside) and not os.path.exists(repo_file)
     # inside its own directory a program may write, up to RLIMIT_FSIZE; the directory is removed
-    before = set(glob.glob("/tmp/rlhf-code-*"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the working directories go
     big = run("open('big', 'wb').write(b'x' * (64 * 2**20))\n", "assert True", Limits(file_size_mb=8))
     assert big.status == "crash" and "File too large" in big.detail
     small = run("open('f.txt', 'w').write('hello')\n", "assert open('f.txt').read() == 'hello'", LIMITS)
-    assert small.ok and set(glob.glob("/tmp/rlhf-code-*")) <= before
+    assert small.ok and list(tmp_path.iterdir()) == []
 
 
 def test_fork_loop_is_bounded():
