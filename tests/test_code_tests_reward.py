@@ -163,3 +163,29 @@ def test_pipeline_reports_error_classes_and_bad_labels():
         assert stats["reward/errors"] == 1.0  # the sample without tests
     finally:
         pipeline.shutdown()
+
+
+def test_process_mode_refuses_network_forks_and_outside_writes():
+    """Without namespaces (not root, or no unshare) the in-process guard still contains honest code."""
+    outside = f"/tmp/rlhf-sandbox-process-{os.getpid()}"
+    for code in (
+        'import socket\nsocket.create_connection(("1.1.1.1", 80), timeout=1)\n',
+        "import os\nwhile True:\n    os.fork()\n",
+        f"open({outside!r}, 'w').write('x')\n",
+        "import subprocess\nsubprocess.run(['true'])\n",
+    ):
+        out = run(code, "assert True", LIMITS, mode="process")
+        assert out.status == "crash" and "PermissionError: sandbox:" in out.detail, (code, out)
+    assert not os.path.exists(outside)
+
+
+def test_config_accepts_code_tests_and_humaneval():
+    from rlhf.config.loader import from_dict
+
+    cfg = from_dict(
+        {
+            "reward": {"sources": [{"kind": "rule", "name": "code_tests", "args": {"timeout_s": 3}}]},
+            "evaluation": {"sets": [{"name": "he", "source": "builtin:humaneval", "reward": "code_tests"}]},
+        }
+    )
+    assert cfg.reward.sources[0].name == "code_tests" and cfg.evaluation.sets[0].source == "builtin:humaneval"
