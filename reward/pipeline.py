@@ -42,14 +42,17 @@ class _RuleSource:
     def __init__(self, label: str, rule: RuleReward):
         self.label, self.rule = label, rule
 
-    def submit(self, samples: list[Sample]) -> None:
-        return None
+    def submit(self, samples: list[Sample]):
+        submit = getattr(self.rule, "submit", None)  # rules that run in a pool (code_tests) start now
+        return submit(samples) if submit else None
 
-    def collect(self, pending: None, samples: list[Sample], on_error: str) -> tuple[list[float], int]:
+    def collect(self, pending, samples: list[Sample], on_error: str) -> tuple[list[float], int]:
+        if pending is not None:
+            return self.rule.collect(pending, samples, self.label, on_error)
         return self.rule.score(samples, self.label, on_error)
 
     def shutdown(self) -> None:
-        pass
+        getattr(self.rule, "shutdown", lambda: None)()
 
 
 class _ModelSource:
@@ -241,6 +244,10 @@ class RewardPipeline:
             f"reward/{self.names[k]}_mean": sum(parts[k]) / len(samples) for k in range(len(self.sources))
         }
         self._stats["reward/errors"] = float(errors)
+        for k, src in enumerate(self.sources):  # a rule's own figures, e.g. reward/code_tests_timeout
+            stats = getattr(getattr(src, "rule", None), "stats", None)
+            if stats:
+                self._stats.update({f"reward/{self.names[k]}_{key}": v for key, v in stats().items()})
         models = [src for src in self.sources if isinstance(src, _ModelSource)]
         if models:
             self._stats["fault/reward_restarts"] = float(sum(src.restarts for src in models))

@@ -133,9 +133,15 @@ class RuleReward:
     def from_config(
         cls, name: str, args: dict[str, Any] | None = None, task=None, timeout_s: float | None = None
     ) -> RuleReward:
-        """Built-in "task" / "format" / "math" / "env", or a user function "pkg.module:fn" (user
-        functions and "math" are called with a time limit of `timeout_s` seconds per sample)."""
+        """Built-in "task" / "format" / "math" / "env" / "code_tests", or a user function "pkg.module:fn"
+        (user functions and "math" are called with a time limit of `timeout_s` seconds per sample)."""
         args = dict(args or {})
+        if name == "task" and not args and getattr(task, "reward_rule", None):
+            name = task.reward_rule  # a task scored by another rule (builtin:humaneval: code_tests)
+        if name == "code_tests":
+            from rlhf.reward.code_tests import CodeTestsReward
+
+            return CodeTestsReward.from_args(args)
         if name == "task":
             if "task" in args:  # score against a named task instead of the data's
                 from rlhf.tasks import get_task
@@ -174,7 +180,7 @@ class RuleReward:
             return EpisodeReward(name, episode_reward)
         if ":" not in name:
             raise RewardError(
-                f"unknown rule {name!r}: use 'task', 'format', 'math', 'env' or a function path "
+                f"unknown rule {name!r}: use 'task', 'format', 'math', 'env', 'code_tests' or a function path "
                 "'pkg.module:function'"
             )
         return cls(name, load_reward_function(name), args, timeout_s=timeout_s)

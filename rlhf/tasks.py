@@ -294,6 +294,8 @@ class GuessNumber(Task):
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Countdown(), GuessNumber())}
+# Built-in data sets defined elsewhere, imported when first asked for: name -> "module:class".
+LAZY_TASKS = {"humaneval": "rlhf.data.humaneval:HumanEval"}
 
 
 def register_task(task: Task) -> Task:
@@ -303,6 +305,10 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
+    if name not in TASKS and name in LAZY_TASKS:
+        from rlhf.user_code import import_object
+
+        register_task(import_object(LAZY_TASKS[name])())
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted({*TASKS, *LAZY_TASKS}))}")
     return TASKS[name]

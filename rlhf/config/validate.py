@@ -24,7 +24,7 @@ from rlhf.config.loader import (
 from rlhf.config.schema import RunConfig
 from rlhf.production.storage import is_remote, local_path
 
-BUILTIN_RULES = ("task", "format", "math", "env")
+BUILTIN_RULES = ("task", "format", "math", "env", "code_tests")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
@@ -318,7 +318,7 @@ def _validate_data(cfg: RunConfig, fail) -> None:
             if exc.name != "rlhf.tasks":
                 raise
             return  # the task registry is optional for validation
-        known = sorted(getattr(tasks, "TASKS", {}))
+        known = sorted({*getattr(tasks, "TASKS", {}), *getattr(tasks, "LAZY_TASKS", {})})
         try:
             tasks.get_task(name)
         except (KeyError, ValueError):

@@ -57,7 +57,10 @@ class PromptData:
 
         if cfg.source.startswith(BUILTIN_PREFIX):
             self.task: Task | None = get_task(cfg.source.removeprefix(BUILTIN_PREFIX))
-            train_rows, eval_rows = self._generate(self.task, generator_args)
+            if hasattr(self.task, "rows"):  # a fixed built-in set (humaneval): held out like a file
+                train_rows, eval_rows = self._hold_out(self.task.rows())
+            else:
+                train_rows, eval_rows = self._generate(self.task, generator_args)
         else:
             name = cfg.task_args.get("task")
             self.task = get_task(name) if name else None
@@ -170,8 +173,12 @@ class PromptData:
         if skipped:
             self.num_skipped_rows = sum(len(at) for at in skipped.values())
             logger.warning("data.source %s: skipped %d row(s): %s", cfg.source, self.num_skipped_rows, what)
+        return self._hold_out(rows)
 
-        # Hold out num_eval rows (a seeded choice) for evaluation; train on the rest.
+    def _hold_out(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Hold out num_eval rows (a seeded choice) for evaluation; train on the rest."""
+        cfg = self.cfg
+        rows = [{**row, "index": row.get("index", i)} for i, row in enumerate(rows)]
         if cfg.num_eval >= len(rows):
             raise ValueError(
                 f"data.num_eval={cfg.num_eval} leaves no training rows in {cfg.source} ({len(rows)} rows)"
@@ -321,6 +328,16 @@ class PromptData:
                 (self._train_cache[pos],) = self._encode([self.train_rows[pos]], "train")
             prompt = self._train_cache[pos]
             self.requeued.append(dataclasses.replace(prompt, metadata={**prompt.metadata, "epoch": epoch}))
+
+
+def is_fixed_set(source: str | None) -> bool:
+    """A built-in source that is a fixed set of rows (humaneval): read whole, in order, not generated."""
+    if not source or not source.startswith(BUILTIN_PREFIX):
+        return False
+    try:
+        return hasattr(get_task(source.removeprefix(BUILTIN_PREFIX)), "rows")
+    except KeyError:
+        return False
 
 
 def prompt_problem(prompt: Any) -> str | None:

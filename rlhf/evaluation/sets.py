@@ -65,7 +65,9 @@ def configured_sets(cfg: RunConfig) -> list[EvalSetConfig]:
 
 def _set_data_config(cfg: RunConfig, es: EvalSetConfig):
     """A DataConfig reading the set's source with the run's prompt formatting."""
-    builtin = es.source.startswith("builtin:")
+    from rlhf.data.prompts import is_fixed_set
+
+    builtin = es.source.startswith("builtin:") and not is_fixed_set(es.source)  # a generated task
     same_task = builtin and es.source == cfg.data.source and es.task_args == cfg.data.task_args
     return dataclasses.replace(
         cfg.data,
@@ -83,7 +85,7 @@ def _set_data_config(cfg: RunConfig, es: EvalSetConfig):
 def build_sets(cfg: RunConfig, tokenizer, held_out=None) -> list[EvalSet]:
     """Prompts, checker and sampling of every configured set; `held_out` is the run's PromptData
     (built here when not given). Bad input raises one line naming `evaluation.sets[i]`."""
-    from rlhf.data.prompts import PromptData
+    from rlhf.data.prompts import PromptData, is_fixed_set
     from rlhf.reward.rules import RewardError, RuleReward
 
     sets = []
@@ -95,7 +97,7 @@ def build_sets(cfg: RunConfig, tokenizer, held_out=None) -> list[EvalSet]:
                 prompts = data.eval_prompts()
             else:
                 data = PromptData(_set_data_config(cfg, es), tokenizer)
-                builtin = es.source.startswith("builtin:")
+                builtin = es.source.startswith("builtin:") and not is_fixed_set(es.source)
                 prompts = data.eval_prompts() if builtin else data.prompts_in_order(es.num_prompts)
         except (ValueError, KeyError, FileNotFoundError) as exc:
             raise ValueError(f"{where}: {exc}") from None
