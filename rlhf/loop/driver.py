@@ -104,7 +104,9 @@ class Trainer(StepBody):
             self.pad_id = self.tokenizer.eos_token_id
         self.data = PromptData(cfg.data, self.tokenizer)
         self.step = 0
-        self.engine_logprobs = old_logprobs.engine_logprobs_needed(cfg.algorithm, cfg.rollout.max_staleness)
+        self.engine_logprobs = old_logprobs.engine_logprobs_needed(
+            cfg.algorithm, cfg.rollout.max_staleness, old_logprobs.rollout_quantized(cfg)
+        )
         self.started_ray = False
         self.roles: Roles | None = None
         self.loop = None  # the asynchronous loop (rollout.max_staleness >= 1), started by run()

@@ -36,6 +36,8 @@ BLOCK = (128, 128)
 # vLLM's online-quantization names for each layout, and the name vLLM before the online shorthands
 # (0.26) gives its per-tensor online quantization.
 VLLM_METHODS = {"tensor": "fp8_per_tensor", "channel": "fp8_per_channel", "block": "fp8_per_block"}
+# What `model_config.quantization` reads in an engine that quantizes a bf16 checkpoint to FP8 itself.
+FP8_ONLINE_METHODS = ("fp8", *VLLM_METHODS.values())
 SCALE_NAMES = {"tensor": "weight_scale", "channel": "weight_scale", "block": "weight_scale_inv"}
 # Smallest per-channel scale vLLM allows (an all-zero row would otherwise divide by zero).
 _MIN_CHANNEL_SCALE = 1.0 / (FP8_MAX * 512)
