@@ -3,7 +3,8 @@
 The vLLM test builds vLLM's own Llama and Qwen2 classes with online FP8 quantization on CPU (in a
 subprocess: vLLM's parallel state is per process), loads a checkpoint, then pushes new weights the
 way an FP8 engine receives them (vLLM's layer-wise reload around `load_weights`, which reruns each
-layer's quantization): after either, every linear layer (the fused `qkv_proj` and `gate_up_proj`
+layer's quantization; the second push through the engine's own receiving end,
+`WeightUpdateExtension.receive_weights`, asked for `replay`, which a quantized engine replaces): after either, every linear layer (the fused `qkv_proj` and `gate_up_proj`
 included) holds exactly what `quantize_fp8` computes from the fused bf16 weight, bit for bit.
 That runs for the `channel` and `block` layouts, whose quantization is plain torch. vLLM's per-tensor
 method (`fp8_per_tensor`, what `rollout.quantization: fp8` builds) quantizes with the custom op
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -126,7 +128,15 @@ def check_against_vllm(model_dir: str, layout: str) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    from rlhf.sync.engine_extension import _layerwise_reload_api
+    from rlhf.sync.engine_extension import WeightUpdateExtension, _layerwise_reload_api
+    from rlhf.sync.wire import make_spec, pack_bucket
+
+    class Worker(WeightUpdateExtension):
+        """What vLLM's worker gives the extension: the model runner, the config, the TP rank."""
+
+        def __init__(self, model, config):
+            self.model_runner, self.vllm_config, self.rank = types.SimpleNamespace(model=model), config, 0
+
     from rlhf.sync.fp8 import VLLM_METHODS
     from rlhf.testing import vllm_model_on_cpu
 
@@ -145,14 +155,24 @@ def check_against_vllm(model_dir: str, layout: str) -> None:
         process_weights_after_loading(model, config.model_config, torch.device("cpu"))
         layers = check_layers(model, weights, layout)
         storage = {n: p.data_ptr() for n, p in model.named_parameters()}
-        for _ in range(2):  # pushes, in bf16 as the learner sends them
+        worker = Worker(model, config)
+        for push in range(2):  # pushes, in bf16 as the learner sends them
             weights = {
                 n: (t.float() + 0.05 * torch.randn(t.shape, generator=generator)).to(torch.bfloat16)
                 for n, t in weights.items()
             }
-            begin(model)
-            model.load_weights(list(weights.items()))
-            finish(model, config.model_config)
+            if push == 0:  # vLLM's reload API by hand
+                begin(model)
+                model.load_weights(list(weights.items()))
+                finish(model, config.model_config)
+            else:  # the engine's receiving end, asked for `replay`, which a quantized engine replaces
+                spec = make_spec("object_store", 1 << 20, engine_reload="replay")
+                names = list(weights)
+                buckets = [
+                    pack_bucket([(n, weights[n]) for n in names[i : i + 5]]) for i in range(0, len(names), 5)
+                ]
+                stats = worker.receive_weights([(spec, 1)], buckets)
+                assert stats["reload_direct"] == 0 and "buckets_replayed" not in stats, stats
             assert check_layers(model, weights, layout) == layers
         # re-quantized into the same storage (what CUDA graphs captured)
         assert {n: p.data_ptr() for n, p in model.named_parameters()} == storage
