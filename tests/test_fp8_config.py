@@ -61,6 +61,8 @@ def test_validation_names_the_key(tmp_path):
         from_dict({"rollout": {"quantization": "fp8"}, "placement": {"device": "cpu"}})
     with pytest.raises(ConfigError, match=r"rollout\.quantization"):
         from_dict({"rollout": {"quantization": "int4"}, **GPU})
+    with pytest.raises(ConfigError, match=r"rollout\.engine_logprobs.*FP8 engines turn tis on"):
+        from_dict(fp8(rollout={"engine_logprobs": False}))
     with pytest.raises(ConfigError, match=r"rollout\.kv_cache_dtype"):
         from_dict({"rollout": {"kv_cache_dtype": "int8"}})
     with pytest.raises(ConfigError, match=r"rollout\.quantization.*vllm_kwargs\.quantization"):

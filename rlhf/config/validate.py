@@ -103,6 +103,16 @@ def validate(
         "tis needs algorithm.tis_cap (the truncation)",
         al.off_policy_correction,
     )
+    if ro.engine_logprobs is False:
+        from rlhf.algorithms.old_logprobs import engine_logprobs_needed, rollout_quantized
+
+        check(
+            not engine_logprobs_needed(al, ro.max_staleness, rollout_quantized(cfg)),
+            "rollout.engine_logprobs",
+            "false, but the run needs the engines' sampled-token logprobs (pi_old from the engine, or an "
+            "off-policy correction: FP8 engines turn tis on unless algorithm.off_policy_correction is set)",
+            ro.engine_logprobs,
+        )
     check(
         not (al.recompute_old_logprobs is False and ro.max_staleness > 0),
         "algorithm.recompute_old_logprobs",
