@@ -243,11 +243,14 @@ def whole_batch_step(batch, micro_batch_tokens: int, padded: bool = False) -> di
     }
 
 
-def vllm_model_on_cpu(model_dir: str, dtype: str = "float32"):
+def vllm_model_on_cpu(model_dir: str, dtype: str = "float32", quantization: str | None = None):
     """vLLM's own model class for `model_dir`, built in this process on CPU with its weight loaders.
 
     No engine: the parameters are as vLLM creates them, before any post-load processing, so tests can
     drive `model.load_weights` (vLLM's real name mapping and stacked-parameter loaders) directly.
+    `quantization` (e.g. `fp8_per_channel`): vLLM's online quantization, whose layers quantize when
+    their weights are loaded; the model also records what vLLM's layer-wise reload needs, as vLLM's
+    model loader does.
     Initialises vLLM's single-rank parallel state (gloo) once per process. Returns (model, config)."""
     import socket
 
@@ -256,7 +259,7 @@ def vllm_model_on_cpu(model_dir: str, dtype: str = "float32"):
     from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.model_executor.model_loader.utils import get_model_architecture
 
-    model_config = ModelConfig(model=model_dir, dtype=dtype)
+    model_config = ModelConfig(model=model_dir, dtype=dtype, quantization=quantization)
     config = VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"))
     with set_current_vllm_config(config):
         if not model_parallel_is_initialized():
@@ -266,5 +269,12 @@ def vllm_model_on_cpu(model_dir: str, dtype: str = "float32"):
             init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
             initialize_model_parallel(1, 1)
         model_cls, _ = get_model_architecture(model_config)
-        model = model_cls(vllm_config=config, prefix="")
+        if quantization is None:
+            model = model_cls(vllm_config=config, prefix="")
+        else:
+            from vllm.model_executor.model_loader.utils import initialize_model
+            from vllm.utils.torch_utils import set_default_torch_dtype
+
+            with set_default_torch_dtype(model_config.dtype):
+                model = initialize_model(vllm_config=config, model_class=model_cls)
     return model, config

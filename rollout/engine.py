@@ -71,6 +71,33 @@ def with_vllm_kwargs(kwargs: dict[str, Any], extra: dict[str, Any]) -> dict[str,
     return {**kwargs, **extra}
 
 
+def quantization_kwargs(cfg: RolloutConfig, device: str) -> dict[str, Any]:
+    """vLLM arguments of `rollout.quantization` and `rollout.kv_cache_dtype`.
+
+    `fp8` quantizes the bf16 checkpoint online, per tensor (`rlhf.sync.fp8.vllm_quantization`: vLLM 0.32
+    names it `fp8_per_tensor`, 0.26 `fp8`); each push is re-quantized by the engine (docs/fp8.md)."""
+    kwargs: dict[str, Any] = {}
+    if cfg.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = cfg.kv_cache_dtype
+    if cfg.quantization == "none":
+        return kwargs
+    if cfg.quantization != "fp8":
+        raise ValueError(f"rollout.quantization: expected 'none' or 'fp8', got {cfg.quantization!r}")
+    if device != "cuda":
+        raise ValueError("rollout.quantization: fp8 needs GPU engines (vLLM's CPU build has no online FP8)")
+    import torch
+
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 0):
+        raise ValueError(
+            f"rollout.quantization: fp8 needs a GPU of compute capability >= 8.0, this one is {capability}"
+        )
+    from rlhf.sync.fp8 import vllm_quantization
+
+    kwargs["quantization"] = vllm_quantization("tensor")
+    return kwargs
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """ "auto" -> float32 on CPU (vLLM's CPU kernels and exact audits), bfloat16 on GPU."""
     if dtype in (None, "auto"):
@@ -170,6 +197,7 @@ class RolloutEngine:
         )
         if cfg.max_num_seqs:
             kwargs["max_num_seqs"] = cfg.max_num_seqs
+        kwargs.update(quantization_kwargs(cfg, device))
         if on_cpu:
             kwargs["distributed_executor_backend"] = "uni"
             # vLLM-CPU reads gpu_memory_utilization as the whole process's share of the NUMA node

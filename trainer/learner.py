@@ -13,7 +13,6 @@ Conventions
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -157,13 +156,9 @@ class Learner:
             self._watch_gradients() if self.trainable and cfg.trainer.debug_nonfinite_grads else None
         )
         # Loss settings the batch alone does not carry.
-        from rlhf.algorithms.losses import off_policy_correction
+        from rlhf.algorithms.losses import resolved_algorithm
 
-        self.algorithm = dataclasses.replace(
-            cfg.algorithm,
-            loss_agg_constant=cfg.algorithm.loss_agg_constant or cfg.rollout.sampling.max_new_tokens,
-            off_policy_correction=off_policy_correction(cfg.algorithm, cfg.rollout.max_staleness),
-        )
+        self.algorithm = resolved_algorithm(cfg)
 
     def _watch_gradients(self) -> tuple[list[str], torch.Tensor]:
         """Hooks that flag, on the device and without a host sync, each parameter that receives a

@@ -119,7 +119,8 @@ def eos_rate(args) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------- (a) vLLM alone
-def vllm_alone(model_dir: str, args) -> dict:
+def vllm_alone(model_dir: str, args, fp8: bool = False) -> dict:
+    """`fp8`: the same with the engine quantizing the bf16 weights to FP8 (`rollout.quantization: fp8`)."""
     import random
 
     from vllm import LLM, SamplingParams
@@ -127,9 +128,15 @@ def vllm_alone(model_dir: str, args) -> dict:
 
     n, new_tokens, fixed = args.n, args.new_tokens, args.workload == "fixed"
     t0 = time.perf_counter()
+    quantization = {}
+    if fp8:
+        from rlhf.sync.fp8 import vllm_quantization
+
+        quantization = {"quantization": vllm_quantization("tensor")}
     llm = LLM(
         model_dir,
         dtype="bfloat16",
+        **quantization,
         gpu_memory_utilization=args.util,
         enforce_eager=args.eager,
         seed=0,
@@ -438,6 +445,7 @@ def rlhf_steps(model_dir: str, prompts_file: str, args) -> dict:
         f"rollout.max_staleness={args.staleness}",
         f"rollout.sleep_level={args.sleep_level}",
         *offload_overrides(args),
+        f"rollout.quantization={args.quantization}",
     ] + args.override
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
@@ -659,6 +667,12 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/gpu/bench")
     ap.add_argument("--override", nargs="*", default=[])
     ap.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "fp8"],
+        help="fp8: (c) runs rollout.quantization=fp8 and (a) runs raw vLLM twice, bf16 and fp8",
+    )
+    ap.add_argument(
         "--logprob-impl",
         default="compiled",
         choices=["compiled", "eager", "naive"],
@@ -671,8 +685,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = workload_model_dir(args)
 
-    if args.part == "a":
-        r = vllm_alone(str(model_dir), args)
+    if args.part in ("a", "a_fp8"):
+        r = vllm_alone(str(model_dir), args, fp8=args.part == "a_fp8")
         print("RESULT " + json.dumps(r))
         return
     if args.part == "b":
@@ -685,7 +699,9 @@ def main() -> None:
 
     results: dict = {"device": device_name(), "args": vars(args), "command": " ".join(sys.argv)}
     parts = args.parts.split(",")
-    for part, key in (("a", "vllm"), ("b", "deepspeed"), ("l", "learner")):
+    if "a" in parts and args.quantization == "fp8":
+        parts.append("a_fp8")
+    for part, key in (("a", "vllm"), ("a_fp8", "vllm_fp8"), ("b", "deepspeed"), ("l", "learner")):
         if part in parts:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]
             p = subprocess.run(cmd, capture_output=True, text=True)

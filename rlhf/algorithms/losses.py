@@ -147,16 +147,48 @@ def decoupled_ppo(old_logprobs: Tensor, rollout_logprobs: Tensor, cfg: Algorithm
 OFF_POLICY_CORRECTIONS = ("auto", *CORRECTIONS.names())
 
 
-def off_policy_correction(cfg: AlgorithmConfig, max_staleness: int = 0) -> str:
+# The cap of the correction an FP8 engine turns on by itself (`rollout.quantization: fp8`, no `tis_cap`):
+# the value of configs/tis.yaml. FP8 engines sample from a slightly different policy than the bf16
+# learner scores, on every token, so the correction is on wherever the run did not choose one.
+QUANTIZED_TIS_CAP = 2.0
+
+
+def off_policy_correction(cfg: AlgorithmConfig, max_staleness: int = 0, quantized: bool = False) -> str:
     """`algorithm.off_policy_correction` resolved: auto -> tis when tis_cap is set, decoupled_ppo for
-    asynchronous runs (max_staleness >= 1), else none."""
+    asynchronous runs (max_staleness >= 1), tis for quantized engines (`quantized`: rollout.quantization
+    is not `none`), else none."""
     choice = cfg.off_policy_correction
     if choice != "auto":
         CORRECTIONS.get(choice)  # an unknown name raises, listing the registered ones
         return choice
     if cfg.tis_cap is not None:
         return "tis"
-    return "decoupled_ppo" if max_staleness > 0 else "none"
+    if max_staleness > 0:
+        return "decoupled_ppo"
+    return "tis" if quantized else "none"
+
+
+def resolved_algorithm(run_cfg) -> AlgorithmConfig:
+    """The learner's `algorithm` settings for the run `run_cfg` (a RunConfig), with what the batch does
+    not carry resolved: the loss constant, the off-policy correction and its cap."""
+    import dataclasses
+
+    from rlhf.algorithms.old_logprobs import rollout_quantized
+
+    alg, staleness, quantized = run_cfg.algorithm, run_cfg.rollout.max_staleness, rollout_quantized(run_cfg)
+    return dataclasses.replace(
+        alg,
+        loss_agg_constant=alg.loss_agg_constant or run_cfg.rollout.sampling.max_new_tokens,
+        off_policy_correction=off_policy_correction(alg, staleness, quantized),
+        tis_cap=resolved_tis_cap(alg, staleness, quantized),
+    )
+
+
+def resolved_tis_cap(cfg: AlgorithmConfig, max_staleness: int = 0, quantized: bool = False) -> float | None:
+    """`algorithm.tis_cap`, or `QUANTIZED_TIS_CAP` where quantized engines turned `tis` on without one."""
+    if cfg.tis_cap is None and off_policy_correction(cfg, max_staleness, quantized) == "tis":
+        return QUANTIZED_TIS_CAP
+    return cfg.tis_cap
 
 
 # ---------------------------------------------------------------------------------------------- policy loss (cont.)

@@ -13,7 +13,7 @@ return none, and the learner supplies pi_old itself:
 * `false`: pi_old is the engine's logprob of each sampled token (the engine must return them).
 
 The engines return logprobs only where they are used: `recompute_old_logprobs: false`, or an
-off-policy correction (`tis_cap`, or an asynchronous run), whose weight pi_old / pi_engine needs the
+off-policy correction (`tis_cap`, an asynchronous run, or FP8 engines), whose weight pi_old / pi_engine needs the
 engine's side.
 """
 
@@ -22,12 +22,19 @@ from __future__ import annotations
 from rlhf.algorithms.registry import AlgorithmConfig
 
 
-def engine_logprobs_needed(alg: AlgorithmConfig, max_staleness: int = 0) -> bool:
+def engine_logprobs_needed(alg: AlgorithmConfig, max_staleness: int = 0, quantized: bool = False) -> bool:
     """Whether generation must return each sampled token's logprob (pi_old itself, or the behaviour
-    policy of an off-policy correction)."""
+    policy of an off-policy correction; `quantized` engines turn one on by default)."""
     from rlhf.algorithms.losses import off_policy_correction
 
-    return alg.recompute_old_logprobs is False or off_policy_correction(alg, max_staleness) != "none"
+    return (
+        alg.recompute_old_logprobs is False or off_policy_correction(alg, max_staleness, quantized) != "none"
+    )
+
+
+def rollout_quantized(cfg) -> bool:
+    """Whether the engines of the run `cfg` (a RunConfig) run quantized weights (`rollout.quantization`)."""
+    return cfg.rollout.quantization != "none"
 
 
 def engines_return_logprobs(cfg) -> bool:
@@ -35,7 +42,7 @@ def engines_return_logprobs(cfg) -> bool:
     logprobs: the algorithm's (above), the agent endpoint's recorded calls, or `rollout.engine_logprobs`."""
     if cfg.rollout.engine_logprobs is not None:
         return bool(cfg.rollout.engine_logprobs)
-    needed = engine_logprobs_needed(cfg.algorithm, cfg.rollout.max_staleness)
+    needed = engine_logprobs_needed(cfg.algorithm, cfg.rollout.max_staleness, rollout_quantized(cfg))
     return needed or bool(cfg.rollout.agent.function)
 
 

@@ -207,7 +207,8 @@ def registry_tables() -> str:
         if registry is OFF_POLICY_CORRECTIONS:
             rows.append(
                 "| `auto` | (the default) `tis` when `tis_cap` is set, `decoupled_ppo` when "
-                "`rollout.max_staleness >= 1`, else `none`. |"
+                "`rollout.max_staleness >= 1`, `tis` (cap 2 unless `tis_cap` is set) with FP8 engines "
+                "(`rollout.quantization: fp8`, docs/fp8.md), else `none`. |"
             )
         parts.append(head + "\n".join(rows))
     return "\n\n".join(parts) + "\n"

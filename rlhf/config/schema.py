@@ -191,6 +191,19 @@ class RolloutConfig:
         "of the bf16 weights and their copy back at wake-up).",
     )
     load_format: str = doc("auto", help="vLLM load format; `dummy` for throughput benchmarks.")
+    quantization: Literal["none", "fp8"] = doc(
+        "none",
+        help="`fp8`: the engines quantize the bf16 policy's linear layers to FP8 (per-tensor scales) when "
+        "they load it and again after every weight push, so decoding reads half the weight bytes; the "
+        "learners stay bf16. GPU only (compute capability >= 8.0; below 8.9 vLLM runs FP8 weights with "
+        "bf16 activations). Turns on the `tis` off-policy correction unless "
+        "`algorithm.off_policy_correction` is set (docs/fp8.md).",
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = doc(
+        "auto",
+        help="vLLM's KV-cache dtype: `auto` (the model's), or `fp8` / `fp8_e4m3` / `fp8_e5m2` (half the "
+        "KV-cache memory, so more sequences in flight; scales 1.0, as a bf16 checkpoint has none).",
+    )
     vllm_kwargs: dict[str, Any] = doc(
         default_factory=dict,
         help="Extra keyword arguments of vLLM's engine (`vllm` `EngineArgs`), applied over ours, e.g. "
@@ -309,7 +322,8 @@ class AlgorithmConfig:
     off_policy_correction: str = doc(
         "auto",
         help="`none`, `tis` (needs `tis_cap`), `decoupled_ppo`; `auto`: `tis` when `tis_cap` is set, "
-        "`decoupled_ppo` when `rollout.max_staleness >= 1`, else `none` (docs/async.md).",
+        "`decoupled_ppo` when `rollout.max_staleness >= 1`, `tis` (cap 2 unless `tis_cap` is set) when "
+        "`rollout.quantization` is `fp8`, else `none` (docs/async.md, docs/fp8.md).",
     )
     ppo_epochs: int = doc(1, help="Passes over each rollout batch (>= 1).")
     mini_batches: int = doc(1, help="Optimizer steps per rollout batch per epoch (>= 1).")

@@ -78,6 +78,7 @@ def validate(
     at_least("rollout.eval_temperature", ro.eval_temperature, 0)
     at_least("rollout.tensor_parallel", ro.tensor_parallel, 1)
     at_least("rollout.max_staleness", ro.max_staleness, 0)
+    _validate_quantization(cfg, fail)
     if ro.gpu_memory_utilization is not None:
         fraction("rollout.gpu_memory_utilization", ro.gpu_memory_utilization)
     check(
@@ -103,6 +104,16 @@ def validate(
         "tis needs algorithm.tis_cap (the truncation)",
         al.off_policy_correction,
     )
+    if ro.engine_logprobs is False:
+        from rlhf.algorithms.old_logprobs import engine_logprobs_needed, rollout_quantized
+
+        check(
+            not engine_logprobs_needed(al, ro.max_staleness, rollout_quantized(cfg)),
+            "rollout.engine_logprobs",
+            "false, but the run needs the engines' sampled-token logprobs (pi_old from the engine, or an "
+            "off-policy correction: FP8 engines turn tis on unless algorithm.off_policy_correction is set)",
+            ro.engine_logprobs,
+        )
     check(
         not (al.recompute_old_logprobs is False and ro.max_staleness > 0),
         "algorithm.recompute_old_logprobs",
@@ -539,6 +550,52 @@ def _validate_placement(cfg: RunConfig, fail) -> None:
                 "rollout.max_staleness >= 1 overlaps generation with training, which needs the rollout and "
                 "the learner on different GPUs; drop this colocation or set rollout.max_staleness=0",
                 group,
+            )
+
+
+def _checkpoint_quantization(model_path: str) -> str | None:
+    """The quantization method in a local checkpoint's config.json (`quantization_config`), if any."""
+    import json
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None  # a hub name: the engine finds out when it loads
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else None
+
+
+def _validate_quantization(cfg: RunConfig, fail) -> None:
+    """`rollout.quantization: fp8` quantizes a bf16 policy in GPU engines, online: what rules it out at
+    validate time (the GPUs themselves are checked where they are known: here if the driver sees them,
+    else when each engine starts)."""
+    ro = cfg.rollout
+    if ro.quantization == "none":
+        return
+    key = "rollout.quantization"
+    if resolve_device(cfg) == "cpu":
+        raise fail(
+            key, "fp8 needs GPU engines (vLLM's CPU build has no online FP8 quantization)", ro.quantization
+        )
+    if "quantization" in ro.vllm_kwargs:
+        raise fail(key, "set either this or rollout.vllm_kwargs.quantization, not both", ro.quantization)
+    checkpoint = _checkpoint_quantization(cfg.model.path)
+    if checkpoint is not None:
+        raise fail(
+            key,
+            f"the checkpoint is already quantized ({checkpoint} in {cfg.model.path}/config.json); fp8 "
+            "quantizes a bf16/fp16 policy",
+            ro.quantization,
+        )
+    import torch
+
+    if torch.cuda.is_available():
+        low = [i for i in range(torch.cuda.device_count()) if torch.cuda.get_device_capability(i) < (8, 0)]
+        if low:
+            raise fail(
+                key, f"fp8 needs GPUs of compute capability >= 8.0; GPU {low[0]} is below", ro.quantization
             )
 
 

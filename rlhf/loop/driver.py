@@ -110,7 +110,9 @@ class Trainer(StepBody):
         )  # where a learner restart without a checkpoint goes back to
         self.step = 0
         self.learner_restarts = 0  # learner roles restarted after a rank died (recovery.py)
-        self.engine_logprobs = old_logprobs.engine_logprobs_needed(cfg.algorithm, cfg.rollout.max_staleness)
+        self.engine_logprobs = old_logprobs.engine_logprobs_needed(
+            cfg.algorithm, cfg.rollout.max_staleness, old_logprobs.rollout_quantized(cfg)
+        )
         self.started_ray = False
         self.roles: Roles | None = None
         self.loop = None  # the asynchronous loop (rollout.max_staleness >= 1), started by run()

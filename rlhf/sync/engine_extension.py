@@ -15,6 +15,7 @@ import torch
 
 from rlhf.sync.engine_replay import WeightReplay, bucket_layout
 from rlhf.sync.engine_side import receive_adapter, receive_buckets, write_adapter
+from rlhf.sync.fp8 import FP8_ONLINE_METHODS
 from rlhf.sync.wire import ENGINE_RELOADS, as_spec
 
 
@@ -104,6 +105,8 @@ class WeightUpdateExtension:
 
         quantized = bool(getattr(self.vllm_config.model_config, "quantization", None))
         mode = reload_mode(model, spec.engine_reload, quantized)
+        if mode != "layerwise" and self.vllm_config.model_config.quantization in FP8_ONLINE_METHODS:
+            mode = self.rlhf_quantized_reload(mode)
         reload_api = _layerwise_reload_api() if mode == "layerwise" else None
         tied = _tied_followers(model) if reload_api else []
         load_bucket = None
@@ -173,6 +176,27 @@ class WeightUpdateExtension:
         stats["swap_s"] = time.perf_counter() - start
         stats["load_s"] += stats["swap_s"]
         return stats
+
+    def rlhf_quantized_reload(self, requested: str) -> str:
+        """A quantized engine (FP8) must re-quantize what it receives: only vLLM's layer-wise reload
+        reruns each layer's quantization (and copies the result into the live FP8 tensors). `direct`
+        would write bf16 tensors through loaders the quantized layers no longer have, and `replay`
+        records those writes; both are replaced, with one line."""
+        if _layerwise_reload_api() is None:
+            raise RuntimeError(
+                "sync: a quantized engine needs vLLM's layer-wise reload "
+                "(vllm.model_executor.model_loader.reload), which this vLLM lacks"
+            )
+        if not getattr(self, "_rlhf_quantized_warned", False):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "sync.engine_reload=%s: the engine is quantized, so pushes go through vLLM's layer-wise "
+                "reload (which re-quantizes each layer) instead",
+                requested,
+            )
+            self._rlhf_quantized_warned = True
+        return "layerwise"
 
     def rlhf_replay(self) -> WeightReplay:
         """This worker's recorded bucket loads (`sync.engine_reload=replay`), kept across pushes."""
