@@ -73,15 +73,26 @@ def test_trl_step_settings_and_padding_by_hand():
     from experiments.bench.trl_step import grpo_kwargs, padding_fraction
 
     args = argparse.Namespace(
-        prompts=4, n=8, micro_batch=16, new_tokens=512, steps=3, util=0.5, sleep=True, workload="fixed"
+        prompts=4,
+        n=8,
+        micro_batch=16,
+        new_tokens=512,
+        steps=3,
+        util=0.5,
+        sleep=True,
+        workload="fixed",
+        lr=None,
     )
     kw = grpo_kwargs(args, "/tmp/x")
     assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 32  # one step's answers
     assert kw["num_generations"] == 8 and kw["max_completion_length"] == 512
     assert kw["generation_kwargs"] == {"ignore_eos": True, "min_tokens": 512}  # fixed: every answer 512
     assert kw["vllm_mode"] == "colocate" and kw["vllm_enable_sleep_mode"] is True and kw["beta"] == 0.0
+    assert kw["learning_rate"] == 1e-6  # the learning rate of our step and raw DeepSpeed too
     args.workload = "longtail"
-    assert grpo_kwargs(args, "/tmp/x")["generation_kwargs"] == {}  # answers end at EOS
+    longtail = grpo_kwargs(args, "/tmp/x")
+    assert longtail["generation_kwargs"] == {}  # answers end at EOS
+    assert longtail["learning_rate"] == 1e-10  # updates must not move the EOS rate (workloads.py)
     # 2 prompts of 10 and 30 tokens, 2 answers each, mean 20, longest 50:
     # real = 2 x 40 + 4 x 20 = 160 of 4 x (30 + 50) = 320 -> half is padding
     assert padding_fraction([10, 30], 2, 20.0, 50) == pytest.approx(0.5)
