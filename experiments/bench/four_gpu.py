@@ -184,6 +184,8 @@ def run_args(args: argparse.Namespace, rm_dir: str) -> argparse.Namespace:
         zero=3,
         staleness=args.staleness,
         offload_ratio=None,
+        lr=None,  # bench_step.learning_rate: the shared default
+        quantization="none",
         sleep_level=1,
         transport="auto",
         bucket_mb=args.bucket_mb,
