@@ -221,3 +221,11 @@ def test_wandb_goes_through_the_same_interface(tmp_path):
         if r.WhichOneof("record_type") == "config":
             config.update({item.key: json.loads(item.value_json) for item in r.config.update})
     assert config["seed"] == 3 and config["algorithm"] == {"name": "grpo", "kl_coef": 0.01}
+
+
+def test_default_mlflow_store_is_local_even_for_run_directories_on_a_storage_uri(tmp_path, monkeypatch):
+    from rlhf.production.trackers import default_mlflow_uri
+
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    assert default_mlflow_uri(str(tmp_path / "runs")) == (tmp_path / "runs" / "mlruns").as_uri()
+    assert default_mlflow_uri("s3://bucket/runs").startswith("file://")  # MLflow's file store is local

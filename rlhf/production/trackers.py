@@ -311,7 +311,15 @@ def open_trackers(
 
 
 def default_mlflow_uri(output_dir: str) -> str:
-    """One local store for every run of `output_dir`, so `mlflow ui` compares them side by side."""
+    """One local store for every run of `output_dir`, so `mlflow ui` compares them side by side; for
+    run directories on a storage URI (which MLflow's file store cannot write), `$RLHF_CACHE/mlruns`
+    on the driver's node: set `logging.mlflow_tracking_uri` to share one across nodes."""
+    from rlhf.production import storage
+
+    if storage.is_remote(output_dir):
+        from rlhf.data.models import cache_root
+
+        return (Path(cache_root()).resolve() / "mlruns").as_uri()
     return (Path(output_dir).resolve() / "mlruns").as_uri()
 
 
