@@ -22,7 +22,7 @@ from rlhf.config.loader import (
     resolve_device,
 )
 from rlhf.config.schema import RunConfig
-from rlhf.production.storage import is_remote, local_path
+from rlhf.config.uris import is_remote, local_path
 
 BUILTIN_RULES = ("task", "format", "math", "env", "code_tests")
 ROLES = ("rollout", "learner", "reference", "critic", "reward_model", "evaluation")
@@ -212,7 +212,7 @@ def validate(
 
 def _validate_trackers(cfg: RunConfig, fail) -> None:
     """Each tracker named once, and its package installed (`mlflow` is an optional extra)."""
-    from rlhf.production.trackers import missing_package
+    from rlhf.config.optional import missing_package
 
     trackers = cfg.logging.trackers
     for name in trackers:

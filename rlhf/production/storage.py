@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from rlhf.config.uris import is_remote, local_path  # noqa: F401 (part of this module's interface)
+
 logger = logging.getLogger(__name__)
 
 ATTEMPTS = 3
@@ -59,12 +61,6 @@ def set_endpoint(url: str | None) -> None:
     _endpoint = url or None
 
 
-def is_remote(uri: str | os.PathLike) -> bool:
-    """True for an object-store URI (s3://, gs://, ...); False for a local path or file://."""
-    scheme = urlparse(str(uri)).scheme
-    return len(scheme) > 1 and scheme != "file"
-
-
 def join(uri: str | os.PathLike, *parts: str) -> str:
     return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
 
@@ -75,12 +71,6 @@ def basename(uri: str | os.PathLike) -> str:
 
 def parent(uri: str | os.PathLike) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[0]
-
-
-def local_path(uri: str | os.PathLike) -> Path:
-    """The local path of a plain path or a file:// URI."""
-    text = str(uri)
-    return Path(urlparse(text).path) if text.startswith("file://") else Path(text).expanduser()
 
 
 def _s3(endpoint: str | None):

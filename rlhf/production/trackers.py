@@ -14,7 +14,6 @@ through the run id kept in `<run dir>/trackers.json`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,13 +23,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from rlhf.config.optional import missing_package
+
 TRACKERS = ("wandb", "tensorboard", "mlflow")
 # The module each tracker imports and how to get it.
-PACKAGES = {
-    "wandb": ("wandb", "pip install wandb"),
-    "tensorboard": ("tensorboardX", "pip install tensorboardX"),
-    "mlflow": ("mlflow", "pip install 'rlhf[mlflow]' (or mlflow-skinny)"),
-}
 STATE_FILE = "trackers.json"  # what a resume needs to find its tracker runs again
 # Shown as metric columns next to the hyperparameters in TensorBoard's HPARAMS tab.
 HPARAM_METRICS = ("reward/mean", "eval/reward_mean")
@@ -45,14 +41,6 @@ def wandb_mode(mode: str) -> str:
 
 def default_log(msg: str) -> None:
     print(f"[rlhf] {msg}", file=sys.stderr, flush=True)
-
-
-def missing_package(name: str) -> str | None:
-    """One line when the package a tracker needs is not installed, else None."""
-    module, install = PACKAGES[name]
-    if importlib.util.find_spec(module) is None:
-        return f"needs the {module} package, which is not installed: {install}"
-    return None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str | int | float | bool]:

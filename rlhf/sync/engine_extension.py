@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from rlhf.sync.engine_replay import WeightReplay, bucket_layout
-from rlhf.sync.engine_side import receive_adapter, receive_buckets, write_adapter
+from rlhf.sync.engine_side import receive_adapter, receive_buckets, swap_adapter, write_adapter
 from rlhf.sync.fp8 import FP8_ONLINE_METHODS
 from rlhf.sync.wire import ENGINE_RELOADS, as_spec
 
@@ -146,13 +146,11 @@ class WeightUpdateExtension:
         """Receive one LoRA adapter push (`spec.adapter` set): the base weights stay as they are.
 
         With `lora_id` (an adapter the engine already serves) every worker swaps the pushed tensors
-        into its LoRA layers in place (`rlhf.rollout.lora.swap_adapter`: no file, no new adapter
+        into its LoRA layers in place (`rlhf.sync.engine_side.swap_adapter`: no file, no new adapter
         id); if that fails, worker 0 writes `directory` as below and the stats carry the error.
         Without it, tensor-parallel worker 0 writes the adapter to `directory` (PEFT format), from
         which the engine then registers it as a new vLLM LoRA adapter (each worker loads its own
         shard of it): the directory must be visible to every worker of the engine (one node)."""
-        from rlhf.rollout.lora import swap_adapter
-
         worker = int(getattr(self, "rank", 0))
         spec, rank = routes[worker]
         spec = as_spec(spec)

@@ -180,3 +180,35 @@ def receive_adapter(
         stats["adapter_tensors"] = len(received)
         stats["write_s"] = time.perf_counter() - start
     return stats, received
+
+
+def swap_adapter(worker, lora_id: int, tensors, config: dict) -> None:
+    """Replace, in one vLLM worker, the weights of the LoRA adapter it serves as `lora_id` with
+    `tensors` (PEFT names, on the worker's device), without a file: the worker's LoRA manager builds
+    the adapter from the tensors as its file loader would (`LoRAModel.from_lora_tensors`: names
+    mapped, q/k/v and gate/up packed, this worker's tensor-parallel shard taken) and activates it in
+    the same slot under the same id."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager  # vLLM's WorkerLoRAManager
+    adapters = manager._adapter_manager
+    if lora_id not in adapters.list_adapters():
+        raise RuntimeError(f"adapter {lora_id} is not registered in this worker")
+    peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": manager.max_position_embeddings})
+    peft.validate_legal(manager.lora_config)
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    device = tensors[0][1].device if tensors else "cpu"
+    lora = manager._lora_model_cls.from_lora_tensors(
+        lora_model_id=lora_id,
+        tensors=dict(tensors),
+        peft_helper=peft,
+        device=str(device),
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+    adapters.remove_adapter(lora_id)
+    adapters.add_adapter(lora)
+    adapters.activate_adapter(lora_id)
