@@ -175,20 +175,20 @@ class AdapterSlot:
         return self._register(llm, routes, payload)
 
     def _swap(self, llm, routes: list) -> dict[str, Any]:
-        from rlhf.sync.engine_side import adapter_directory
-
-        fallback = adapter_directory()  # written only if a worker cannot swap
-        results = llm.collective_rpc(
-            "receive_adapter", args=(routes, None, fallback, self.request.lora_int_id)
-        )
-        errors = [r.pop("in_place_error") for r in results if "in_place_error" in r]
-        if errors:
+        results = llm.collective_rpc("receive_adapter", args=(routes, None, None, self.request.lora_int_id))
+        failed = [r for r in results if "in_place_error" in r]
+        if failed:  # each failed worker wrote the whole push to a directory of its own: serve the first
             self.in_place = False
             logger.warning(
-                "LoRA: pushing adapters through files from now on: in-place swap failed: %s", errors[0]
+                "LoRA: pushing adapters through files from now on: in-place swap failed: %s",
+                failed[0]["in_place_error"],
             )
-            return self._register_directory(llm, fallback, results[0])
-        shutil.rmtree(fallback, ignore_errors=True)
+            directories = [r.pop("fallback_directory") for r in failed]
+            for r in results:
+                r.pop("in_place_error", None)
+            for extra in directories[1:]:
+                shutil.rmtree(extra, ignore_errors=True)
+            return self._register_directory(llm, directories[0], failed[0])
         if self.directory:  # the registered files hold the first push: make a reload fail, not go stale
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

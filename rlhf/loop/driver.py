@@ -105,9 +105,8 @@ class Trainer(StepBody):
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.data = PromptData(cfg.data, self.tokenizer)
-        self.data_at_start = (
-            self.data.state_dict()
-        )  # where a learner restart without a checkpoint goes back to
+        # where a learner restart without a checkpoint goes back to
+        self.data_at_start = self.data.state_dict()
         self.step = 0
         self.learner_restarts = 0  # learner roles restarted after a rank died (recovery.py)
         self.engine_logprobs = old_logprobs.engine_logprobs_needed(
@@ -201,6 +200,14 @@ class Trainer(StepBody):
         if latest is None:
             log(f"resume: no checkpoint in {self.run_uri}; starting from step 0")
             return
+        self.load_checkpoint(latest)
+        # The engines started from the base weights: bring them to the checkpoint's.
+        self.roles.sync.push()
+        log(f"resumed from {latest} at step {self.step}")
+
+    def load_checkpoint(self, latest: Path | str) -> None:
+        """The learners' states and the driver's (data position, random state, step) from checkpoint
+        `latest`: a resume, or learners restarted after a rank died (recovery.py)."""
         state = ckpt.load_driver_state(latest)
         self.roles.policy.load(storage.join(latest, "policy"))
         if self.roles.critic is not None:
@@ -208,9 +215,6 @@ class Trainer(StepBody):
         self.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
-        # The engines started from the base weights: bring them to the checkpoint's.
-        self.roles.sync.push()
-        log(f"resumed from {latest} at step {self.step}")
 
     # ------------------------------------------------------------------ one step
     def run_step(self) -> dict[str, float]:

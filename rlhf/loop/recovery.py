@@ -51,13 +51,7 @@ def restart_learners(trainer, exc) -> None:
     roles.sync = trainer.connect(roles.policy, roles.rollout)
     roles.evaluator.reconnect(roles.policy, cfg.sync)
     if latest is not None:
-        state = ckpt.load_driver_state(latest)
-        roles.policy.load(storage.join(latest, "policy"))
-        if roles.critic is not None:
-            roles.critic.load(storage.join(latest, "critic"))
-        trainer.data.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        trainer.step = state["step"]
+        trainer.load_checkpoint(latest)
     else:
         trainer.data.load_state_dict(trainer.data_at_start)
         seed_everything(cfg.seed)

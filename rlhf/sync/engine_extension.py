@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from rlhf.sync.engine_replay import WeightReplay, bucket_layout
-from rlhf.sync.engine_side import receive_adapter, receive_buckets, swap_adapter, write_adapter
+from rlhf.sync.engine_side import (
+    adapter_directory,
+    receive_adapter,
+    receive_buckets,
+    swap_adapter,
+    write_adapter,
+)
 from rlhf.sync.fp8 import FP8_ONLINE_METHODS
 from rlhf.sync.wire import ENGINE_RELOADS, as_spec
 
@@ -147,7 +153,8 @@ class WeightUpdateExtension:
 
         With `lora_id` (an adapter the engine already serves) every worker swaps the pushed tensors
         into its LoRA layers in place (`rlhf.sync.engine_side.swap_adapter`: no file, no new adapter
-        id); if that fails, worker 0 writes `directory` as below and the stats carry the error.
+        id); a worker whose swap fails writes the push to a fresh directory of its own instead (each
+        worker holds the whole adapter) and returns it with the error, for the engine to register.
         Without it, tensor-parallel worker 0 writes the adapter to `directory` (PEFT format), from
         which the engine then registers it as a new vLLM LoRA adapter (each worker loads its own
         shard of it): the directory must be visible to every worker of the engine (one node)."""
@@ -166,10 +173,10 @@ class WeightUpdateExtension:
             swap_adapter(self, int(lora_id), tensors, spec.adapter)
         except Exception as exc:  # an engine whose LoRA internals differ: fall back to the file path
             stats["in_place_error"] = f"{type(exc).__name__}: {exc}"
-            if worker == 0 and directory is not None:
-                write_start = time.perf_counter()
-                stats["adapter_bytes"] = write_adapter(directory, tensors, spec.adapter)
-                stats["write_s"] = time.perf_counter() - write_start
+            write_start = time.perf_counter()
+            stats["fallback_directory"] = adapter_directory()
+            stats["adapter_bytes"] = write_adapter(stats["fallback_directory"], tensors, spec.adapter)
+            stats["write_s"] = time.perf_counter() - write_start
             return stats
         stats["swap_s"] = time.perf_counter() - start
         stats["load_s"] += stats["swap_s"]
