@@ -278,3 +278,17 @@ def vllm_model_on_cpu(model_dir: str, dtype: str = "float32", quantization: str 
             with set_default_torch_dtype(model_config.dtype):
                 model = initialize_model(vllm_config=config, model_class=model_cls)
     return model, config
+
+
+def step_record(run_dir, step: int) -> tuple[list, dict]:
+    """What a run did at `step`: its dumped samples as (prompt index, epoch, response) and its metrics
+    row; resume tests compare a resumed run's record with the uninterrupted run's."""
+    import json
+    from pathlib import Path
+
+    from rlhf.production.metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    samples = [json.loads(r) for r in (run_dir / "samples.jsonl").read_text().splitlines()]
+    metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] == step]
+    return [(s["index"], s["epoch"], s["response"]) for s in samples if s["step"] == step], metrics[0]

@@ -12,6 +12,7 @@ from rlhf.config.loader import load_config
 from rlhf.loop.driver import train
 from rlhf.production.checkpoint import latest_checkpoint, load_driver_state
 from rlhf.production.metrics import read_metrics
+from rlhf.testing import step_record
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -171,13 +172,8 @@ def test_resume_reproduces_the_next_step(lora, tiny_model_dir, tmp_path):
         (stopped / name).write_text("".join(r + "\n" for r in rows))
     train(load_config(REPO / "configs/quickstart.yaml", [*overrides, f"resume={stopped}"]))
 
-    def step2(run_dir: Path) -> tuple[list, dict]:
-        samples = [json.loads(r) for r in (run_dir / "samples.jsonl").read_text().splitlines()]
-        metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] == 2]
-        return [(s["index"], s["epoch"], s["response"]) for s in samples if s["step"] == 2], metrics[0]
-
-    samples_a, metrics_a = step2(original)
-    samples_b, metrics_b = step2(stopped)
+    samples_a, metrics_a = step_record(original, 2)
+    samples_b, metrics_b = step_record(stopped, 2)
     assert samples_a and samples_b == samples_a  # same prompts, same responses
     assert metrics_b["reward/mean"] == metrics_a["reward/mean"]
     assert metrics_b["train/loss"] == pytest.approx(metrics_a["train/loss"], rel=1e-5, abs=1e-7)

@@ -17,6 +17,7 @@ from s3_server import CREDENTIALS, S3Server  # beside the tests (pytest puts tes
 
 from rlhf.production import checkpoint as ckpt
 from rlhf.production import storage
+from rlhf.testing import step_record
 
 BUCKET = "rlhf-test"
 
@@ -240,7 +241,6 @@ def test_a_run_on_s3_resumes_from_the_uri_and_reproduces_the_next_step(
     from rlhf.cli.eval import fetch, resolve_model_dir
     from rlhf.config.loader import load_config
     from rlhf.loop.driver import train
-    from rlhf.production.metrics import read_metrics
 
     monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the config key sets it, for the driver and the learners
@@ -276,13 +276,8 @@ def test_a_run_on_s3_resumes_from_the_uri_and_reproduces_the_next_step(
     resumed = tmp_path / "resumed"
     storage.download(run, resumed, keep=lambda rel: "/" not in rel)
 
-    def at_step2(run_dir: Path) -> tuple[list, dict]:
-        samples = [json.loads(r) for r in (run_dir / "samples.jsonl").read_text().splitlines()]
-        metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] == 2]
-        return [(s["index"], s["epoch"], s["response"]) for s in samples if s["step"] == 2], metrics[0]
-
-    samples_a, metrics_a = at_step2(original)
-    samples_b, metrics_b = at_step2(resumed)
+    samples_a, metrics_a = step_record(original, 2)
+    samples_b, metrics_b = step_record(resumed, 2)
     assert samples_a and samples_b == samples_a
     assert metrics_b["train/loss"] == pytest.approx(metrics_a["train/loss"], rel=1e-5, abs=1e-7)
     manifest = json.loads(storage.read_bytes(f"{step2}/manifest.json"))
