@@ -454,6 +454,11 @@ class Learner:
 
         if adapter_only and self.lora is None:
             raise ValueError("named_weight_buckets(adapter_only=True): this learner has no LoRA adapters")
+        if self.zero_stage == 3:
+            # A forward pass outside training (logprobs, the audit) can leave ZeRO-3's prefetcher with
+            # parameters still being gathered; gathering them again fails ("Cannot partition a param
+            # in flight"). Settle and release them first.
+            self.engine.empty_partition_cache()
         if adapter_only:
             entries = adapter_tensors(self.hf_model)
         elif self.lora is not None:

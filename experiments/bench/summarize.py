@@ -32,6 +32,18 @@ def engine_reload(phases: dict) -> str:
     return "direct" if phases.get("engine_direct", 1.0) else "layerwise"
 
 
+def workload(args: dict) -> str:
+    """The batch in words: fixed-length answers, or the long-tailed lengths (`workloads.py`)."""
+    batch = f"{args['prompts']}x{args['n']}"
+    if args.get("workload") == "longtail":
+        low, high = args["prompt_lens"]
+        return (
+            f"{batch} long-tailed: prompts of {low}-{high} tokens, answers of median "
+            f"{args['eos_median']} up to {args['new_tokens']} tokens"
+        )
+    return f"{batch} prompts of {args['prompt_len']}, {args['new_tokens']} new tokens"
+
+
 def entry(run: dict, raw: dict, record: str, source: str) -> dict:
     s, args = run["summary"], run["args"]
     parts = s["breakdown_s"]
@@ -57,9 +69,14 @@ def entry(run: dict, raw: dict, record: str, source: str) -> dict:
         "raw_vllm_nologprobs_lean_s": _round(raw["vllm"].get("generate_lean_no_logprobs_s")),
         "raw_vllm_logprobs_s": round(raw["vllm"]["generate_s"], 3),
         "raw_deepspeed_train_s": round(raw["deepspeed"]["train_s"], 3),
+        # the long-tailed workload samples its lengths: what each system actually generated
+        "generated_tokens": _round(s.get("generated_tokens_per_step"), 0),
+        "raw_vllm_generated_tokens": raw["vllm"].get("generated_tokens"),
         "audit_logprob_diff": _round(s["audit_logprob_diff"], 4),
         "shape": args.get("shape"),
-        "workload": f"{args['prompts']}x{args['n']} prompts of {args['prompt_len']}, {args['new_tokens']} new tokens",
+        "workload": workload(args),
+        "padding_frac": _round(s.get("padding_frac"), 4),
+        "raw_deepspeed_padding_frac": _round(raw["deepspeed"].get("padding_frac"), 4),
         "packing": s.get("packing"),
         **{k: s.get("memory", {}).get(k) for k in MEMORY_KEYS if s.get("memory", {}).get(k) is not None},
     }
