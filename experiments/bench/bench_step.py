@@ -29,13 +29,20 @@ from experiments.bench.workloads import learning_rate  # noqa: E402
 from rlhf.data.shapes import MODEL_SHAPES as SHAPES  # noqa: E402
 
 
-def build_model_dir(shape: str, out: Path, max_positions: int = 4096, eos_rate: float | None = None) -> Path:
+def build_model_dir(
+    shape: str,
+    out: Path,
+    max_positions: int = 4096,
+    eos_rate: float | None = None,
+    untied: bool = False,
+) -> Path:
     """Random-weight model of the given shape (bf16) + a word-level tokenizer covering the whole vocab.
 
     Every shape is written as a Llama config; the Qwen2.5 ones with attention biases (Qwen2 = Llama +
     q/k/v biases; Llama adds an o_proj bias too, 0.01% more parameters): transformers maps a `qwen2`
     model type to Qwen2Tokenizer, which cannot read a word-level tokenizer. With `eos_rate` the model
-    ends its answers at that rate per token (experiments/bench/workloads.py)."""
+    ends its answers at that rate per token (experiments/bench/workloads.py); `untied`: a separate
+    lm_head even where the released model ties it to the input embeddings."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -43,7 +50,7 @@ def build_model_dir(shape: str, out: Path, max_positions: int = 4096, eos_rate: 
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    spec = SHAPES[shape]
+    spec = dict(SHAPES[shape], **({"tie_word_embeddings": False} if untied else {}))
     vocab = {f"t{i}": i for i in range(spec["vocab_size"] - 2)}
     vocab["<pad>"] = spec["vocab_size"] - 2
     vocab["<eos>"] = spec["vocab_size"] - 1
@@ -101,11 +108,13 @@ def workload_model_dir(args) -> Path:
     """The workload's random model (long-tailed: rewired to its EOS rate), built once per cache."""
     cache = Path(os.environ.get("RLHF_BENCH_CACHE", "/tmp/rlhf-bench"))
     name = args.shape if args.workload == "fixed" else f"{args.shape}-eos-median-{args.eos_median}"
+    untied = getattr(args, "untied_embeddings", False)
     return build_model_dir(
         args.shape,
-        cache / name,
+        cache / (name + ("-untied" if untied else "")),
         max_positions=max(32768, longest_prompt(args) + args.new_tokens + 16),
         eos_rate=eos_rate(args),
+        untied=untied,
     )
 
 
@@ -630,6 +639,11 @@ def main() -> None:
         "(geometric lengths of median --eos-median, cut at --new-tokens) and prompts vary over --prompt-lens",
     )
     ap.add_argument("--eos-median", type=int, default=300, help="longtail: median answer length")
+    ap.add_argument(
+        "--untied-embeddings",
+        action="store_true",
+        help="build the shape with a separate lm_head (the 7B and 8B shapes have one already)",
+    )
     ap.add_argument(
         "--prompt-lens",
         type=lambda text: tuple(int(x) for x in text.split(",")),
