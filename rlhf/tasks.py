@@ -295,7 +295,10 @@ class GuessNumber(Task):
 
 TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Countdown(), GuessNumber())}
 # Built-in data sets defined elsewhere, imported when first asked for: name -> "module:class".
-LAZY_TASKS = {"humaneval": "rlhf.data.humaneval:HumanEval"}
+LAZY_TASKS = {
+    "humaneval": "rlhf.data.humaneval:HumanEval",
+    "code_functions": "rlhf.data.code_functions:CodeFunctions",
+}
 
 
 def register_task(task: Task) -> Task:

@@ -1,4 +1,5 @@
-"""A real 2-node Ray cluster on loopback, a run submitted with `ray job submit`, metrics checked."""
+"""A real 2-node Ray cluster on loopback: runs submitted with `ray job submit` checkpoint to a real
+S3-protocol server, and a fresh job resumes from the URI."""
 
 from __future__ import annotations
 
@@ -142,43 +143,50 @@ def wait_for(pred, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
-    out_dir = tmp_path / "runs"
-    # Our own id: the CLI prints the generated one wrapped in ANSI colour codes, easy to misparse.
-    job_id = f"rlhf-cluster-test-{os.getpid()}-{int(time.time())}"
+@pytest.fixture()
+def s3_bucket():
+    """A real S3-protocol server (moto's, in its own process) with one bucket; the storage client
+    of this process talks to it through the environment."""
+    pytest.importorskip("moto")
+    from s3_server import CREDENTIALS, S3Server  # beside the tests
+
+    saved = dict(os.environ)
+    server = S3Server()
+    server.create_bucket("cluster")
+    os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=server.endpoint)
+    try:
+        yield server, CREDENTIALS
+    finally:
+        server.close()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def submit(cluster: dict, job_id: str, args: list[str], env_vars: dict) -> str:
+    """`ray job submit` of `rlhf train` with `args`; waits for the job and returns its logs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     cmd = [
         ray_cmd(),
         "job",
         "submit",
-        f"--address={two_node_cluster['dashboard']}",
+        f"--address={cluster['dashboard']}",
         "--no-wait",
         f"--submission-id={job_id}",
         f"--working-dir={REPO}",
         "--runtime-env-json",
-        json.dumps({"env_vars": {"WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu"}}),
+        json.dumps({"env_vars": {"WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", **env_vars}}),
         "--",
         sys.executable,
         "-m",
         "rlhf",
         "train",
         "configs/quickstart.yaml",
-        f"model.path={tiny_model_dir}",
-        "steps=2",
-        "data.num_eval=4",
-        "rollout.prompts_per_step=2",
-        "rollout.sampling.n=2",
-        "rollout.sampling.max_new_tokens=8",
-        "logging.wandb_mode=disabled",
-        f"logging.output_dir={out_dir}",
-        "logging.run_name=cluster",
-        "logging.plot=false",
-        # Roles on different nodes: the rollout engine on node_b, the learner on node_a.
-        "placement.rollout.resources={node_b: 0.5}",
-        "placement.learner.resources={node_a: 0.5}",
+        *args,
     ]
     for _ in range(20):  # the job agent comes up a little after the cluster answers
         submitted = subprocess.run(
-            cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=120, cwd=REPO
+            cmd, env=cluster["env"], capture_output=True, text=True, timeout=120, cwd=REPO
         )
         if submitted.returncode == 0 or "No available agent" not in submitted.stderr:
             break
@@ -186,9 +194,7 @@ def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     # Submitted with the CLI above; polled through the SDK (the CLI's status text is for humans:
     # "Job 'x' succeeded" in colour codes).
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(two_node_cluster["dashboard"])
+    client = JobSubmissionClient(cluster["dashboard"])
     deadline = time.time() + 600
     status = None
     while time.time() < deadline:
@@ -197,10 +203,61 @@ def test_ray_job_submit_two_nodes(two_node_cluster, tiny_model_dir, tmp_path):
             break
         time.sleep(3)
     logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, f"job status: {status}\n--- logs ---\n{logs[-5000:]}"
+    assert status == JobStatus.SUCCEEDED, f"job {job_id}: {status}\n--- logs ---\n{logs[-5000:]}"
+    return logs
+
+
+def test_ray_job_submit_two_nodes_checkpoints_to_s3_and_a_fresh_job_resumes(
+    two_node_cluster, s3_bucket, tiny_model_dir, tmp_path
+):
+    """A job on two nodes (engine on one, learner on the other) checkpoints to s3://; as if it had
+    died after its step-1 checkpoint, a second job, started fresh, resumes from the URI and gives
+    step 2 the same samples and loss."""
+    from rlhf.production import storage
+    from rlhf.testing import step_record
+
+    server, credentials = s3_bucket
+    run = "s3://cluster/runs/cluster"
+    args = [
+        f"model.path={tiny_model_dir}",
+        "steps=2",
+        "checkpoint.every=1",
+        "data.num_eval=4",
+        "rollout.prompts_per_step=2",
+        "rollout.sampling.n=2",
+        "rollout.sampling.max_new_tokens=8",
+        "logging.wandb_mode=disabled",
+        "logging.output_dir=s3://cluster/runs",
+        f"logging.storage_endpoint={server.endpoint}",
+        "logging.run_name=cluster",
+        "logging.plot=false",
+        # Roles on different nodes: the rollout engine on node_b, the learner on node_a.
+        "placement.rollout.resources={node_b: 0.5}",
+        "placement.learner.resources={node_a: 0.5}",
+    ]
+    # Our own ids: the CLI prints the generated one wrapped in ANSI colour codes, easy to misparse.
+    tag = f"{os.getpid()}-{int(time.time())}"
+    logs = submit(two_node_cluster, f"rlhf-cluster-{tag}", args, credentials)
     assert "eval after training" in logs
     assert "[rlhf] done: held-out reward" in logs and "2 steps in" in logs  # the closing line
-    rows = [json.loads(line) for line in (out_dir / "cluster" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "reward/mean" in r]
-    assert steps == [1, 2]
+    original = tmp_path / "original"
+    storage.download(run, original, keep=lambda rel: "/" not in rel)
+    rows = [json.loads(line) for line in (original / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
     assert all("sync/time_s" in r for r in rows if "reward/mean" in r)
+    assert {"driver.json", "manifest.json"} <= set(storage.list_files(f"{run}/checkpoints/step_000002"))
+
+    # As if the job had died after its step-1 checkpoint (its pods gone with their disks).
+    storage.delete(f"{run}/checkpoints/step_000002")
+    storage.write_json(f"{run}/checkpoints/latest.json", {"step": 1, "dir": "step_000001"})
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        kept = [r for r in (original / name).read_text().splitlines() if json.loads(r)["step"] <= 1]
+        storage.write_bytes(f"{run}/{name}", "".join(r + "\n" for r in kept).encode())
+    logs = submit(two_node_cluster, f"rlhf-cluster-resume-{tag}", [*args, f"resume={run}"], credentials)
+    assert f"resumed from {run}/checkpoints/step_000001 at step 1" in logs and "2 steps in" in logs
+    resumed = tmp_path / "resumed"
+    storage.download(run, resumed, keep=lambda rel: "/" not in rel)
+    samples_a, metrics_a = step_record(original, 2)
+    samples_b, metrics_b = step_record(resumed, 2)
+    assert samples_a and samples_b == samples_a
+    assert metrics_b["train/loss"] == pytest.approx(metrics_a["train/loss"], rel=1e-5, abs=1e-7)

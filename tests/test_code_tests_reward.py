@@ -189,3 +189,25 @@ def test_config_accepts_code_tests_and_humaneval():
         }
     )
     assert cfg.reward.sources[0].name == "code_tests" and cfg.evaluation.sets[0].source == "builtin:humaneval"
+
+
+def test_code_functions_task_generates_problems_whose_tests_a_right_answer_passes():
+    """builtin:code_functions: deterministic per seed, other problems for another seed, scored by the
+    `code_tests` rule through the task's rule; a right function passes every assert, a wrong one none."""
+    from rlhf.tasks import get_task
+
+    task = get_task("code_functions")
+    rows = task.generate(40, seed=3)
+    assert rows == task.generate(40, seed=3) and rows != task.generate(40, seed=4)
+    assert {r["kind"] for r in rows} >= {"add", "reverse", "largest"}
+    add = next(r for r in task.generate(50, seed=0, kinds=["add"], tests=4) if "add_5" in r["prompt"])
+    assert add["prompt"] == "Write a Python function `add_5(x)` that returns x plus 5."
+    assert add["answer"].count("assert add_5(") == 4
+    rule = RuleReward.from_config("task", task=task)
+    right = "```python\ndef add_5(x):\n    return x + 5\n```"
+    wrong = "def add_5(x):\n    return x + 6\n"
+    assert isinstance(rule, CodeTestsReward)
+    assert rule.score([sample(right, add["answer"]), sample(wrong, add["answer"])]) == ([1.0, 0.0], 0)
+    rule.shutdown()
+    with pytest.raises(ValueError, match="code_functions: kinds=\\['sort'\\]; known kinds: add, times"):
+        task.generate(2, 0, kinds=["sort"])
