@@ -6,7 +6,9 @@ The recipes that differ from `grpo.yaml` only in the advantage estimator or the 
 and losses have hand-computed unit tests (tests/test_advantages.py, tests/test_losses.py), and
 tests/test_registries.py trains a step with an estimator plugged in by name. `lora` (the quickstart
 with LoRA adapters) runs in tests/test_loop.py, which trains it with adapter pushes and resumes it.
-`gsm8k` and `math` (hub datasets) run in tests/test_math_recipes.py on a local GSM8K-layout file.
+`gsm8k` and `math` (hub datasets) run in tests/test_math_recipes.py on a local GSM8K-layout file;
+`code` is the quickstart's loop with another built-in task and the `code_tests` reward
+(tests/test_code_tests_reward.py scores its problems; tests/test_humaneval.py runs the reward with engines).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SAME_LOOP_AS_RUN = {
     "lora",
     "gsm8k",
     "math",
+    "code",
 }
 ALGORITHM_RECIPES = [p for p in RECIPES if p.stem not in SAME_LOOP_AS_RUN]
 
