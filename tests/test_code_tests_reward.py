@@ -199,7 +199,7 @@ def test_code_functions_task_generates_problems_whose_tests_a_right_answer_passe
     task = get_task("code_functions")
     rows = task.generate(40, seed=3)
     assert rows == task.generate(40, seed=3) and rows != task.generate(40, seed=4)
-    assert {r["kind"] for r in rows} >= {"add", "reverse", "largest"}
+    assert len({r["kind"] for r in rows}) > 10
     add = next(r for r in task.generate(50, seed=0, kinds=["add"], tests=4) if "add_5" in r["prompt"])
     assert add["prompt"] == "Write a Python function `add_5(x)` that returns x plus 5."
     assert add["answer"].count("assert add_5(") == 4
