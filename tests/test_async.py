@@ -1,4 +1,4 @@
-"""Asynchronous RL on the CPU (`rollout.max_staleness: 1`, two engines): real Ray, vLLM and DeepSpeed.
+"""Asynchronous RL on the CPU (`configs/async.yaml`: one step off, decoupled PPO; two engines): real Ray, vLLM and DeepSpeed.
 
 The run trains on every prompt at most once per epoch and loses none (a prompt is trained, or still
 pending in the checkpoint's prompt state to be regenerated), never trains on a sample more than k
@@ -56,7 +56,7 @@ def trained_prompts(run_dir: Path) -> list[tuple[int, int, int]]:
 
 @pytest.mark.slow
 def test_async_run_trains_each_prompt_once_within_staleness_and_resumes(tiny_model_dir, tmp_path):
-    run_dir = train(load_config(REPO / "configs/quickstart.yaml", overrides(tiny_model_dir, tmp_path)))
+    run_dir = train(load_config(REPO / "configs/async.yaml", overrides(tiny_model_dir, tmp_path)))
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -90,7 +90,7 @@ def test_async_run_trains_each_prompt_once_within_staleness_and_resumes(tiny_mod
     # Resume for two more steps: the pending prompts are regenerated and trained first.
     resumed = train(
         load_config(
-            REPO / "configs/quickstart.yaml",
+            REPO / "configs/async.yaml",
             [*overrides(tiny_model_dir, tmp_path), "steps=6", f"resume={run_dir}"],
         )
     )

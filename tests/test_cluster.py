@@ -208,11 +208,13 @@ def submit(cluster: dict, job_id: str, args: list[str], env_vars: dict) -> str:
 
 
 def test_ray_job_submit_two_nodes_checkpoints_to_s3_and_a_fresh_job_resumes(
-    two_node_cluster, s3_bucket, tiny_model_dir, tmp_path
+    two_node_cluster, s3_bucket, tiny_model_dir, tmp_path, monkeypatch
 ):
     """A job on two nodes (engine on one, learner on the other) checkpoints to s3://; as if it had
     died after its step-1 checkpoint, a second job, started fresh, resumes from the URI and gives
-    step 2 the same samples and loss."""
+    step 2 the same samples and loss. `rlhf eval`'s download of the run's latest checkpoint gets its
+    HF export and manifest, without the optimizer states."""
+    from rlhf.cli.eval import fetch, resolve_model_dir
     from rlhf.production import storage
     from rlhf.testing import step_record
 
@@ -245,7 +247,12 @@ def test_ray_job_submit_two_nodes_checkpoints_to_s3_and_a_fresh_job_resumes(
     rows = [json.loads(line) for line in (original / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
     assert all("sync/time_s" in r for r in rows if "reward/mean" in r)
-    assert {"driver.json", "manifest.json"} <= set(storage.list_files(f"{run}/checkpoints/step_000002"))
+    assert {"checkpoints", "config.yaml", "metrics.jsonl", "samples.jsonl"} <= set(storage.list_names(run))
+    files = storage.list_files(f"{run}/checkpoints/step_000002")
+    assert {"driver.json", "manifest.json", "policy/hf/config.json", "policy/hf/manifest.json"} <= set(files)
+    assert any(
+        f.startswith("policy/global_step") or "model_states" in f for f in files
+    )  # the learner's shards
 
     # As if the job had died after its step-1 checkpoint (its pods gone with their disks).
     storage.delete(f"{run}/checkpoints/step_000002")
@@ -261,3 +268,12 @@ def test_ray_job_submit_two_nodes_checkpoints_to_s3_and_a_fresh_job_resumes(
     samples_b, metrics_b = step_record(resumed, 2)
     assert samples_a and samples_b == samples_a
     assert metrics_b["train/loss"] == pytest.approx(metrics_a["train/loss"], rel=1e-5, abs=1e-7)
+    step2 = f"{run}/checkpoints/step_000002"
+    manifest = json.loads(storage.read_bytes(f"{step2}/manifest.json"))
+    assert manifest["run_dir"] == run and manifest["parent"] == f"{run}/checkpoints/step_000001"
+
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    local = fetch(run)  # what `rlhf eval s3://.../cluster` evaluates
+    assert resolve_model_dir(local) == local / "policy" / "hf"
+    assert json.loads((local / "manifest.json").read_text())["step"] == 2
+    assert not any(p.name.endswith("optim_states.pt") for p in local.rglob("*"))

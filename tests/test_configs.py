@@ -9,6 +9,9 @@ with LoRA adapters) runs in tests/test_loop.py, which trains it with adapter pus
 `gsm8k` and `math` (hub datasets) run in tests/test_math_recipes.py on a local GSM8K-layout file;
 `code` is the quickstart's loop with another built-in task and the `code_tests` reward
 (tests/test_code_tests_reward.py scores its problems; tests/test_humaneval.py runs the reward with engines).
+`async` runs in tests/test_async.py (two engines, one step off, resumed), `guess_number` in
+tests/test_agent_loop.py; `tis` is `grpo` with TIS's cap, whose weights have hand-computed tests in
+tests/test_losses.py and whose engine logprobs the asynchronous run's decoupled PPO uses too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ SAME_LOOP_AS_RUN = {
     "gsm8k",
     "math",
     "code",
+    "tis",
+    "async",
+    "guess_number",
 }
 ALGORITHM_RECIPES = [p for p in RECIPES if p.stem not in SAME_LOOP_AS_RUN]
 

@@ -132,34 +132,28 @@ def check_lineage(run_dir: Path, tmp_path: Path) -> None:
     assert main(["lineage", str(tmp_path / "nowhere")]) == 2
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_reproduces_the_next_step(lora, tiny_model_dir, tmp_path):
+def test_lora_resume_reproduces_the_next_step(tiny_model_dir, tmp_path):
     """Stop after step 1, resume: step 2 sees the same prompts, the same samples (the CPU engine's
     sampling is seeded by the prompts, rollout.reproducible_sampling) and gives the same loss.
     With LoRA (and a KL term: the reference is the policy with its adapters off) the checkpoint
-    holds the adapter in PEFT's format and the manifest names it."""
+    holds the adapter in PEFT's format and the manifest names it. (Full fine-tuning: the same
+    reproduction, through a storage URI and a fresh Ray job, is tests/test_cluster.py's.)"""
     overrides = tiny_overrides(
         tiny_model_dir,
         tmp_path,
         **{"checkpoint.every": "1", "logging.run_name": "whole", "data.num_eval": "0"},
     )
-    if lora:
-        overrides += [
-            "trainer.lora.rank=8",
-            "trainer.lora.sync=adapter",
-            "trainer.lr=1e-3",
-            "algorithm.kl_coef=0.05",
-        ]
+    overrides += [
+        "trainer.lora.rank=8",
+        "trainer.lora.sync=adapter",
+        "trainer.lr=1e-3",
+        "algorithm.kl_coef=0.05",
+    ]
     original = train(load_config(REPO / "configs/quickstart.yaml", overrides))
-    if lora:
-        step1 = original / "checkpoints/step_000001"
-        assert (step1 / "policy/adapter/adapter_model.safetensors").is_file()
-        adapter = json.loads((step1 / "manifest.json").read_text())["adapter"]
-        assert (
-            adapter["rank"] == 8
-            and adapter["path"] == "policy/adapter"
-            and len(adapter["content_hash"]) == 64
-        )
+    step1 = original / "checkpoints/step_000001"
+    assert (step1 / "policy/adapter/adapter_model.safetensors").is_file()
+    adapter = json.loads((step1 / "manifest.json").read_text())["adapter"]
+    assert adapter["rank"] == 8 and adapter["path"] == "policy/adapter" and len(adapter["content_hash"]) == 64
 
     # The same run as if it had died after its step-1 checkpoint.
     stopped = tmp_path / "stopped"

@@ -4,7 +4,6 @@ its own process): the storage operations, the atomic publish (a checkpoint is re
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from s3_server import CREDENTIALS, S3Server  # beside the tests (pytest puts tes
 
 from rlhf.production import checkpoint as ckpt
 from rlhf.production import storage
-from rlhf.testing import step_record
 
 BUCKET = "rlhf-test"
 
@@ -227,63 +225,3 @@ def test_lineage_reads_manifests_from_s3(s3, capsys):
     )
     assert out[2] == f"base model: tiny (/models/tiny, {'b' * 12})"
     assert main(["lineage", f"{root}/step_000009"]) == 2
-
-
-@pytest.mark.slow
-def test_a_run_on_s3_resumes_from_the_uri_and_reproduces_the_next_step(
-    s3, tiny_model_dir, tmp_path, monkeypatch
-):
-    """Checkpoints of a CPU run go to s3://; the run 'dies' after its step-1 checkpoint (step 2 removed
-    from the bucket); a resume from the URI gives step 2 the same samples and loss. `rlhf eval`'s
-    download of the run's latest checkpoint gets its HF export and manifest."""
-    from test_loop import tiny_overrides
-
-    from rlhf.cli.eval import fetch, resolve_model_dir
-    from rlhf.config.loader import load_config
-    from rlhf.loop.driver import train
-
-    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the config key sets it, for the driver and the learners
-    repo = Path(__file__).resolve().parents[1]
-    overrides = tiny_overrides(
-        tiny_model_dir,
-        f"s3://{BUCKET}/runs",
-        **{
-            "checkpoint.every": "1",
-            "logging.run_name": "whole",
-            "data.num_eval": "0",
-            "logging.storage_endpoint": s3.endpoint,
-        },
-    )
-    run = train(load_config(repo / "configs/quickstart.yaml", overrides))
-    assert run == f"s3://{BUCKET}/runs/whole"
-    names = storage.list_names(run)
-    assert {"checkpoints", "config.yaml", "metrics.jsonl", "samples.jsonl", "reward_curve.png"} <= set(names)
-    step2 = f"{run}/checkpoints/step_000002"
-    files = storage.list_files(step2)
-    assert {"driver.json", "manifest.json", "policy/hf/config.json", "policy/hf/manifest.json"} <= set(files)
-    assert any(f.startswith("policy/global_step") or "model_states" in f for f in files)
-    original = tmp_path / "original"
-    storage.download(run, original, keep=lambda rel: "/" not in rel)
-
-    # As if the run had died after its step-1 checkpoint.
-    storage.delete(step2)
-    storage.write_json(f"{run}/checkpoints/latest.json", {"step": 1, "dir": "step_000001"})
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        rows = [r for r in (original / name).read_text().splitlines() if json.loads(r)["step"] <= 1]
-        storage.write_bytes(f"{run}/{name}", "".join(r + "\n" for r in rows).encode())
-    train(load_config(repo / "configs/quickstart.yaml", [*overrides, f"resume={run}"]))
-    resumed = tmp_path / "resumed"
-    storage.download(run, resumed, keep=lambda rel: "/" not in rel)
-
-    samples_a, metrics_a = step_record(original, 2)
-    samples_b, metrics_b = step_record(resumed, 2)
-    assert samples_a and samples_b == samples_a
-    assert metrics_b["train/loss"] == pytest.approx(metrics_a["train/loss"], rel=1e-5, abs=1e-7)
-    manifest = json.loads(storage.read_bytes(f"{step2}/manifest.json"))
-    assert manifest["run_dir"] == run and manifest["parent"] == f"{run}/checkpoints/step_000001"
-
-    local = fetch(run)  # what `rlhf eval s3://.../whole` evaluates
-    assert resolve_model_dir(local) == local / "policy" / "hf"
-    assert json.loads((local / "manifest.json").read_text())["step"] == 2
-    assert not any(p.name.endswith("optim_states.pt") for p in local.rglob("*"))
