@@ -2,8 +2,8 @@
 
 Small functions a 135M-parameter model writes correctly some of the time (add a constant, reverse a
 string, the largest item of a list, ...), each with assert-based tests that the `code_tests` reward
-runs in the code sandbox. Held-out problems come from another seed: the same kinds of function with
-other names, constants and test inputs.
+runs in the code sandbox. Each prompt shows one example call. Held-out problems come from other
+seeds: the same kinds of function with other names, constants, examples and tests.
 """
 
 from __future__ import annotations
@@ -150,9 +150,12 @@ class CodeFunctions(Task):
                 args = sample(rng)
                 call = f"{name}({', '.join(repr(a) for a in args)})"
                 asserts.append(f"assert {call} == {reference(*args, k)!r}, {call!r}")
+            example = sample(rng)  # in the prompt, besides the tests: it also tells the problems apart
+            call = f"{name}({', '.join(repr(a) for a in example)})"
             out.append(
                 {
-                    "prompt": f"Write a Python function `{name}({params})` that {description.format(k=k)}.",
+                    "prompt": f"Write a Python function `{name}({params})` that {description.format(k=k)}. "
+                    f"For example, `{call}` returns `{reference(*example, k)!r}`.",
                     "answer": "\n".join(asserts) + "\n",
                     "kind": kind,
                 }
