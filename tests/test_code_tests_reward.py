@@ -201,7 +201,9 @@ def test_code_functions_task_generates_problems_whose_tests_a_right_answer_passe
     assert rows == task.generate(40, seed=3) and rows != task.generate(40, seed=4)
     assert len({r["kind"] for r in rows}) > 10
     add = next(r for r in task.generate(50, seed=0, kinds=["add"], tests=4) if "add_5" in r["prompt"])
-    assert add["prompt"].startswith("Write a Python function `add_5(x)` that returns x plus 5. For example, `add_5(")
+    assert add["prompt"].startswith(
+        "Write a Python function `add_5(x)` that returns x plus 5. For example, `add_5("
+    )
     assert add["answer"].count("assert add_5(") == 4
     rule = RuleReward.from_config("task", task=task)
     right = "```python\ndef add_5(x):\n    return x + 5\n```"

@@ -12,7 +12,7 @@ arithmetic, countdown = get_task("arithmetic"), get_task("countdown")
 def test_registry():
     assert set(TASKS) >= {"arithmetic", "countdown"}
     assert isinstance(arithmetic, Task) and arithmetic.name == "arithmetic"
-    with pytest.raises(KeyError, match="known tasks: arithmetic, countdown"):
+    with pytest.raises(KeyError, match="known tasks: arithmetic, code_functions, countdown"):
         get_task("algebra")
 
 
