@@ -181,6 +181,47 @@ def test_a_missing_bucket_is_one_line_naming_the_uri_without_retries(s3, fast_re
     assert "NO_SUCH_BUCKET" in line and time.monotonic() - started < 5
 
 
+def test_no_permission_and_unknown_credentials_are_one_line_without_retries(monkeypatch):
+    """A server that enforces IAM (moto's, with authentication on after the set-up calls): a user
+    without any policy gets ACCESS_DENIED, an access key the server does not know
+    INVALID_ACCESS_KEY_ID; both are one line naming the URI, not retried."""
+    import boto3
+
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")  # the bucket, the user, its key
+    server = S3Server()
+    try:
+        direct = dict(
+            endpoint_url=f"http://127.0.0.1:{server.server_port}",
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        boto3.client("s3", **direct).create_bucket(Bucket="locked")
+        iam = boto3.client("iam", **direct)
+        iam.create_user(UserName="no-policy")
+        key = iam.create_access_key(UserName="no-policy")["AccessKey"]
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for key_id, secret, code in (
+            (key["AccessKeyId"], key["SecretAccessKey"], "ACCESS_DENIED"),
+            ("AKIAUNKNOWN0000000000", "nope", "INVALID_ACCESS_KEY_ID"),
+        ):
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+            storage._filesystems.clear()  # a new client for the new credentials
+            started = time.monotonic()
+            with pytest.raises(storage.StorageError) as err:
+                storage.write_json("s3://locked/runs/r/config.json", {"a": 1})
+            line = str(err.value)
+            assert "\n" not in line and line.startswith(
+                "storage: write s3://locked/runs/r/config.json failed: "
+            )
+            assert code in line and time.monotonic() - started < storage.BACKOFF_S
+    finally:
+        server.close()
+        storage._filesystems.clear()
+
+
 def test_train_on_a_missing_bucket_stops_before_anything_starts(s3, capsys):
     from rlhf.cli.main import EXIT_STORAGE, main
 

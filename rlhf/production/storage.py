@@ -38,7 +38,18 @@ logger = logging.getLogger(__name__)
 
 ATTEMPTS = 3
 BACKOFF_S = 0.5
-_PERMANENT = ("NO_SUCH_BUCKET", "NoSuchBucket", "ACCESS_DENIED", "AccessDenied", "Forbidden")
+# Failures a retry cannot mend: no bucket, no permission, credentials the server does not know.
+_PERMANENT = (
+    "NO_SUCH_BUCKET",
+    "NoSuchBucket",
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "Forbidden",
+    "INVALID_ACCESS_KEY_ID",
+    "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "SignatureDoesNotMatch",
+)
 _endpoint: str | None = None
 _filesystems: dict[tuple, Any] = {}
 
