@@ -457,8 +457,11 @@ class Learner:
         if self.zero_stage == 3:
             # A forward pass outside training (logprobs, the audit) can leave ZeRO-3's prefetcher with
             # parameters still being gathered; gathering them again fails ("Cannot partition a param
-            # in flight"). Settle and release them first.
-            self.engine.empty_partition_cache()
+            # in flight"). Settle and release them first (the engine's own empty_partition_cache also
+            # runs gc.collect(): not on every push).
+            release = getattr(self.engine.optimizer, "empty_partition_cache", None)
+            if release is not None:
+                release()
         if adapter_only:
             entries = adapter_tensors(self.hf_model)
         elif self.lora is not None:
