@@ -292,3 +292,22 @@ def step_record(run_dir, step: int) -> tuple[list, dict]:
     samples = [json.loads(r) for r in (run_dir / "samples.jsonl").read_text().splitlines()]
     metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] == step]
     return [(s["index"], s["epoch"], s["response"]) for s in samples if s["step"] == step], metrics[0]
+
+
+def rewind_run(run: str, step: int) -> None:
+    """Make run directory `run` (a path or a storage URI) look as if the run had died right after its
+    `step` checkpoint: later checkpoints removed, `latest.json` pointing at it, the metrics and samples
+    of later steps dropped. Resume tests then check that a resume redoes the next step the same way."""
+    import json
+
+    from rlhf.production import storage
+
+    root = f"{run}/checkpoints"
+    for name in storage.list_names(root):
+        if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) > step:
+            storage.delete(f"{root}/{name}")
+    storage.write_json(f"{root}/latest.json", {"step": step, "dir": f"step_{step:06d}"})
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        rows = storage.read_bytes(f"{run}/{name}").decode().splitlines()
+        kept = [r for r in rows if json.loads(r)["step"] <= step]
+        storage.write_bytes(f"{run}/{name}", "".join(r + "\n" for r in kept).encode())

@@ -216,7 +216,7 @@ def test_ray_job_submit_two_nodes_checkpoints_to_s3_and_a_fresh_job_resumes(
     HF export and manifest, without the optimizer states."""
     from rlhf.cli.eval import fetch, resolve_model_dir
     from rlhf.production import storage
-    from rlhf.testing import step_record
+    from rlhf.testing import rewind_run, step_record
 
     server, credentials = s3_bucket
     run = "s3://cluster/runs/cluster"
@@ -254,12 +254,7 @@ def test_ray_job_submit_two_nodes_checkpoints_to_s3_and_a_fresh_job_resumes(
         f.startswith("policy/global_step") or "model_states" in f for f in files
     )  # the learner's shards
 
-    # As if the job had died after its step-1 checkpoint (its pods gone with their disks).
-    storage.delete(f"{run}/checkpoints/step_000002")
-    storage.write_json(f"{run}/checkpoints/latest.json", {"step": 1, "dir": "step_000001"})
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        kept = [r for r in (original / name).read_text().splitlines() if json.loads(r)["step"] <= 1]
-        storage.write_bytes(f"{run}/{name}", "".join(r + "\n" for r in kept).encode())
+    rewind_run(run, 1)  # as if the job had died after its step-1 checkpoint (its pods gone with their disks)
     logs = submit(two_node_cluster, f"rlhf-cluster-resume-{tag}", [*args, f"resume={run}"], credentials)
     assert f"resumed from {run}/checkpoints/step_000001 at step 1" in logs and "2 steps in" in logs
     resumed = tmp_path / "resumed"

@@ -12,7 +12,7 @@ from rlhf.config.loader import load_config
 from rlhf.loop.driver import train
 from rlhf.production.checkpoint import latest_checkpoint, load_driver_state
 from rlhf.production.metrics import read_metrics
-from rlhf.testing import step_record
+from rlhf.testing import rewind_run, step_record
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -158,12 +158,7 @@ def test_lora_resume_reproduces_the_next_step(tiny_model_dir, tmp_path):
     # The same run as if it had died after its step-1 checkpoint.
     stopped = tmp_path / "stopped"
     shutil.copytree(original, stopped)
-    root = stopped / "checkpoints"
-    shutil.rmtree(root / "step_000002")
-    (root / "latest.json").write_text(json.dumps({"step": 1, "dir": "step_000001"}))
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        rows = [r for r in (stopped / name).read_text().splitlines() if json.loads(r)["step"] <= 1]
-        (stopped / name).write_text("".join(r + "\n" for r in rows))
+    rewind_run(str(stopped), 1)
     train(load_config(REPO / "configs/quickstart.yaml", [*overrides, f"resume={stopped}"]))
 
     samples_a, metrics_a = step_record(original, 2)
