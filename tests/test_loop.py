@@ -64,6 +64,9 @@ def test_loop_writes_metrics_checkpoints_and_resumes(tiny_model_dir, tmp_path):
             assert key in r, key
         # fp32 on CPU: the engine must see exactly the learner's weights after every sync.
         assert r["sync/audit_logprob_diff"] < 1e-3
+    # The first step also audits before its push: engine and learner loaded the same model.
+    assert rows[1]["sync/audit_initial_logprob_diff"] < 1e-3
+    assert "sync/audit_initial_logprob_diff" not in rows[2]
     assert "eval/reward_mean" in rows[0] and "eval/reward_mean" in rows[-1]
     assert (run_dir / "reward_curve.png").stat().st_size > 0
     ckpt = latest_checkpoint(run_dir)

@@ -109,6 +109,7 @@ class Trainer(StepBody):
         self.data_at_start = self.data.state_dict()
         self.step = 0
         self.learner_restarts = 0  # learner roles restarted after a rank died (recovery.py)
+        self._audited_initial = False  # the first step of this process audits before its push too
         self.engine_logprobs = old_logprobs.engine_logprobs_needed(
             cfg.algorithm, cfg.rollout.max_staleness, old_logprobs.rollout_quantized(cfg)
         )

@@ -5,7 +5,7 @@ generate -> dynamic sampling (DAPO) -> score; the asynchronous one (`AsyncLoop.s
 buffer its producer fills. What one phase hands the next is an argument, never trainer state.
 
 `StepBody` is a base of `Trainer` (rlhf/loop/driver.py), which provides `cfg`, `roles`, `data`,
-`pad_id`, `engine_logprobs`, `run_dir`, `step`, `device` and the GPU hand-over between engines and
+`pad_id`, `engine_logprobs`, `run_dir`, `step`, `device`, `_audited_initial` and the GPU hand-over between engines and
 learners (`gpus_to_learners`, `wake_engines`, `offload_learners`).
 """
 
@@ -114,7 +114,13 @@ class StepBody:
         engines load it after the generate call they are in."""
         self.dump_samples(samples)
         batch = make_train_batch(samples, self.pad_id)
+        # First step of this process: the engines (still awake) and the learners score the same probe
+        # before any push, so a gap the per-step audit reports is told apart from one the sync made.
+        initial = None if self._audited_initial else self.engine_scores(samples, timer)
         self.gpus_to_learners(timer)
+        if initial is not None:
+            self._audited_initial = True
+            self.compare_scores(*initial, timer, metrics, prefix="sync/audit_initial")
         truncated = [s.finish_reason == "length" for s in samples]
         self.advantages(batch, truncated, timer, metrics)
         stats = self.train_on(batch, timer)
@@ -175,16 +181,30 @@ class StepBody:
 
     def audit(self, samples: list[Sample], timer: Timer, metrics: dict) -> None:
         """Engine vs learner logprobs on a probe batch: catches a sync that did not land."""
+        scored = self.engine_scores(samples, timer)
+        if scored is not None:
+            self.compare_scores(*scored, timer, metrics, prefix="sync/audit")
+
+    def engine_scores(self, samples: list[Sample], timer: Timer) -> tuple[list, list] | None:
+        """(probe samples, each engine's logprobs of them at T=1); None when auditing is off."""
         k = self.cfg.sync.audit_samples
         if not self.cfg.sync.audit or k <= 0:
-            return
+            return None
         probe = [s for s in samples if s.response_ids and any(s.response_mask or [1])][:k]
         if not probe:
-            return
-        seqs = [(s.prompt.token_ids, s.response_ids) for s in probe]
+            return None
         with timer.phase("audit"):
             # every engine scores the whole (small) probe: a sync that missed one engine shows
-            per_engine = self.roles.rollout.group.call("logprobs", seqs)
+            seqs = [(s.prompt.token_ids, s.response_ids) for s in probe]
+            return probe, self.roles.rollout.group.call("logprobs", seqs)
+
+    def compare_scores(
+        self, probe: list[Sample], per_engine: list, timer: Timer, metrics: dict, prefix: str
+    ) -> None:
+        """The learner scores `probe`; `{prefix}_logprob_diff` (mean |engine - learner| over the
+        policy's tokens, averaged over engines), `_diff_max` and `_worst_engine_diff`; a warning
+        above the tolerance."""
+        with timer.phase("audit"):
             batch = make_train_batch(probe, self.pad_id)
             learner_lp = self.roles.policy.logprobs(batch, temperature=1.0)  # the engine scores at T=1
         engine_means = []
@@ -199,17 +219,22 @@ class StepBody:
                 diffs.append(diff)
             diff = torch.cat(diffs)
             engine_means.append(float(diff.mean()))
-            metrics["sync/audit_logprob_diff_max"] = max(
-                metrics.get("sync/audit_logprob_diff_max", 0.0), float(diff.max())
+            metrics[f"{prefix}_logprob_diff_max"] = max(
+                metrics.get(f"{prefix}_logprob_diff_max", 0.0), float(diff.max())
             )
-        metrics["sync/audit_logprob_diff"] = sum(engine_means) / len(engine_means)
-        metrics["sync/audit_worst_engine_diff"] = max(engine_means)
+        metrics[f"{prefix}_logprob_diff"] = sum(engine_means) / len(engine_means)
+        metrics[f"{prefix}_worst_engine_diff"] = max(engine_means)
         tol = self.cfg.sync.audit_tolerance or (5e-3 if self.device == "cpu" else 5e-2)
         worst = max(range(len(engine_means)), key=engine_means.__getitem__)
         if engine_means[worst] > tol:
+            what = (
+                "before any push (engine and learner load the model differently)"
+                if "initial" in prefix
+                else ""
+            )
             log(
-                f"warning: weight-sync audit: engine {worst}: mean |engine - learner| logprob = "
-                f"{engine_means[worst]:.2e} > {tol:.0e}"
+                f"warning: weight-sync audit{' ' + what if what else ''}: engine {worst}: mean "
+                f"|engine - learner| logprob = {engine_means[worst]:.2e} > {tol:.0e}"
             )
 
     def step_metrics(
