@@ -367,6 +367,28 @@ def test_zero3_partition_of_a_tensor_the_ranks_do_not_divide():
     assert zero3_partition(value, 1, 4).tolist() == [4.0, 5.0, 6.0, 0.0]  # the last part padded
 
 
+def test_bf16_zero3_learner_scores_the_checkpoint_model(in_process, tiny_model_dir, monkeypatch):
+    """ZeRO-3 builds the model inside zero.Init, which made the rotary frequencies bf16: the learner
+    then scored another model than the checkpoint (3.7e-4 mean here at 200 positions; 0.33 on the
+    7B shape against vLLM). With them recomputed in fp32 it scores the plain bf16 model's logprobs."""
+    from transformers import AutoModelForCausalLM
+
+    # Before the learner: a live ZeRO-3 config makes every later from_pretrained use zero.Init too.
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    learner = bf16_learner(3, tiny_model_dir, monkeypatch)
+    assert learner.rotary_restored == 1
+    assert all(b.dtype == torch.float32 for n, b in learner.engine.module.named_buffers() if "inv_freq" in n)
+
+    ids = torch.randint(3, 500, (2, 200), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(2, 200)
+    batch = TrainBatch(ids, ones.long(), ones, None, torch.zeros(2, 200), torch.zeros(2))
+    got = learner.logprobs(batch, temperature=1.0)[:, 1:]
+    with torch.no_grad():
+        logits = plain(ids).logits.float()[:, :-1]
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert float((got - want).abs().mean()) < 1e-5
+
+
 @pytest.mark.slow
 def test_bf16_zero3_masters_start_from_the_fp32_checkpoint(in_process, tiny_model_dir, monkeypatch):
     """ZeRO-3: each rank's fp32 master partition holds its part of the checkpoint's fp32 values."""

@@ -147,6 +147,11 @@ class Learner:
         )
         if not self.trainable:
             self.engine.eval()
+        self.rotary_restored = 0
+        if self.zero_stage == 3:  # zero.Init made the rotary frequencies in the training dtype
+            from rlhf.trainer.rotary import restore_rotary_fp32
+
+            self.rotary_restored = restore_rotary_fp32(self.engine.module)
         self.masters_restored = 0
         if role == "policy" and self.dtype != torch.float32 and cfg.trainer.masters_from_checkpoint:
             from rlhf.trainer.masters import restore_fp32_masters
