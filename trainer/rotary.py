@@ -5,9 +5,9 @@ floating-point tensors of every module's constructor in the training dtype. The 
 buffers are such tensors and, not being parameters, are never loaded from the checkpoint: in a
 bf16 learner they stay rounded to bf16. The rotation of position p is then off by up to p x 2^-9
 radians, so the learner trains and scores a slightly different model from the checkpoint and from
-the vLLM engines, which compute their frequencies in fp32. On the Qwen2.5-7B shape (one H200) the
-engine and the ZeRO-3 learner disagreed by 0.33 nats per token on average before any weight push,
-against 0.02 for a ZeRO-2 learner of the 1.5B shape.
+the vLLM engines, which compute their frequencies in fp32. Measured on one H200 before any weight
+push, engine vs learner: 0.33 nats per token on the Qwen2.5-7B shape under ZeRO-3, 0.052 on the
+1.5B shape under ZeRO-3 and 0.019 under ZeRO-2 (the fix has not run on a GPU yet).
 
 Rebuilding each rotary module from its config, outside zero.Init, recomputes the fp32 values of
 whatever RoPE variant the config names (default, llama3, yarn, ...).
