@@ -466,3 +466,18 @@ def test_python_dash_m_entry_point(recipe):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: <override>: steps: must be >= 1 (got 0)"
+
+
+def test_train_refuses_an_existing_run_directory_in_one_line(tmp_path, capsys):
+    """Another run's directory is never written over: one line naming the key and the way to resume."""
+    taken = tmp_path / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "metrics.jsonl").write_text('{"step": 1}\n')
+    rc = main(
+        ["train", "configs/quickstart.yaml", f"logging.output_dir={tmp_path / 'runs'}", "logging.run_name=taken"]
+    )
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: logging.run_name: run directory {taken} exists already; choose another name, or resume={taken}"
+    ]
+    assert (taken / "metrics.jsonl").read_text() == '{"step": 1}\n' and len(list(taken.iterdir())) == 1

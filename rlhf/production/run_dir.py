@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.config.loader import ConfigError
 from rlhf.production import storage
 
 
@@ -35,24 +36,29 @@ def open_run_dir(cfg) -> RunDir:
         if storage.is_remote(cfg.resume):
             uri = cfg.resume.rstrip("/")
             if not storage.exists(storage.join(uri, "config.yaml")):
-                raise FileNotFoundError(f"resume: run directory {uri} does not exist (no config.yaml there)")
+                raise ConfigError(f"resume: run directory {uri} does not exist (no config.yaml there)")
             name = storage.basename(uri)
             local = _local_copy(uri, name)
             storage.download(uri, local, keep=lambda rel: "/" not in rel)  # the run's files, no checkpoint
             return RunDir(local, uri, name)
         run_dir = storage.local_path(cfg.resume)  # a path or file:// URI
         if not run_dir.is_dir():
-            raise FileNotFoundError(f"resume: run directory {run_dir} does not exist")
+            raise ConfigError(f"resume: run directory {run_dir} does not exist")
         return RunDir(run_dir, str(run_dir), run_dir.name)
     stem = Path(cfg.source_file).stem if cfg.source_file else "run"
     name = cfg.logging.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if storage.is_remote(cfg.logging.output_dir):
         uri = storage.join(cfg.logging.output_dir, name)
         if storage.exists(storage.join(uri, "config.yaml")):
-            raise FileExistsError(f"logging.output_dir: run directory {uri} exists already (resume={uri}?)")
+            raise ConfigError(f"logging.run_name: run directory {uri} exists already (resume={uri}?)")
         return RunDir(_local_copy(uri, name), uri, name)
     run_dir = storage.local_path(cfg.logging.output_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:  # never write over another run's files
+        raise ConfigError(
+            f"logging.run_name: run directory {run_dir} exists already; choose another name, or resume={run_dir}"
+        ) from None
     return RunDir(run_dir, str(run_dir), name)
 
 
