@@ -243,7 +243,8 @@ def deepspeed_alone(model_dir: str, args) -> dict:
     from rlhf.trainer.packing import pack_micro_batches
 
     totals = [p + r for p, r in rows]
-    micro = pack_micro_batches(totals, args.micro_batch_tokens)
+    micro_tokens = getattr(args, "raw_micro_batch_tokens", None) or args.micro_batch_tokens
+    micro = pack_micro_batches(totals, micro_tokens)
     per_micro = max(len(m) for m in micro)
     zero = {"stage": args.zero}
     if args.offload_ratio is not None:  # the same (partial) offload as (c): DeepSpeed's CPU Adam
@@ -295,6 +296,7 @@ def deepspeed_alone(model_dir: str, args) -> dict:
         "padding_frac": 1 - tokens / computed,
         "tokens_per_s": tokens / train,
         "micro_batch_size": per_micro,
+        "micro_batch_tokens": micro_tokens,
         "grad_accum": ds_cfg["gradient_accumulation_steps"],
         "sequences": len(rows),
         "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
@@ -673,6 +675,13 @@ def main() -> None:
     ap.add_argument("--sleep", action="store_true", help="vLLM sleeps while the learners train")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (fast start, slower decode)")
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
+    ap.add_argument(
+        "--raw-micro-batch-tokens",
+        type=int,
+        default=None,
+        help="(b)'s micro-batches, default --micro-batch-tokens: a plain HF forward holds the whole "
+        "[tokens x vocab] logits, which at the 7B shape does not fit beside ZeRO-3 at 16k tokens",
+    )
     ap.add_argument(
         "--parts",
         default="a,b,c",
