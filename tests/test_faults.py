@@ -43,8 +43,14 @@ def run_overrides(model_dir: str, out, **extra: str) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_dir, tmp_path):
-    overrides = run_overrides(tiny_model_dir, tmp_path, **{"placement.rollout.replicas": "2"})
+def test_engine_and_reward_model_killed_mid_step_are_restarted(tiny_model_dir, rm_path, tmp_path):
+    """A real run with two engines and a reward-model actor: an engine killed while step 2 generates
+    and the reward model killed while step 3 generates are each restarted, and every step completes
+    on the expected samples; then a crash loop and a dead learner rank stop the run in one line."""
+    sources = f"[{{kind: rule, name: task}}, {{kind: model, path: {rm_path}}}]"
+    overrides = run_overrides(
+        tiny_model_dir, tmp_path, **{"placement.rollout.replicas": "2", "reward.sources": sources}
+    )
     cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
     trainer = Trainer(cfg)
     trainer.roles = trainer.start_roles()
@@ -67,8 +73,18 @@ def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_d
         # the restarted engine runs the learner's current weights (the audit scores on every engine)
         assert metrics["sync/audit_worst_engine_diff"] < 1e-3
 
+        assert metrics["fault/reward_restarts"] == 0
+
+        # The reward model dies while step 3 generates: the next scoring restarts it.
+        reward_actor = trainer.roles.reward.sources[1].actors[0]
+        killer = threading.Timer(0.2, lambda: ray.kill(reward_actor, no_restart=True))
+        killer.start()
         again = trainer.step_once()
+        trainer.step += 1
+        killer.join()
         assert again["fault/engine_restarts"] == 1 and again["sync/audit_worst_engine_diff"] < 1e-3
+        assert again["fault/reward_restarts"] == 1
+        assert again["reward/errors"] == 0 and again["train/num_tokens"] == PROMPTS * N * TOKENS
 
         # A crash loop stops the run with one message naming the engine and its last error.
         rollout.cfg.rollout.max_restarts = 1
@@ -84,33 +100,8 @@ def test_engine_killed_mid_step_is_restarted_and_the_step_completes(tiny_model_d
             trainer.run_step()
         message = str(stopped.value)
         assert "\n" not in message
-        assert message.startswith("policy rank 0 died during ") and "in step 4" in message
+        assert message.startswith("policy rank 0 died during ") and "in step 5" in message
         assert f"resume={trainer.run_dir}" in message and "step 0 (no checkpoint yet)" in message
-    finally:
-        trainer.shutdown()
-
-
-def test_reward_model_killed_mid_step_is_restarted_and_the_run_finishes(tiny_model_dir, rm_path, tmp_path):
-    """A real run scored by a reward-model actor: the actor is killed while the step generates, the
-    next scoring restarts it, and the run finishes its steps on the expected number of samples."""
-    overrides = run_overrides(
-        tiny_model_dir, tmp_path, **{"reward.sources": f"[{{kind: model, path: {rm_path}}}]"}
-    )
-    cfg = load_config(REPO / "configs/quickstart.yaml", overrides)
-    trainer = Trainer(cfg)
-    trainer.roles = trainer.start_roles()
-    try:
-        assert trainer.step_once()["fault/reward_restarts"] == 0
-        trainer.step += 1
-        victim = trainer.roles.reward.sources[0].actors[0]
-        killer = threading.Timer(0.2, lambda: ray.kill(victim, no_restart=True))
-        killer.start()
-        metrics = trainer.step_once()
-        trainer.step += 1
-        killer.join()
-        assert metrics["fault/reward_restarts"] == 1
-        assert metrics["reward/errors"] == 0 and metrics["train/num_tokens"] == PROMPTS * N * TOKENS
-        assert trainer.step_once()["fault/reward_restarts"] == 1
     finally:
         trainer.shutdown()
 
