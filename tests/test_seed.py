@@ -3,7 +3,6 @@ unless `data.seed` / `rollout.seed` are set."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -43,34 +42,27 @@ def test_seed_changes_the_data_order_and_the_held_out_split(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_seed_changes_the_samples(tiny_model_dir, tmp_path):
-    from rlhf.loop.driver import train
-    from rlhf.production.metrics import read_metrics
+def test_seed_changes_the_samples(tiny_model_dir):
+    """The engine samples from `rollout.seed` (the top-level seed unless set, above): the same seed
+    gives the same samples for the same prompts, another seed others (a real CPU vLLM engine)."""
+    from rlhf.rollout.engine import RolloutEngine
+    from transformers import AutoTokenizer
 
-    def first_step(seed: int, name: str) -> list:
-        overrides = {
-            "model.path": tiny_model_dir,
-            "data.num_eval": "0",
-            "rollout.prompts_per_step": "2",
-            "rollout.sampling.n": "2",
-            "rollout.sampling.max_new_tokens": "8",
-            "rollout.max_model_len": "256",
-            "trainer.micro_batch_tokens": "256",
-            "logging.wandb_mode": "disabled",
-            "logging.output_dir": str(tmp_path),
-            "logging.run_name": name,
-            "logging.plot": "false",
-            "steps": "1",
-            "seed": str(seed),
-        }
-        run = train(load_config(QUICKSTART, [f"{k}={v}" for k, v in overrides.items()]))
-        rows = [json.loads(r) for r in (run / "samples.jsonl").read_text().splitlines()]
-        (metrics,) = [m for m in read_metrics(run / "metrics.jsonl") if m["step"] == 1]
-        assert metrics["train/grad_norm"] >= 0  # the step trained
-        return [(r["index"], r["response"]) for r in rows]
+    from rlhf.types import Prompt
 
-    # The same seed giving the same step is what tests/test_loop.py's resume test shows.
-    samples_a = first_step(1, "seed1")
-    samples_b = first_step(2, "seed2")
-    assert samples_a and samples_b
-    assert samples_b != samples_a  # other prompts, other samples (the loss can be 0 for both)
+    cfg = load_config(QUICKSTART, ["seed=1", f"model.path={tiny_model_dir}", "rollout.max_model_len=256"])
+    cfg.rollout.gpu_memory_utilization = 0.01
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [Prompt(i, t, tok(t)["input_ids"]) for i, t in enumerate(["Compute 12 + 7.", "The sum of"])]
+    engine = RolloutEngine(tiny_model_dir, cfg.rollout, "cpu")
+    try:
+
+        def samples(seed: int) -> list[list[int]]:
+            engine.cfg.seed = seed
+            return [s.response_ids for s in engine.generate(prompts, n=4)]
+
+        first = samples(1)
+        assert samples(2) != first
+        assert samples(1) == first
+    finally:
+        engine.shutdown()
