@@ -12,6 +12,8 @@ with LoRA adapters) runs in tests/test_loop.py, which trains it with adapter pus
 `async` runs in tests/test_async.py (two engines, one step off, resumed), `guess_number` in
 tests/test_agent_loop.py; `tis` is `grpo` with TIS's cap, whose weights have hand-computed tests in
 tests/test_losses.py and whose engine logprobs the asynchronous run's decoupled PPO uses too.
+`grpo` is the quickstart's loop with a reference actor, which `ppo`'s run starts too, and the KL
+term in the loss, which the LoRA resume run in tests/test_loop.py trains with.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ SAME_LOOP_AS_RUN = {
     "tis",
     "async",
     "guess_number",
+    "grpo",
 }
 ALGORITHM_RECIPES = [p for p in RECIPES if p.stem not in SAME_LOOP_AS_RUN]
 
