@@ -117,10 +117,11 @@ class StepBody:
         # First step of this process: the engines (still awake) and the learners score the same probe
         # before any push, so a gap the per-step audit reports is told apart from one the sync made.
         initial = None if self._audited_initial else self.engine_scores(samples, timer)
+        self._audited_initial = True
         self.gpus_to_learners(timer)
         if initial is not None:
-            self._audited_initial = True
-            self.compare_scores(*initial, timer, metrics, prefix="sync/audit_initial")
+            note = "before any push (engine and learner read the model differently)"
+            self.compare_scores(*initial, timer, metrics, prefix="sync/audit_initial", note=note)
         truncated = [s.finish_reason == "length" for s in samples]
         self.advantages(batch, truncated, timer, metrics)
         stats = self.train_on(batch, timer)
@@ -199,7 +200,7 @@ class StepBody:
             return probe, self.roles.rollout.group.call("logprobs", seqs)
 
     def compare_scores(
-        self, probe: list[Sample], per_engine: list, timer: Timer, metrics: dict, prefix: str
+        self, probe: list[Sample], per_engine: list, timer: Timer, metrics: dict, prefix: str, note: str = ""
     ) -> None:
         """The learner scores `probe`; `{prefix}_logprob_diff` (mean |engine - learner| over the
         policy's tokens, averaged over engines), `_diff_max` and `_worst_engine_diff`; a warning
@@ -227,13 +228,8 @@ class StepBody:
         tol = self.cfg.sync.audit_tolerance or (5e-3 if self.device == "cpu" else 5e-2)
         worst = max(range(len(engine_means)), key=engine_means.__getitem__)
         if engine_means[worst] > tol:
-            what = (
-                "before any push (engine and learner load the model differently)"
-                if "initial" in prefix
-                else ""
-            )
             log(
-                f"warning: weight-sync audit{' ' + what if what else ''}: engine {worst}: mean "
+                f"warning: weight-sync audit{' ' + note if note else ''}: engine {worst}: mean "
                 f"|engine - learner| logprob = {engine_means[worst]:.2e} > {tol:.0e}"
             )
 
