@@ -15,8 +15,12 @@ whatever RoPE variant the config names (default, llama3, yarn, ...).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def restore_rotary_fp32(model: nn.Module) -> int:
@@ -27,7 +31,11 @@ def restore_rotary_fp32(model: nn.Module) -> int:
         inv_freq = module._buffers.get("inv_freq")
         if inv_freq is None or inv_freq.dtype == torch.float32 or not hasattr(module, "config"):
             continue
-        fresh = type(module)(module.config)
+        try:
+            fresh = type(module)(module.config)
+        except (TypeError, ValueError, KeyError) as exc:  # a rotary class built otherwise: keep it
+            log.warning("%s: rotary frequencies left in %s (%s)", type(module).__name__, inv_freq.dtype, exc)
+            continue
         for name in ("inv_freq", "original_inv_freq"):
             value = fresh._buffers.get(name)
             if name in module._buffers and value is not None:
