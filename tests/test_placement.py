@@ -89,7 +89,7 @@ def test_heterogeneous_placement_follows_accelerator_types(recipe):
     assert plan.gpu_types() == {"H100": 8, "L4": 8}
     table = plan.describe()
     assert "role     replica  node  gpu  num_gpus  num_cpus  peak/GPU  host" in table
-    assert "l4 gpu 0,1,2,3,4,5,6,7: ~20.4 GB / 24 GB each" in table  # 0.85 x 24 GB per engine
+    assert "l4 gpu 0,1,2,3,4,5,6,7: ~21.9 GB / 26 GB each" in table  # 0.85 x 24 GiB (25.8 GB) per engine
 
 
 def test_too_few_gpus_of_a_type(recipe):
@@ -165,7 +165,7 @@ def test_memory_does_not_fit(recipe):
     # 7e9 params x (16 bytes of states + 4 of fp32 gradients at the optimizer step; 1 rank: nothing
     # to shard) + 2 GB overhead = 142 GB on a 24 GB L4 (a size from a name: no activations counted).
     assert str(info.value).startswith(
-        "placement.learner: needs ~142.0 GB on l4 gpu 0 (learner ~142.0) but a L4 has 24 GB; add learner"
+        "placement.learner: needs ~142.0 GB on l4 gpu 0 (learner ~142.0) but a L4 has 26 GB; add learner"
     )
     # Eight ZeRO-3 ranks: 20/8 = 2.5 bytes/param -> 17.5 + 2 = 19.5 GB fits on H100s.
     cfg = load_config(
@@ -486,7 +486,7 @@ def test_four_gpu_plan_for_the_1_5b_shape(recipe, rollout):
         assert all(a.num_gpus < 1 for a in plan.assignments[role])  # sharing the learner's GPUs
     # memory: ZeRO-3 over 2 ranks keeps 1.54e9 x 16 / 2 bytes + overhead per GPU, well inside 80 GB
     for (node, gpu), (used, total) in plan.gpu_memory_usage().items():
-        assert used < total == 80, (node, gpu, used)
+        assert used < total == 80 * 2**30 / 1e9, (node, gpu, used)  # H100: 80 GiB
     learner_gpus = [f"g{a.gpus[0]}" for a in plan.assignments["learner"]]
     worker_gpus = [[f"g{g}" for g in a.gpus] for a in plan.assignments["rollout"]]
     channels, routes = plan_routes("auto", "cuda", learner_gpus, worker_gpus)
@@ -549,8 +549,8 @@ def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded(seven_b_on_one_gpu):
         make_plan(cfg, inventory("h200x1"))
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("placement.learner: needs ~") and "but a H200 has 141 GB" in message
-    assert message.endswith("set trainer.offload_optimizer=true (then ~114 GB per GPU, ~145 GB host)"), (
+    assert message.startswith("placement.learner: needs ~") and "but a H200 has 151 GB" in message  # 141 GiB
+    assert message.endswith("set trainer.offload_optimizer=true (then ~119 GB per GPU, ~145 GB host)"), (
         message
     )
 
@@ -561,7 +561,7 @@ def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded(seven_b_on_one_gpu):
     learner = plan.assignments["learner"][0]
     assert learner.host_gb == pytest.approx(3.0 + 16 * params / 1e9)
     ((used, total),) = plan.gpu_memory_usage().values()
-    assert used < total == 141
+    assert used < total == 141 * 2**30 / 1e9  # 141 GiB
     assert "h200 host memory: ~" in plan.describe()
     # A host of 125 GB cannot pin the offloaded states: one line about host memory, naming partial
     # offload (half the optimizer states on the GPU) as the fix ...
@@ -574,7 +574,7 @@ def test_7b_shape_on_one_h200_needs_the_optimizer_offloaded(seven_b_on_one_gpu):
     assert re.match(r"placement.learner: needs ~\d+ GB of host memory on h200 \(", message), message
     fix = (
         "set trainer.zero_stage=3, trainer.offload_ratio=0.5 and trainer.release_cache_before_wake=true "
-        "(then ~140 GB per GPU, ~115 GB host)"
+        "(then ~144 GB per GPU, ~115 GB host)"
     )
     assert message.endswith(fix), message
     # ... which then fits: 7.6B x (2 + 2 + 6 + 2) bytes on the GPU (the step's fp32 gradient half after

@@ -54,6 +54,9 @@ ENGINE_ASLEEP_GB = 1.0
 # Tokens per float32 chunk of the log-prob/entropy kernels (rlhf.algorithms.losses).
 LOGPROB_CHUNK_TOKENS = 1024
 GB = 1e9
+# A GPU's memory as inventories carry it (the vendor's "141 GB", torch's total_memory / 2**30) is in
+# GiB; the plan counts bytes / 1e9, and vLLM's gpu_memory_utilization is a share of the bytes.
+GPU_GB_PER_STATED = 2**30 / GB
 
 
 @dataclass
@@ -220,7 +223,7 @@ def estimate_memory(cfg: RunConfig, plan: Plan) -> None:
     for role in plan.roles:
         ranks = getattr(pl, role).replicas
         for a in plan.assignments[role]:
-            gpu_mem = nodes[a.node].gpu_memory_gb
+            gpu_mem = nodes[a.node].gpu_memory_gb * GPU_GB_PER_STATED
             if role in ENGINE_ROLES:
                 util = cfg.rollout.gpu_memory_utilization or (0.45 if colocated_rollout else 0.85)
                 sleeps = plan.rollout_sleeps and role == "rollout"
@@ -280,7 +283,7 @@ def memory_by_gpu(plan: Plan) -> dict[tuple[str, int], tuple[float, float]]:
                 generating[(a.node, g)] += a.memory_gb if engine else a.resident_gb
                 computing[(a.node, g)] += a.resident_gb if engine else a.memory_gb
     return {
-        key: (max(generating[key], computing[key]), nodes[key[0]].gpu_memory_gb)
+        key: (max(generating[key], computing[key]), nodes[key[0]].gpu_memory_gb * GPU_GB_PER_STATED)
         for key in set(generating) | set(computing)
     }
 
