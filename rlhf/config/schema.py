@@ -514,11 +514,14 @@ class SyncConfig:
         "for quantized layers), `auto` (`replay` where nothing is post-processed: an unquantized model "
         "on a GPU).",
     )
-    audit: bool = doc(True, help="Compare engine and learner logprobs on a probe batch after each sync.")
+    audit: bool = doc(
+        True,
+        help="Compare engine and learner logprobs on a probe batch after each sync (and before the first).",
+    )
     audit_samples: int = doc(4, help="Probe prompts of an audit (>= 1).")
     audit_every: int | None = doc(
         None,
-        help="Steps between audits; null: every step synchronous, every 10th asynchronous; 0: never.",
+        help="Steps between audits (besides one before the first push); null: every step synchronous, every 10th asynchronous; 0: never.",
     )
     audit_tolerance: float | None = doc(
         None,

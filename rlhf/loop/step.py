@@ -116,7 +116,8 @@ class StepBody:
         batch = make_train_batch(samples, self.pad_id)
         # First step of this process: the engines (still awake) and the learners score the same probe
         # before any push, so a gap the per-step audit reports is told apart from one the sync made.
-        initial = None if self._audited_initial else self.engine_scores(samples, timer)
+        first = not self._audited_initial and self.cfg.sync.audit_every != 0  # 0: never audit
+        initial = self.engine_scores(samples, timer) if first else None
         self._audited_initial = True
         self.gpus_to_learners(timer)
         if initial is not None:
