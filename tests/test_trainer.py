@@ -422,3 +422,28 @@ def test_reference_and_critic_roles(ray_cluster, tiny_model):
         assert ((after * batch.loss_mask).sum() / batch.loss_mask.sum()) > 0.05
     finally:
         critic.shutdown()
+
+
+def test_gpu_learners_that_offload_the_optimizer_get_cores_for_the_cpu_adam(monkeypatch):
+    """Ray would give a num_cpus=1 actor OMP_NUM_THREADS=1: DeepSpeed's CPU Adam on one core."""
+    import os
+    from types import SimpleNamespace
+
+    from rlhf.trainer.group import LearnerGroup
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("RLHF_CPU_THREADS", raising=False)
+    cfg = RunConfig()
+    cfg.trainer.offload_optimizer = True
+    ranks = SimpleNamespace(cfg=cfg, role="policy", device="cuda", world_size=2)
+
+    def threads(group) -> str | None:
+        opts = LearnerGroup._actor_options(group, cfg.placement.learner, None)
+        return opts["runtime_env"]["env_vars"].get("OMP_NUM_THREADS")
+
+    assert threads(ranks) == "8"  # the machine's cores shared by the two ranks
+    monkeypatch.setenv("RLHF_CPU_THREADS", "3")
+    assert threads(ranks) == "3"
+    assert threads(SimpleNamespace(cfg=cfg, role="reference", device="cuda", world_size=2)) is None
+    cfg.trainer.offload_optimizer = False
+    assert threads(ranks) is None  # nothing on the CPU to thread: Ray's default stands

@@ -174,6 +174,14 @@ class LearnerGroup:
                 max(1, int(opts.get("num_cpus") or 1), os.cpu_count() or 1)
             )
             env.setdefault("OMP_NUM_THREADS", threads)
+        elif self.cfg.trainer.offload_optimizer and self.role != "reference":
+            # Ray gives an actor of num_cpus=1 OMP_NUM_THREADS=1, which would leave DeepSpeed's CPU
+            # Adam (OpenMP) stepping the offloaded optimizer states on one core; the ranks share the
+            # machine's cores instead (the engines beside them are asleep while they step).
+            threads = os.environ.get("RLHF_CPU_THREADS") or str(
+                max(1, int(opts.get("num_cpus") or 1), (os.cpu_count() or 1) // self.world_size)
+            )
+            env.setdefault("OMP_NUM_THREADS", threads)
         runtime_env["env_vars"] = env
         opts["runtime_env"] = runtime_env
         return opts
