@@ -5,8 +5,8 @@ generate -> dynamic sampling (DAPO) -> score; the asynchronous one (`AsyncLoop.s
 buffer its producer fills. What one phase hands the next is an argument, never trainer state.
 
 `StepBody` is a base of `Trainer` (rlhf/loop/driver.py), which provides `cfg`, `roles`, `data`,
-`pad_id`, `engine_logprobs`, `run_dir`, `step`, `device`, `_audited_initial` and the GPU hand-over between engines and
-learners (`gpus_to_learners`, `wake_engines`, `offload_learners`).
+`pad_id`, `engine_logprobs`, `run_dir`, `step`, `device`, `_audited_initial` and the GPU hand-over
+between engines and learners (`gpus_to_learners`, `wake_engines`, `offload_learners`).
 """
 
 from __future__ import annotations
