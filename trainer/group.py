@@ -166,21 +166,19 @@ class LearnerGroup:
         runtime_env = dict(opts.get("runtime_env") or {})
         env = dict(runtime_env.get("env_vars") or {})
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        cores = None  # OpenMP threads to give each rank; None: Ray's default (its num_cpus)
         if self.device == "cpu":
             # DeepSpeed chooses its accelerator at import time: this must be in the env before it.
             env["DS_ACCELERATOR"] = "cpu"
             # Roles take turns on a CPU machine (generate, then train): each may use every core while it works.
-            threads = os.environ.get("RLHF_CPU_THREADS") or str(
-                max(1, int(opts.get("num_cpus") or 1), os.cpu_count() or 1)
-            )
-            env.setdefault("OMP_NUM_THREADS", threads)
+            cores = os.cpu_count() or 1
         elif self.cfg.trainer.offload_optimizer and self.role != "reference":
             # Ray gives an actor of num_cpus=1 OMP_NUM_THREADS=1, which would leave DeepSpeed's CPU
             # Adam (OpenMP) stepping the offloaded optimizer states on one core; the ranks share the
             # machine's cores instead (the engines beside them are asleep while they step).
-            threads = os.environ.get("RLHF_CPU_THREADS") or str(
-                max(1, int(opts.get("num_cpus") or 1), (os.cpu_count() or 1) // self.world_size)
-            )
+            cores = (os.cpu_count() or 1) // self.world_size
+        if cores is not None:
+            threads = os.environ.get("RLHF_CPU_THREADS") or str(max(1, int(opts.get("num_cpus") or 1), cores))
             env.setdefault("OMP_NUM_THREADS", threads)
         runtime_env["env_vars"] = env
         opts["runtime_env"] = runtime_env
